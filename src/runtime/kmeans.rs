@@ -1,0 +1,597 @@
+//! Seeded, deterministic k-means clustering.
+//!
+//! [`kmeans`] partitions the rows of a matrix into `k` clusters with
+//! k-means++ seeding followed by Lloyd iterations. The result depends only on
+//! the input and the seed: the computation is single-threaded, visits points
+//! and centres in index order, and uses only IEEE `+ - * /` (no `sqrt`, no
+//! transcendental functions, no hashing), so it is bit-for-bit reproducible
+//! on every machine.
+//!
+//! # Algorithm
+//!
+//! 1. **Normalisation.** Coordinates are multiplied by a power of two so that
+//!    the largest magnitude lies in `[0.5, 1)` (clamped to the normal range).
+//!    This is exact, so it changes no comparison, but guarantees that squared
+//!    distances can neither overflow nor all underflow to zero.
+//! 2. **Generator.** PCG-64 MCG (`rand_pcg::Pcg64Mcg`) with initial state
+//!    `((hi << 64) | lo) | 1`, where `lo` and `hi` are the first two outputs of
+//!    SplitMix64 started from `seed` (`mix(seed + γ)` and `mix(seed + 2γ)`
+//!    with `γ = 0x9E3779B97F4A7C15` and Stafford's "Mix13" finaliser `mix`).
+//!    From 64-bit outputs `x`: an index below `m` is `(x · m) >> 64` (128-bit
+//!    product), and a uniform in `[0, 1)` is `(x >> 11) · 2^-53`.
+//! 3. **k-means++ seeding.** The first centre is a uniformly drawn row. Each
+//!    further centre is row `i` with probability `D(i)² / Σ D²`, `D(i)` being
+//!    the distance to the nearest centre chosen so far: with `u` the next
+//!    uniform in `[0, 1)` and `t = u · Σ D²` (sums in row order),
+//!    the first row whose running sum of `D²` (in row order) exceeds `t`
+//!    (or the last row with `D² > 0` if rounding leaves none). If every
+//!    remaining row coincides with a centre (`Σ D² = 0`), a row that is not
+//!    yet a centre is drawn uniformly instead (the `j`-th such row in order,
+//!    `j` a uniform index). Seeding consumes exactly one generator output per
+//!    centre; nothing after it is random.
+//! 4. **Lloyd iterations.** Every point is assigned to its nearest centre by
+//!    squared Euclidean distance (ties: lowest centre index), empty clusters
+//!    are re-seeded (below), centres are recomputed as means (coordinates
+//!    summed in row order, then divided by the cluster size), and this repeats
+//!    until the assignment no longer changes, or for at most
+//!    [`MAX_ITERATIONS`] updates.
+//! 5. **Empty clusters.** Each empty cluster, in increasing index order,
+//!    takes the point farthest (squared distance; ties: lowest row) from its
+//!    current centre among clusters with at least two members, and is centred
+//!    on it. Since `k <= n`, every cluster in the result is non-empty.
+//! 6. **Canonical labels.** Clusters are renumbered in order of first
+//!    appearance: row 0 is in cluster 0, the first row not in cluster 0 is in
+//!    cluster 1, and so on.
+//!
+//! On convergence the result is a fixed point of a Lloyd step: recomputing
+//! the means and reassigning every point (lowest-index ties) reproduces it,
+//! unless there are fewer than `k` distinct points, when re-seeding is what
+//! keeps all `k` clusters non-empty.
+
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use rand_pcg::Pcg64Mcg;
+use rand_pcg::rand_core::Rng;
+use thiserror::Error;
+
+/// Maximum number of Lloyd updates (centre recomputation plus reassignment)
+/// after the initial assignment. Lloyd's algorithm typically converges in
+/// far fewer; if the cap is reached, the last assignment (still with `k`
+/// non-empty clusters) is returned.
+pub const MAX_ITERATIONS: usize = 300;
+
+/// Invalid input to [`kmeans`]. When several apply, the first in declaration
+/// order is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Error)]
+pub enum KMeansError {
+    /// The point matrix has zero rows.
+    #[error("k-means needs at least one point, but the input has zero rows")]
+    NoPoints,
+    /// `k` was zero.
+    #[error("k-means needs at least one cluster, but k = 0")]
+    ZeroClusters,
+    /// More clusters were requested than there are points.
+    #[error(
+        "cannot form {k} non-empty clusters from {points} points; k must not exceed the number of rows"
+    )]
+    TooManyClusters {
+        /// The requested number of clusters.
+        k: usize,
+        /// The number of rows.
+        points: usize,
+    },
+    /// A coordinate is NaN or infinite (the first in row-major order is
+    /// reported).
+    #[error("coordinate {column} of point {row} is {value}; k-means needs finite coordinates")]
+    NonFinite {
+        /// Row of the offending coordinate.
+        row: usize,
+        /// Column of the offending coordinate.
+        column: usize,
+        /// The offending value.
+        value: f64,
+    },
+}
+
+/// Clusters the rows of `points` into `k` clusters and returns the cluster
+/// index (`0..k`) of every row.
+///
+/// Deterministic for a given `seed` on every machine; labels are canonical
+/// (numbered in order of first appearance) and all `k` clusters are
+/// non-empty. See the [module documentation](self) for the exact algorithm,
+/// generator and tie rules. A matrix with zero columns is valid (all points
+/// coincide).
+///
+/// # Errors
+///
+/// [`KMeansError::NoPoints`] for zero rows, [`KMeansError::ZeroClusters`]
+/// for `k == 0`, [`KMeansError::TooManyClusters`] for `k` greater than the
+/// number of rows, and [`KMeansError::NonFinite`] for a NaN or infinite
+/// coordinate.
+pub fn kmeans(points: ArrayView2<f64>, k: usize, seed: u64) -> Result<Vec<usize>, KMeansError> {
+    let n = points.nrows();
+    if n == 0 {
+        return Err(KMeansError::NoPoints);
+    }
+    if k == 0 {
+        return Err(KMeansError::ZeroClusters);
+    }
+    if k > n {
+        return Err(KMeansError::TooManyClusters { k, points: n });
+    }
+    if let Some(((row, column), &value)) = points.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(KMeansError::NonFinite { row, column, value });
+    }
+
+    let data = normalised(points);
+    let mut rng = generator(seed);
+    let mut centres = seed_centres(&data, k, &mut rng);
+
+    let mut labels = Vec::with_capacity(n);
+    assign(&data, &centres, &mut labels);
+    reseed_empty(&data, &mut labels, &mut centres);
+
+    let mut next = Vec::with_capacity(n);
+    for _ in 0..MAX_ITERATIONS {
+        update_centres(&data, &labels, &mut centres);
+        assign(&data, &centres, &mut next);
+        reseed_empty(&data, &mut next, &mut centres);
+        if next == labels {
+            break;
+        }
+        std::mem::swap(&mut labels, &mut next);
+    }
+    Ok(canonical(&labels, k))
+}
+
+/// The PCG-64 MCG generator for `seed` (see the module documentation).
+fn generator(seed: u64) -> Pcg64Mcg {
+    const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let lo = mix(seed.wrapping_add(GOLDEN_GAMMA));
+    let hi = mix(seed.wrapping_add(GOLDEN_GAMMA.wrapping_mul(2)));
+    Pcg64Mcg::new((u128::from(hi) << 64) | u128::from(lo))
+}
+
+/// A uniform index in `0..m` (`m >= 1`): the high word of `x · m`.
+fn uniform_index(rng: &mut Pcg64Mcg, m: usize) -> usize {
+    // `usize` is at most 64 bits on every supported target, and the high
+    // word of a 64 × 64-bit product is below `m`, so both casts are lossless.
+    ((u128::from(rng.next_u64()) * m as u128) >> 64) as usize
+}
+
+/// A uniform in `[0, 1)`: the top 53 bits of the next output times `2^-53`.
+fn uniform_unit(rng: &mut Pcg64Mcg) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (f64::EPSILON / 2.0)
+}
+
+/// A standard-layout copy of `points` scaled by the power of two that brings
+/// the largest magnitude into `[0.5, 1)`, clamped so the factor is a normal
+/// number (then the largest magnitude is below 4). Scaling by a power of two
+/// is exact, so every distance comparison is unchanged, but squared distances
+/// (and their sums) can no longer overflow.
+fn normalised(points: ArrayView2<f64>) -> Array2<f64> {
+    let max_abs = points.iter().fold(0.0_f64, |m, &x| m.max(x.abs()));
+    let factor = if max_abs == 0.0 {
+        1.0
+    } else {
+        // Biased exponent `b` of max_abs (0 for subnormals): for normal
+        // numbers 2^(b-1023) <= max_abs < 2^(b-1022), so 2^(1022-b) maps it
+        // into [0.5, 1). Clamping keeps the factor a normal power of two.
+        let biased = ((max_abs.to_bits() >> 52) & 0x7FF) as i64;
+        let exponent = (1022 - biased).max(-1022);
+        f64::from_bits(((exponent + 1023) as u64) << 52)
+    };
+    Array2::from_shape_fn(points.raw_dim(), |ij| points[ij] * factor)
+}
+
+/// Squared Euclidean distance, summed in coordinate order.
+fn squared_distance(a: ArrayView1<f64>, b: ArrayView1<f64>) -> f64 {
+    a.iter()
+        .zip(b.iter())
+        .fold(0.0, |acc, (x, y)| acc + (x - y) * (x - y))
+}
+
+/// k-means++ seeding: `k` distinct rows of `data` chosen as initial centres.
+fn seed_centres(data: &Array2<f64>, k: usize, rng: &mut Pcg64Mcg) -> Array2<f64> {
+    let n = data.nrows();
+    let mut chosen = Vec::with_capacity(k);
+    let mut is_centre = vec![false; n];
+    let mut nearest = vec![f64::INFINITY; n];
+    let mut next = uniform_index(rng, n);
+    loop {
+        chosen.push(next);
+        is_centre[next] = true;
+        if chosen.len() == k {
+            return data.select(Axis(0), &chosen);
+        }
+        let centre = data.row(next);
+        for (d2, x) in nearest.iter_mut().zip(data.outer_iter()) {
+            *d2 = d2.min(squared_distance(x, centre));
+        }
+        let total = nearest.iter().fold(0.0, |acc, &d2| acc + d2);
+        next = if total > 0.0 {
+            pick_proportional(&nearest, uniform_unit(rng) * total)
+        } else {
+            // Every remaining row duplicates a centre: pick one uniformly.
+            let j = uniform_index(rng, n - chosen.len());
+            nth_unchosen(&is_centre, j)
+        };
+    }
+}
+
+/// The first row whose running sum of `weights` exceeds `target`, or the last
+/// row with positive weight if rounding left none (requires a positive sum).
+/// Rows of weight zero (existing centres) are never returned.
+fn pick_proportional(weights: &[f64], target: f64) -> usize {
+    let mut running = 0.0;
+    let mut last_positive = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            running += w;
+            last_positive = i;
+            if running > target {
+                return i;
+            }
+        }
+    }
+    last_positive
+}
+
+/// The `j`-th (0-based) row that is not yet a centre; `j` is below the number
+/// of such rows.
+fn nth_unchosen(is_centre: &[bool], j: usize) -> usize {
+    is_centre
+        .iter()
+        .enumerate()
+        .filter(|&(_, &taken)| !taken)
+        .nth(j)
+        .map_or(0, |(i, _)| i)
+}
+
+/// Writes into `labels` the nearest centre of every row (lowest index on ties).
+fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>) {
+    labels.clear();
+    labels.extend(data.outer_iter().map(|x| {
+        let mut best = 0;
+        let mut best_d2 = f64::INFINITY;
+        for (c, centre) in centres.outer_iter().enumerate() {
+            let d2 = squared_distance(x, centre);
+            if d2 < best_d2 {
+                best = c;
+                best_d2 = d2;
+            }
+        }
+        best
+    }));
+}
+
+/// Gives every empty cluster, in increasing index order, the point farthest
+/// from its current centre among clusters with at least two members (lowest
+/// row on ties), and centres the emptied cluster on that point.
+fn reseed_empty(data: &Array2<f64>, labels: &mut [usize], centres: &mut Array2<f64>) {
+    let mut sizes = vec![0_usize; centres.nrows()];
+    for &c in labels.iter() {
+        sizes[c] += 1;
+    }
+    for empty in 0..sizes.len() {
+        if sizes[empty] > 0 {
+            continue;
+        }
+        let mut farthest: Option<(usize, f64)> = None;
+        for (i, x) in data.outer_iter().enumerate() {
+            let c = labels[i];
+            if sizes[c] >= 2 {
+                let d2 = squared_distance(x, centres.row(c));
+                if farthest.is_none_or(|(_, best)| d2 > best) {
+                    farthest = Some((i, d2));
+                }
+            }
+        }
+        // With k <= n some cluster has two or more members while one is empty.
+        if let Some((i, _)) = farthest {
+            sizes[labels[i]] -= 1;
+            sizes[empty] = 1;
+            labels[i] = empty;
+            centres.row_mut(empty).assign(&data.row(i));
+        }
+    }
+}
+
+/// Recomputes each centre as the mean of its (non-empty) cluster: coordinates
+/// summed in row order, then divided by the cluster size.
+fn update_centres(data: &Array2<f64>, labels: &[usize], centres: &mut Array2<f64>) {
+    let mut sizes = vec![0_usize; centres.nrows()];
+    centres.fill(0.0);
+    for (x, &c) in data.outer_iter().zip(labels) {
+        let mut centre = centres.row_mut(c);
+        centre += &x;
+        sizes[c] += 1;
+    }
+    for (mut centre, &size) in centres.outer_iter_mut().zip(&sizes) {
+        centre /= size as f64;
+    }
+}
+
+/// Renumbers cluster ids in order of first appearance.
+fn canonical(labels: &[usize], k: usize) -> Vec<usize> {
+    let mut renamed: Vec<Option<usize>> = vec![None; k];
+    let mut fresh = 0;
+    labels
+        .iter()
+        .map(|&c| {
+            *renamed[c].get_or_insert_with(|| {
+                fresh += 1;
+                fresh - 1
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, ShapeBuilder, array, s};
+
+    /// Deterministic pseudo-random points in `[-1, 1)^d` for tests.
+    fn random_points(n: usize, d: usize, seed: u64) -> Array2<f64> {
+        let mut rng = generator(seed);
+        Array2::from_shape_simple_fn((n, d), || 2.0 * uniform_unit(&mut rng) - 1.0)
+    }
+
+    /// Blobs of `per_blob` points uniformly within ±1 of each centre, in a
+    /// deterministically shuffled row order; returns points and true blob ids.
+    fn blobs(centres: &Array2<f64>, per_blob: usize, seed: u64) -> (Array2<f64>, Vec<usize>) {
+        let (k, d) = centres.dim();
+        let mut rng = generator(seed);
+        let mut truth: Vec<usize> = (0..k * per_blob).map(|i| i % k).collect();
+        // Fisher–Yates shuffle so blobs are not in row order.
+        for i in (1..truth.len()).rev() {
+            truth.swap(i, uniform_index(&mut rng, i + 1));
+        }
+        let points = Array2::from_shape_fn((truth.len(), d), |(i, j)| {
+            centres[[truth[i], j]] + 2.0 * uniform_unit(&mut rng) - 1.0
+        });
+        (points, truth)
+    }
+
+    /// Canonical renumbering of arbitrary labels, for comparing partitions.
+    fn relabel(labels: &[usize]) -> Vec<usize> {
+        canonical(labels, labels.iter().max().map_or(0, |m| m + 1))
+    }
+
+    fn assert_valid(labels: &[usize], n: usize, k: usize) {
+        assert_eq!(labels.len(), n);
+        assert_eq!(relabel(labels), labels, "labels are not canonical");
+        let mut seen = vec![false; k];
+        for &c in labels {
+            seen[c] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "some cluster is empty: {labels:?}");
+    }
+
+    #[test]
+    fn same_seed_gives_identical_output() {
+        let points = random_points(200, 3, 1);
+        for seed in [0, 1, 99, u64::MAX] {
+            let a = kmeans(points.view(), 7, seed).unwrap();
+            let b = kmeans(points.view(), 7, seed).unwrap();
+            assert_eq!(a, b);
+            assert_valid(&a, 200, 7);
+        }
+    }
+
+    #[test]
+    fn different_seeds_may_differ() {
+        // Uniform noise has many local optima, so seeds lead to different ones.
+        let points = random_points(300, 2, 2);
+        let mut results: Vec<Vec<usize>> = (0..16)
+            .map(|seed| kmeans(points.view(), 8, seed).unwrap())
+            .collect();
+        results.sort();
+        results.dedup();
+        assert!(results.len() > 1, "all 16 seeds gave the same clustering");
+    }
+
+    #[test]
+    fn result_is_a_fixed_point_of_lloyds_step() {
+        for (seed, (n, d, k)) in [(300, 4, 6), (150, 2, 10), (80, 7, 3), (50, 1, 5)]
+            .into_iter()
+            .enumerate()
+        {
+            let points = random_points(n, d, seed as u64 + 10);
+            let labels = kmeans(points.view(), k, seed as u64).unwrap();
+            assert_valid(&labels, n, k);
+
+            // Recompute means from the assignment in the original coordinates.
+            let mut means = Array2::<f64>::zeros((k, d));
+            let mut sizes = vec![0.0; k];
+            for (x, &c) in points.outer_iter().zip(&labels) {
+                let mut mean = means.row_mut(c);
+                mean += &x;
+                sizes[c] += 1.0;
+            }
+            for (mut mean, &size) in means.outer_iter_mut().zip(&sizes) {
+                mean /= size;
+            }
+            // Reassign: strict `<` keeps the lowest index on ties.
+            for (i, x) in points.outer_iter().enumerate() {
+                let d2: Array1<f64> = means
+                    .outer_iter()
+                    .map(|m| (&x - &m).mapv(|v| v * v).sum())
+                    .collect();
+                let mut best = 0;
+                for c in 1..k {
+                    if d2[c] < d2[best] {
+                        best = c;
+                    }
+                }
+                assert_eq!(
+                    best, labels[i],
+                    "row {i} moves from {} to {best}",
+                    labels[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn recovers_well_separated_blobs_exactly() {
+        let centres = array![
+            [0.0, 0.0, 0.0],
+            [50.0, 0.0, 0.0],
+            [0.0, 50.0, 0.0],
+            [0.0, 0.0, 50.0],
+            [50.0, 50.0, 50.0],
+        ];
+        for seed in 0..20 {
+            let (points, truth) = blobs(&centres, 30, seed + 100);
+            let labels = kmeans(points.view(), 5, seed).unwrap();
+            assert_eq!(labels, relabel(&truth), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn extreme_magnitudes_cluster_like_unit_scale_data() {
+        let points = random_points(120, 3, 5);
+        let reference = kmeans(points.view(), 4, 8).unwrap();
+        for scale in [2f64.powi(1000), 2f64.powi(-1000)] {
+            let scaled = points.mapv(|x| x * scale);
+            assert_eq!(
+                kmeans(scaled.view(), 4, 8).unwrap(),
+                reference,
+                "scale {scale:e}"
+            );
+        }
+        // Blobs near the top of the f64 range: naive squared distances overflow.
+        let centres = array![[-1e308, 0.0], [1e308, 0.0], [0.0, 1e308]];
+        let (points, truth) = blobs(&centres, 10, 3);
+        assert_eq!(kmeans(points.view(), 3, 0).unwrap(), relabel(&truth));
+    }
+
+    #[test]
+    fn memory_layout_does_not_matter() {
+        let points = random_points(90, 4, 6);
+        let expected = kmeans(points.view(), 5, 3).unwrap();
+
+        let mut column_major = Array2::zeros((90, 4).f());
+        column_major.assign(&points);
+        assert!(!column_major.is_standard_layout());
+        assert_eq!(kmeans(column_major.view(), 5, 3).unwrap(), expected);
+
+        let mut padded = Array2::from_elem((180, 8), f64::NAN);
+        padded.slice_mut(s![..;2, 1..;2]).assign(&points);
+        assert_eq!(
+            kmeans(padded.slice(s![..;2, 1..;2]), 5, 3).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn n_equal_to_k_puts_every_point_alone() {
+        let points = random_points(9, 2, 7);
+        assert_eq!(
+            kmeans(points.view(), 9, 4).unwrap(),
+            (0..9).collect::<Vec<_>>()
+        );
+        let one = array![[3.0, 4.0]];
+        assert_eq!(kmeans(one.view(), 1, 0).unwrap(), [0]);
+    }
+
+    #[test]
+    fn duplicate_points_still_fill_every_cluster() {
+        // All rows identical: still k non-empty clusters.
+        let same = Array2::from_elem((6, 2), 1.5);
+        for seed in 0..5 {
+            assert_valid(&kmeans(same.view(), 3, seed).unwrap(), 6, 3);
+        }
+        assert_eq!(
+            kmeans(same.view(), 6, 0).unwrap(),
+            (0..6).collect::<Vec<_>>()
+        );
+
+        // Two distinct locations, five copies each.
+        let two = Array2::from_shape_fn((10, 2), |(i, _)| if i % 2 == 0 { 0.0 } else { 8.0 });
+        let parity: Vec<usize> = (0..10).map(|i| i % 2).collect();
+        for seed in 0..10 {
+            assert_eq!(kmeans(two.view(), 2, seed).unwrap(), parity);
+            // Three clusters over two locations: every cluster is still pure.
+            let labels = kmeans(two.view(), 3, seed).unwrap();
+            assert_valid(&labels, 10, 3);
+            for i in 0..10 {
+                for j in 0..10 {
+                    if labels[i] == labels[j] {
+                        assert_eq!(i % 2, j % 2, "mixed cluster in {labels:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_columns_are_accepted() {
+        let empty_rows = Array2::<f64>::zeros((4, 0));
+        assert_valid(&kmeans(empty_rows.view(), 2, 0).unwrap(), 4, 2);
+    }
+
+    #[test]
+    fn result_is_pinned() {
+        // Golden output: changing it breaks reproducibility of saved runs.
+        let points = random_points(12, 2, 42);
+        assert_eq!(kmeans(points.view(), 3, 42).unwrap(), GOLDEN_12_3_42);
+    }
+
+    const GOLDEN_12_3_42: [usize; 12] = [0, 0, 1, 0, 2, 2, 0, 1, 2, 2, 0, 0];
+
+    #[test]
+    fn invalid_inputs_are_errors() {
+        let no_rows = Array2::<f64>::zeros((0, 3));
+        assert_eq!(kmeans(no_rows.view(), 1, 0), Err(KMeansError::NoPoints));
+        assert_eq!(kmeans(no_rows.view(), 0, 0), Err(KMeansError::NoPoints));
+
+        let points = random_points(5, 2, 0);
+        assert_eq!(kmeans(points.view(), 0, 0), Err(KMeansError::ZeroClusters));
+        assert_eq!(
+            kmeans(points.view(), 6, 0),
+            Err(KMeansError::TooManyClusters { k: 6, points: 5 })
+        );
+
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut points = random_points(5, 3, 0);
+            points[[3, 2]] = bad;
+            points[[4, 0]] = bad;
+            let mut column_major = Array2::zeros((5, 3).f());
+            column_major.assign(&points);
+            for view in [points.view(), column_major.view()] {
+                let err = kmeans(view, 2, 0).unwrap_err();
+                assert!(matches!(
+                    err,
+                    KMeansError::NonFinite { row: 3, column: 2, value }
+                        if value.to_bits() == bad.to_bits()
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn error_messages_are_informative() {
+        let messages = [
+            KMeansError::NoPoints.to_string(),
+            KMeansError::ZeroClusters.to_string(),
+            KMeansError::TooManyClusters { k: 6, points: 5 }.to_string(),
+            KMeansError::NonFinite {
+                row: 3,
+                column: 2,
+                value: f64::NAN,
+            }
+            .to_string(),
+        ];
+        assert!(messages[0].contains("zero rows"));
+        assert!(messages[1].contains("k = 0"));
+        assert!(messages[2].contains("6 non-empty clusters from 5 points"));
+        assert!(messages[3].contains("point 3") && messages[3].contains("NaN"));
+    }
+}
