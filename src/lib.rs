@@ -2,7 +2,10 @@
 //! (The essay on the pipeline is written once the pipeline exists.)
 
 pub mod diagnostic;
+pub mod grad;
+pub mod interp;
 pub mod ir;
+pub mod runtime;
 pub mod syntax;
 
 use diagnostic::{Diagnostic, Sources};

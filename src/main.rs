@@ -48,6 +48,7 @@ enum Command {
 enum Emit {
     Ast,
     Ir,
+    Grad,
 }
 
 fn main() -> ExitCode {
@@ -108,10 +109,17 @@ fn compile(file: &Path, emit: Emit, set: &[String]) -> Outcome {
     let spec = load(file)?;
     match emit {
         Emit::Ast => Ok(format!("{:#?}\n", spec.program.main_file().ast)),
-        Emit::Ir => {
+        Emit::Ir | Emit::Grad => {
             let overrides = parse_overrides(set)?;
             let module = spec.lower(&overrides).map_err(|e| spec.render(&e))?;
-            Ok(losscc::ir::print_module(&module))
+            if let Emit::Ir = emit {
+                let roots: Vec<_> =
+                    std::iter::once(module.loss_expr()).chain(module.stats.iter().map(|s| s.1)).collect();
+                let schedule = losscc::ir::schedule(&module, &roots, &[]);
+                return Ok(losscc::ir::print_module(&module) + &losscc::ir::print_schedule(&schedule));
+            }
+            let gradient = losscc::grad::differentiate(&module).map_err(|e| format!("error: {e}\n"))?;
+            Ok(losscc::grad::print_gradient(&gradient))
         }
     }
 }

@@ -153,13 +153,18 @@ impl LowerError {
                     None => d,
                 }
             }
-            LowerError::Duplicate { previous, .. } => {
-                let d = base.with_label("defined again here");
-                match previous {
-                    Some(p) => d.with_secondary(*p, "first defined here"),
-                    None => d.with_note("this name is built in"),
+            LowerError::Duplicate { name, previous, .. } => match previous {
+                Some(p) => base
+                    .with_label("defined again here")
+                    .with_secondary(*p, "first defined here"),
+                // Only the built-in names have no definition to point at.
+                None => Diagnostic {
+                    message: format!("`{name}` is a built-in name and cannot be redefined"),
+                    ..base
                 }
-            }
+                .with_label("this name is built in")
+                .with_help("choose another name"),
+            },
             LowerError::UnknownFunction { suggestion, .. } => {
                 let d = base.with_label("no built-in, `fn` or used loss has this name");
                 match suggestion {

@@ -120,6 +120,9 @@ struct Context {
     q: Option<Handle<Expr>>,
     /// The `per anchor` block being lowered.
     block: Option<Handle<Block>>,
+    /// Whether that block was opened by the body being lowered, rather than by the caller
+    /// of the `fn` whose body this is.
+    own_block: bool,
 }
 
 /// What an instantiated loss produced.
@@ -179,7 +182,11 @@ impl<'a> Lowerer<'a> {
                 return Err(LowerError::Duplicate {
                     name: param.name.name.clone(),
                     span: param.name.span,
-                    previous: params.iter().find(|p| p.0 == param.name.name).map(|p| p.2),
+                    previous: loss
+                        .params
+                        .iter()
+                        .find(|p| p.name.name == param.name.name)
+                        .map(|p| p.name.span),
                 });
             }
             if RESERVED.contains(&param.name.name.as_str()) {
@@ -372,25 +379,26 @@ impl<'a> Lowerer<'a> {
                 self.bind(env, name, value)
             }
             StmtKind::Stat { name, value } => {
+                if kind != BodyKind::Loss {
+                    return Err(placement("`stat` inside a `fn`", "stats belong to a loss"));
+                }
                 if in_block {
                     return Err(placement(
                         "`stat` inside `per anchor`",
                         "stats are batch values: move it after the block and reduce over anchors",
                     ));
                 }
-                if kind != BodyKind::Loss {
-                    return Err(placement("`stat` inside a `fn`", "stats belong to a loss"));
-                }
                 let handle = self.expr(value, env, ctx)?;
                 let handle = self.batch_number(handle, value.span, "a stat")?;
-                if outcome.stats.iter().any(|(n, _)| *n == name.name) {
+                if let Some(index) = outcome.stats.iter().position(|(n, _)| *n == name.name) {
                     return Err(LowerError::Duplicate {
                         name: name.name.clone(),
                         span: name.span,
-                        previous: None,
+                        previous: outcome.stat_spans.get(index).copied(),
                     });
                 }
                 outcome.stats.push((name.name.clone(), handle));
+                outcome.stat_spans.push(name.span);
                 Ok(())
             }
             StmtKind::Input { name, default } => {
@@ -461,10 +469,16 @@ impl<'a> Lowerer<'a> {
                 Ok(())
             }
             StmtKind::Return { value } => {
-                if kind != BodyKind::Fn || in_block {
+                if kind != BodyKind::Fn {
                     return Err(placement(
                         "`return` outside a `fn` body",
                         "a loss sets its value with `loss = ...`",
+                    ));
+                }
+                if ctx.own_block {
+                    return Err(placement(
+                        "`return` inside `per anchor`",
+                        "a `fn` returns once, at the end of its body, after its blocks",
                     ));
                 }
                 if outcome.returned.is_some() {
@@ -477,10 +491,16 @@ impl<'a> Lowerer<'a> {
                 Ok(())
             }
             StmtKind::Loss { value } => {
-                if kind != BodyKind::Loss || in_block {
+                if kind != BodyKind::Loss {
                     return Err(placement(
                         "`loss = ...` outside a loss body",
-                        "set the loss once, at batch level, in the `loss` item",
+                        "a `fn` gives its result with `return ...`",
+                    ));
+                }
+                if in_block {
+                    return Err(placement(
+                        "`loss = ...` inside `per anchor`",
+                        "the loss is one value for the batch: set it after the block, e.g. `loss = mean(term)`",
                     ));
                 }
                 if outcome.loss.is_some() {
@@ -506,6 +526,7 @@ impl<'a> Lowerer<'a> {
                 self.builder.module.spans.blocks.insert(block, stmt.span);
                 let inner = Context {
                     block: Some(block),
+                    own_block: true,
                     ..ctx
                 };
                 self.body(body, env, inner, kind, outcome)
@@ -589,6 +610,8 @@ enum BodyKind {
 struct BodyOutcome {
     loss: Option<Handle<Expr>>,
     stats: Vec<(String, Handle<Expr>)>,
+    /// Where each stat of `stats` is named.
+    stat_spans: Vec<Span>,
     returned: Option<Value>,
 }
 
@@ -1459,6 +1482,11 @@ impl Lowerer<'_> {
                 Ok(Scope::Row(block))
             }
             (SetShape::Members(_), None) => match s.block {
+                Some(_) if s.kind == SetKind::Entries => Err(LowerError::Level {
+                    message: "this is a per-member value that depends on the anchor, so it cannot be reduced at batch level".into(),
+                    span,
+                    help: Some("reduce it over a set inside `per anchor`, e.g. `term = mean(neg, relu(margin - v))`, then combine the per-anchor results".into()),
+                }),
                 Some(_) => Err(LowerError::Level {
                     message: "this set is defined per anchor, so it cannot be reduced at batch level".into(),
                     span,
@@ -2305,7 +2333,15 @@ impl Lowerer<'_> {
                     looked_for: format!("`{}.loss`", callee.name),
                 });
             };
-            Some((index, entry_loss(&self.files[index])?))
+            let used = &self.files[index];
+            if used.ast.losses().next().is_none() {
+                // Point at the call, not at the start of the used file.
+                return Err(LowerError::NoEntry {
+                    message: format!("`{}` defines no `loss` to call", callee.name),
+                    span: callee.span,
+                });
+            }
+            Some((index, entry_loss(used)?))
         } else {
             None
         };
@@ -2376,6 +2412,7 @@ impl Lowerer<'_> {
             p: None,
             q: None,
             block: ctx.block,
+            own_block: false,
         };
         self.body(
             &function.body,

@@ -13,7 +13,7 @@
 //! computed in an earlier phase than that loop, never recomputed inside it.
 
 pub mod arena;
-mod build;
+pub mod build;
 mod error;
 mod lower;
 mod print;
@@ -24,7 +24,7 @@ pub use arena::{Arena, Entity, Handle, HandleMap};
 pub use build::Builder;
 pub use error::LowerError;
 pub use lower::{ParamValue, Params, entry_loss, lower};
-pub use print::print_module;
+pub use print::{print_module, print_schedule};
 pub use schedule::{Effect, Phase, Schedule, anchor_inputs, schedule};
 pub use validate::{ValidationError, proof_of_emptiness, validate};
 

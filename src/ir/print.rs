@@ -60,6 +60,38 @@ pub fn print_module(module: &Module) -> String {
     out
 }
 
+/// The phases of a schedule, one line each.
+pub fn print_schedule(schedule: &Schedule) -> String {
+    let list = |items: &[Handle<Expr>]| items.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ");
+    let effects = |items: &[usize]| items.iter().map(|i| format!("scatter{i}")).collect::<Vec<_>>().join(", ");
+    let mut out = String::new();
+    for (index, phase) in schedule.phases.iter().enumerate() {
+        let _ = match phase {
+            Phase::Batch { exprs, effects: e } => {
+                let mut parts = vec![];
+                if !exprs.is_empty() {
+                    parts.push(list(exprs));
+                }
+                if !e.is_empty() {
+                    parts.push(effects(e));
+                }
+                writeln!(out, "phase {index}: batch {}", parts.join("; "))
+            }
+            Phase::Rows { block, outputs, effects: e } => {
+                let mut parts = vec![];
+                if !outputs.is_empty() {
+                    parts.push(format!("out {}", list(outputs)));
+                }
+                if !e.is_empty() {
+                    parts.push(effects(e));
+                }
+                writeln!(out, "phase {index}: rows {block}: {}", parts.join("; "))
+            }
+        };
+    }
+    out
+}
+
 pub(crate) fn domain(d: Domain) -> String {
     match d {
         Domain::Samples => "samples".into(),

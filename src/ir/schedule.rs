@@ -18,6 +18,8 @@ pub struct Effect {
     pub block: Option<Handle<Block>>,
     /// The expressions it evaluates.
     pub deps: Vec<Handle<Expr>>,
+    /// The sets it iterates over.
+    pub sets: Vec<Handle<Set>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -29,8 +29,13 @@ impl ParseError {
     pub fn to_diagnostic(&self) -> Diagnostic {
         match self {
             ParseError::Syntax { message, span } => {
+                // The message says what was expected; the label what was found there.
+                let label = match message.rsplit_once(", found ") {
+                    Some((_, found)) => format!("unexpected {found}"),
+                    None => message.clone(),
+                };
                 Diagnostic::error(Code(1), format!("syntax error: {message}"), *span)
-                    .with_label(message.clone())
+                    .with_label(label)
             }
             ParseError::NumberOverflow { span } => {
                 Diagnostic::error(Code(20), "number literal is too large", *span)

@@ -12,7 +12,11 @@ struct Grammar;
 
 /// Parses one spec file.
 pub fn parse(source: &str, file: FileId) -> Result<SourceFile, ParseError> {
-    let mut pairs = Grammar::parse(Rule::file, source).map_err(|e| syntax_error(e, file))?;
+    // Record the literal tokens tried at the failure point too (`)`, `}`, `,`...), so that
+    // a syntax error can name them; the flag is global, set once and never cleared.
+    pest::set_error_detail(true);
+    let mut pairs =
+        Grammar::parse(Rule::file, source).map_err(|e| syntax_error(e, source, file))?;
     let root = pairs.next().ok_or_else(|| ParseError::Syntax {
         message: "empty parse".into(),
         span: Span::new(file, 0..0),
@@ -20,7 +24,7 @@ pub fn parse(source: &str, file: FileId) -> Result<SourceFile, ParseError> {
     Builder { file }.file(root)
 }
 
-fn syntax_error(error: pest::error::Error<Rule>, file: FileId) -> ParseError {
+fn syntax_error(error: pest::error::Error<Rule>, source: &str, file: FileId) -> ParseError {
     let range = match error.location {
         pest::error::InputLocation::Pos(p) => p..p,
         pest::error::InputLocation::Span((a, b)) => a..b,
@@ -28,14 +32,30 @@ fn syntax_error(error: pest::error::Error<Rule>, file: FileId) -> ParseError {
     let message = match &error.variant {
         pest::error::ErrorVariant::ParsingError { positives, .. } => {
             let mut expected: Vec<&str> = positives.iter().filter_map(|r| describe(*r)).collect();
+            if positives.contains(&Rule::kw_per) {
+                // Only a statement can start with `per`: name the alternatives as one.
+                expected.retain(|e| !STATEMENT_STARTS.contains(e));
+                expected.push("a statement");
+            }
+            if let Some(attempts) = error.parse_attempts() {
+                if attempts.max_position == range.start {
+                    expected.extend(
+                        attempts
+                            .expected_tokens()
+                            .iter()
+                            .filter_map(|token| punctuation(&token.to_string())),
+                    );
+                }
+            }
             expected.sort_unstable();
             expected.dedup();
+            let found = found(source, range.start);
             match expected.as_slice() {
-                [] => "unexpected input".to_string(),
-                [one] => format!("expected {one}"),
+                [] => format!("unexpected {found}"),
+                [one] => format!("expected {one}, found {found}"),
                 many => {
                     let (last, rest) = many.split_last().unwrap_or((&"", &[]));
-                    format!("expected {} or {last}", rest.join(", "))
+                    format!("expected {} or {last}, found {found}", rest.join(", "))
                 }
             }
         }
@@ -44,6 +64,63 @@ fn syntax_error(error: pest::error::Error<Rule>, file: FileId) -> ParseError {
     ParseError::Syntax {
         message,
         span: Span::new(file, range),
+    }
+}
+
+/// The descriptions of the rules that can start a statement.
+const STATEMENT_STARTS: &[&str] = &[
+    "`loss`",
+    "`per anchor`",
+    "`skip if`",
+    "`stat`",
+    "`input`",
+    "`return`",
+    "a doc comment",
+    "a name",
+];
+
+/// How a literal token of the grammar is named in an error message, for the tokens no rule
+/// names (brackets and separators).
+fn punctuation(token: &str) -> Option<&'static str> {
+    Some(match token {
+        "(" => "`(`",
+        ")" => "`)`",
+        "[" => "`[`",
+        "]" => "`]`",
+        "{" => "`{`",
+        "}" => "`}`",
+        "," => "`,`",
+        ":" => "`:`",
+        "=" => "`=`",
+        "^" => "an operator",
+        _ => return None,
+    })
+}
+
+/// What the source has at `at`, for "found ...": a word, a keyword, a symbol or the end.
+fn found(source: &str, at: usize) -> String {
+    let Some(rest) = source.get(at..).filter(|r| !r.is_empty()) else {
+        return "end of file".into();
+    };
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    if word.is_empty() {
+        let symbol = rest.chars().next().unwrap_or(' ');
+        return match symbol {
+            '\n' | '\r' => "end of line".into(),
+            _ => format!("`{symbol}`"),
+        };
+    }
+    const KEYWORDS: &[&str] = &[
+        "loss", "fn", "use", "per", "anchor", "skip", "if", "then", "else", "where", "and", "or",
+        "for", "in", "stat", "input", "return",
+    ];
+    if KEYWORDS.contains(&word.as_str()) {
+        format!("the keyword `{word}`")
+    } else {
+        format!("`{word}`")
     }
 }
 

@@ -1,0 +1,551 @@
+//! The reference evaluator: the oracle the JIT is held against.
+//!
+//! It evaluates the IR as written, on demand and memoised, in float64; in float32 mode
+//! every operation's result is rounded to float32, which is how a float32 kernel computes.
+//! It ignores the schedule: a batch value that needs per-anchor values runs that block's
+//! rows when it is first asked for, so its results do not depend on the phase planner
+//! that the JIT relies on. Simplicity beats speed here.
+
+mod sets;
+mod tensors;
+
+use crate::grad::{Gradient, ScatterTarget, TensorStep};
+use crate::ir::*;
+use crate::runtime::error::RunError;
+use crate::runtime::groups::{evaluate_groupings, GroupValues};
+use crate::runtime::Batch;
+use ndarray::Array2;
+use sets::Members;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// The floating-point format arithmetic is rounded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+impl Precision {
+    fn round(self, value: f64) -> f64 {
+        match self {
+            Precision::F32 => value as f32 as f64,
+            Precision::F64 => value,
+        }
+    }
+}
+
+/// A loss's value, its stats and, when asked for, `dL/dx`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub loss: f64,
+    pub stats: Vec<(String, f64)>,
+    pub grad: Option<Array2<f64>>,
+}
+
+/// The loss and stats of `module` on `batch`.
+pub fn evaluate(module: &Module, batch: &Batch<'_>, precision: Precision) -> Result<Output> {
+    let mut interp = Interp::new(module, batch, precision)?;
+    interp.outputs()
+}
+
+/// The loss, stats and gradient of a differentiated module on `batch`.
+pub fn evaluate_with_gradient(gradient: &Gradient, batch: &Batch<'_>, precision: Precision) -> Result<Output> {
+    let mut interp = Interp::new(&gradient.module, batch, precision)?;
+    let mut output = interp.outputs()?;
+    let mut adjoints: Vec<Array2<f64>> =
+        interp.matrices.iter().map(|m| Array2::zeros(m.dim())).collect();
+    for scatter in &gradient.scatters {
+        interp.scatter(scatter, &mut adjoints[scatter.matrix.index()])?;
+    }
+    let grad = interp.tensor_backward(&gradient.tensor_steps, &adjoints);
+    if let Some((_, &value)) = grad.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(RunError::NotFinite { what: "gradient".into(), value });
+    }
+    output.grad = Some(grad);
+    Ok(output)
+}
+
+/// A value: a number (booleans are 0 and 1), a vector, or a chosen member.
+#[derive(Debug, Clone)]
+enum Val {
+    Num(f64),
+    Vector(Rc<Vec<f64>>),
+    Member(Option<Point>),
+}
+
+impl Val {
+    fn num(&self) -> f64 {
+        match self {
+            Val::Num(v) => *v,
+            Val::Vector(_) | Val::Member(_) => f64::NAN,
+        }
+    }
+}
+
+/// Where an expression is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Point {
+    Batch,
+    /// One anchor of a block.
+    Row { block: Handle<Block>, anchor: usize },
+    /// One entry (row, col) of a space; `block` when the row is an anchor of it.
+    Member { block: Option<Handle<Block>>, row: usize, col: usize, space: Space },
+    /// One pair (left, right) of columns of an anchor's cross set.
+    Cross { block: Handle<Block>, anchor: usize, left: usize, right: usize, space: Space },
+    /// One entry of a vector.
+    Entry(usize),
+}
+
+impl Point {
+    fn anchor(self) -> Option<usize> {
+        match self {
+            Point::Row { anchor, .. } | Point::Cross { anchor, .. } => Some(anchor),
+            Point::Member { block: Some(_), row, .. } => Some(row),
+            _ => None,
+        }
+    }
+
+    /// The anchor of `block` this point lies in.
+    fn row_of(self, block: Handle<Block>) -> Option<usize> {
+        match self {
+            Point::Row { block: b, anchor } | Point::Cross { block: b, anchor, .. } if b == block => Some(anchor),
+            Point::Member { block: Some(b), row, .. } if b == block => Some(row),
+            _ => None,
+        }
+    }
+}
+
+/// The memoised state of one anchor of one block.
+#[derive(Default)]
+struct RowState {
+    values: HashMap<Handle<Expr>, Val>,
+    sets: HashMap<Handle<Set>, Rc<Members>>,
+    skipped: Option<bool>,
+}
+
+struct Interp<'m> {
+    module: &'m Module,
+    precision: Precision,
+    seed: u64,
+    labels: Vec<i64>,
+    groups: Vec<GroupValues>,
+    tensors: Vec<Array2<f64>>,
+    matrices: Vec<Array2<f64>>,
+    batch_values: HashMap<Handle<Expr>, Val>,
+    batch_sets: HashMap<Handle<Set>, Rc<Members>>,
+    rows: HashMap<(Handle<Block>, usize), RowState>,
+}
+
+type Result<T> = std::result::Result<T, RunError>;
+
+impl<'m> Interp<'m> {
+    fn new(module: &'m Module, batch: &Batch<'_>, precision: Precision) -> Result<Interp<'m>> {
+        batch.validate(module)?;
+        let x = batch.x.mapv(|v| precision.round(v));
+        let mut tensor_cache: Vec<Option<Array2<f64>>> = vec![None; module.tensors.len()];
+        let groups = evaluate_groupings(module, batch, |tensor, groups| {
+            tensors::compute_all(module, &x, groups, batch.seed, precision, &mut tensor_cache, tensor)
+                .unwrap_or_else(|_| Array2::zeros((0, 0)))
+        })?;
+        let mut tensors_out = Vec::with_capacity(module.tensors.len());
+        for (h, _) in module.tensors.iter() {
+            tensors_out.push(tensors::compute_all(module, &x, &groups, batch.seed, precision, &mut tensor_cache, h)?);
+        }
+        let matrices = module
+            .matrices
+            .iter()
+            .map(|(_, m)| tensors::pair_matrix(m, &tensors_out[m.left.index()], &tensors_out[m.right.index()], precision))
+            .collect();
+        Ok(Interp {
+            module,
+            precision,
+            seed: batch.seed,
+            labels: batch.labels.to_vec(),
+            groups,
+            tensors: tensors_out,
+            matrices,
+            batch_values: HashMap::new(),
+            batch_sets: HashMap::new(),
+            rows: HashMap::new(),
+        })
+    }
+
+    fn r(&self, value: f64) -> f64 {
+        self.precision.round(value)
+    }
+
+    fn outputs(&mut self) -> Result<Output> {
+        let module = self.module;
+        let loss = self.eval(module.loss_expr(), Point::Batch)?.num();
+        if !loss.is_finite() {
+            return Err(RunError::NotFinite { what: "loss".into(), value: loss });
+        }
+        let mut stats = Vec::with_capacity(module.stats.len());
+        for (name, h) in &module.stats {
+            let value = self.eval(*h, Point::Batch)?.num();
+            if !value.is_finite() {
+                return Err(RunError::NotFinite { what: format!("stat `{name}`"), value });
+            }
+            stats.push((name.clone(), value));
+        }
+        Ok(Output { loss, stats, grad: None })
+    }
+
+    /// How many rows a domain has.
+    fn domain_len(&self, domain: Domain) -> usize {
+        match domain {
+            Domain::Samples => self.tensors.first().map_or(0, |x| x.nrows()),
+            Domain::Groups(g) => self.groups[g.index()].count(),
+        }
+    }
+
+    fn label(&self, domain: Domain, index: usize) -> i64 {
+        match domain {
+            Domain::Samples => self.labels[index],
+            Domain::Groups(g) => self.groups[g.index()].labels.as_ref().map_or(-1, |l| l[index]),
+        }
+    }
+
+    // ---- evaluation ----------------------------------------------------------------------
+
+    /// The value of `h` at `point`, memoised at batch and anchor level.
+    fn eval(&mut self, h: Handle<Expr>, point: Point) -> Result<Val> {
+        match self.module.exprs[h].level {
+            Level::Const | Level::Batch => {
+                if let Some(v) = self.batch_values.get(&h) {
+                    return Ok(v.clone());
+                }
+                let v = self.compute(h, Point::Batch)?;
+                self.batch_values.insert(h, v.clone());
+                Ok(v)
+            }
+            Level::Row(block) => {
+                let anchor = point.row_of(block).ok_or_else(|| internal(h))?;
+                if let Some(v) = self.rows.get(&(block, anchor)).and_then(|r| r.values.get(&h)) {
+                    return Ok(v.clone());
+                }
+                let v = self.compute(h, Point::Row { block, anchor })?;
+                self.rows.entry((block, anchor)).or_default().values.insert(h, v.clone());
+                Ok(v)
+            }
+            Level::Member { .. } | Level::Cross { .. } => self.compute(h, point),
+        }
+    }
+
+    fn num(&mut self, h: Handle<Expr>, point: Point) -> Result<f64> {
+        Ok(match (self.eval(h, point)?, point) {
+            (Val::Vector(values), Point::Entry(k)) => values.get(k).copied().unwrap_or(f64::NAN),
+            (value, _) => value.num(),
+        })
+    }
+
+    fn compute(&mut self, h: Handle<Expr>, point: Point) -> Result<Val> {
+        let module = self.module;
+        let e = &module.exprs[h];
+        Ok(match &e.kind {
+            ExprKind::Const(Real(v)) => Val::Num(self.r(*v)),
+            ExprKind::Bool(b) => Val::Num(f64::from(u8::from(*b))),
+            ExprKind::BatchSize => Val::Num(self.domain_len(Domain::Samples) as f64),
+            ExprKind::Entry(m) => {
+                let Point::Member { row, col, .. } = point else { return Err(internal(h)) };
+                Val::Num(self.matrices[m.index()][(row, col)])
+            }
+            ExprKind::Same | ExprKind::IsSelf | ExprKind::Index(_) | ExprKind::GroupSize { .. } => {
+                let Point::Member { row, col, space, .. } = point else { return Err(internal(h)) };
+                Val::Num(self.structural(&e.kind, row, col, space))
+            }
+            ExprKind::CrossSide { side, value } => {
+                let Point::Cross { block, anchor, left, right, space } = point else { return Err(internal(h)) };
+                let col = if *side == Side::Left { left } else { right };
+                self.eval(*value, Point::Member { block: Some(block), row: anchor, col, space })?
+            }
+            ExprKind::Unary { op, arg } => {
+                let a = self.eval(*arg, point)?;
+                self.map(a, |x| op.apply(x))
+            }
+            ExprKind::Binary { op, lhs, rhs } => {
+                let a = self.eval(*lhs, point)?;
+                // Conditions short-circuit, as a spec reads them.
+                if *op == BinaryOp::And && a.num() == 0.0 {
+                    return Ok(Val::Num(0.0));
+                }
+                if *op == BinaryOp::Or && a.num() != 0.0 {
+                    return Ok(Val::Num(1.0));
+                }
+                let b = self.eval(*rhs, point)?;
+                self.zip(a, b, |x, y| op.apply(x, y))
+            }
+            ExprKind::Select { cond, then, otherwise } => {
+                let c = self.num(*cond, point)?;
+                self.eval(if c != 0.0 { *then } else { *otherwise }, point)?
+            }
+            ExprKind::Stop(arg) => self.eval(*arg, point)?,
+            ExprKind::Reduce { op, set, body, scope } => Val::Num(self.reduce(h, *op, *set, *body, *scope, point)?),
+            ExprKind::Rank { set, k, scope } => {
+                let (members, at) = self.members_at(*set, *scope, point)?;
+                let sorted = self.sorted(&members, *set, at)?;
+                let k_value = self.num(*k, point)?;
+                let index = self.rank_index(k_value, sorted.len(), h, point)?;
+                Val::Num(sorted[index].0)
+            }
+            ExprKind::ArgReduce { op, set, body, scope } => {
+                let (members, at) = self.members_at(*set, *scope, point)?;
+                let chosen = match op {
+                    ArgOp::Rank(k) => {
+                        let sorted = self.sorted(&members, *set, at)?;
+                        let k_value = self.num(*k, point)?;
+                        let index = self.rank_index(k_value, sorted.len(), h, point)?;
+                        Some(sorted[index].1)
+                    }
+                    ArgOp::Min | ArgOp::Max => {
+                        let mut best: Option<(f64, Point)> = None;
+                        for m in members.points(at) {
+                            let v = self.num(*body, m)?;
+                            let better = match best {
+                                None => true,
+                                Some((b, _)) if *op == ArgOp::Min => v < b,
+                                Some((b, _)) => v > b,
+                            };
+                            if better {
+                                best = Some((v, m));
+                            }
+                        }
+                        best.map(|(_, p)| p)
+                    }
+                };
+                Val::Member(chosen)
+            }
+            ExprKind::At { value, at } => match self.eval(*at, point)? {
+                Val::Member(Some(member)) => self.eval(*value, member)?,
+                _ => Val::Num(0.0),
+            },
+            ExprKind::Hist { set, bins, lo, hi } => {
+                let (members, at) = self.members_at(*set, Scope::Batch, point)?;
+                let value = module.sets[*set].value;
+                let mut hist = vec![0.0; *bins as usize];
+                for m in members.points(at) {
+                    let s = self.num(value, m)?;
+                    let (b, low, high) = hist_weights(s, *bins, lo.0, hi.0);
+                    hist[b] = self.r(hist[b] + self.r(low));
+                    hist[b + 1] = self.r(hist[b + 1] + self.r(high));
+                }
+                Val::Vector(Rc::new(hist))
+            }
+            ExprKind::Cumsum(v) | ExprKind::ReverseCumsum(v) => {
+                let Val::Vector(values) = self.eval(*v, point)? else { return Err(internal(h)) };
+                let mut out = values.as_ref().clone();
+                let reverse = matches!(e.kind, ExprKind::ReverseCumsum(_));
+                let mut acc = 0.0;
+                let order: Vec<usize> = if reverse { (0..out.len()).rev().collect() } else { (0..out.len()).collect() };
+                for i in order {
+                    acc = self.r(acc + out[i]);
+                    out[i] = acc;
+                }
+                Val::Vector(Rc::new(out))
+            }
+            ExprKind::HistSlope { adjoint, value, bins, lo, hi } => {
+                let Val::Vector(adj) = self.eval(*adjoint, point)? else { return Err(internal(h)) };
+                let s = self.num(*value, point)?;
+                let step = (hi.0 - lo.0) / (f64::from(*bins) - 1.0);
+                if s < lo.0 || s > hi.0 {
+                    Val::Num(0.0)
+                } else {
+                    let (b, _, _) = hist_weights(s, *bins, lo.0, hi.0);
+                    Val::Num(self.r(self.r(adj[b + 1] - adj[b]) / self.r(step)))
+                }
+            }
+        })
+    }
+
+    fn map(&self, a: Val, f: impl Fn(f64) -> f64) -> Val {
+        match a {
+            Val::Num(x) => Val::Num(self.r(f(x))),
+            Val::Vector(v) => Val::Vector(Rc::new(v.iter().map(|&x| self.r(f(x))).collect())),
+            member => member,
+        }
+    }
+
+    fn zip(&self, a: Val, b: Val, f: impl Fn(f64, f64) -> f64) -> Val {
+        match (a, b) {
+            (Val::Vector(x), Val::Vector(y)) => {
+                Val::Vector(Rc::new(x.iter().zip(y.iter()).map(|(&p, &q)| self.r(f(p, q))).collect()))
+            }
+            (Val::Vector(x), y) => Val::Vector(Rc::new(x.iter().map(|&p| self.r(f(p, y.num()))).collect())),
+            (x, Val::Vector(y)) => Val::Vector(Rc::new(y.iter().map(|&q| self.r(f(x.num(), q))).collect())),
+            (x, y) => Val::Num(self.r(f(x.num(), y.num()))),
+        }
+    }
+
+    fn structural(&self, kind: &ExprKind, row: usize, col: usize, space: Space) -> f64 {
+        let (Some(rows), Some(cols)) = (space.rows, space.cols) else { return f64::NAN };
+        let value = match kind {
+            ExprKind::Same => self.label(rows, row) == self.label(cols, col),
+            ExprKind::IsSelf => match (rows, cols) {
+                (Domain::Samples, Domain::Groups(g)) => self.groups[g.index()].of_sample[row] == col,
+                (Domain::Groups(g), Domain::Samples) => self.groups[g.index()].of_sample[col] == row,
+                _ => row == col,
+            },
+            ExprKind::Index(axis) => return if *axis == Axis::Row { row as f64 } else { col as f64 },
+            ExprKind::GroupSize { groups, axis } => {
+                let at = if *axis == Axis::Row { row } else { col };
+                return self.groups[groups.index()].sizes[at] as f64;
+            }
+            _ => return f64::NAN,
+        };
+        f64::from(u8::from(value))
+    }
+
+    fn rank_index(&self, k: f64, count: usize, h: Handle<Expr>, point: Point) -> Result<usize> {
+        if k < 0.0 || k != k.trunc() || k >= count as f64 {
+            return Err(RunError::RankOutOfRange { k, count, expr: h, anchor: point.anchor() });
+        }
+        Ok(k as usize)
+    }
+
+    fn reduce(&mut self, h: Handle<Expr>, op: ReduceOp, set: Handle<Set>, body: Handle<Expr>, scope: Scope, point: Point) -> Result<f64> {
+        let (members, at) = self.members_at(set, scope, point)?;
+        let count = members.len();
+        if count == 0 && op.needs_members() {
+            return Err(RunError::EmptyReduction { op: op.name(), expr: h, anchor: point.anchor() });
+        }
+        let mut values = Vec::with_capacity(count);
+        if op != ReduceOp::Count {
+            for m in members.points(at) {
+                values.push(self.num(body, m)?);
+            }
+        }
+        let r = |v: f64| self.r(v);
+        let sum = |values: &[f64]| values.iter().fold(0.0, |acc, &v| r(acc + v));
+        Ok(match op {
+            ReduceOp::Count => count as f64,
+            ReduceOp::Sum => sum(&values),
+            ReduceOp::Mean => r(sum(&values) / count as f64),
+            ReduceOp::Min => values.iter().fold(f64::INFINITY, |acc, &v| if v < acc || v.is_nan() { v } else { acc }),
+            ReduceOp::Max => values.iter().fold(f64::NEG_INFINITY, |acc, &v| if v > acc || v.is_nan() { v } else { acc }),
+            ReduceOp::Lse => {
+                let max = values.iter().fold(f64::NEG_INFINITY, |acc, &v| acc.max(v));
+                if !max.is_finite() {
+                    max
+                } else {
+                    let total = values.iter().fold(0.0, |acc, &v| r(acc + r((r(v - max)).exp())));
+                    r(max + r(total.ln()))
+                }
+            }
+            ReduceOp::Std => {
+                let mean = r(sum(&values) / count as f64);
+                let squares = values.iter().fold(0.0, |acc, &v| {
+                    let d = r(v - mean);
+                    r(acc + r(d * d))
+                });
+                r(r(squares / count as f64).sqrt())
+            }
+        })
+    }
+
+    /// The members of a set as seen from `point`, and the point its members hang off.
+    fn members_at(&mut self, set: Handle<Set>, scope: Scope, point: Point) -> Result<(Rc<Members>, Point)> {
+        let at = match scope {
+            Scope::Batch => Point::Batch,
+            Scope::Row(block) => {
+                let anchor = point.row_of(block).ok_or_else(|| internal_set(set))?;
+                Point::Row { block, anchor }
+            }
+        };
+        Ok((self.members(set, at)?, at))
+    }
+
+    /// Members paired with their values, sorted ascending (ties: lower index first).
+    fn sorted(&mut self, members: &Members, set: Handle<Set>, at: Point) -> Result<Vec<(f64, Point)>> {
+        let value = self.module.sets[set].value;
+        let mut pairs = Vec::with_capacity(members.len());
+        for m in members.points(at) {
+            pairs.push((self.num(value, m)?, m));
+        }
+        // `points` lists members in index order; a stable sort keeps ties in that order.
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(pairs)
+    }
+
+    /// Whether an anchor is skipped: its skip conditions, in order.
+    fn skipped(&mut self, block: Handle<Block>, anchor: usize) -> Result<bool> {
+        if let Some(s) = self.rows.get(&(block, anchor)).and_then(|r| r.skipped) {
+            return Ok(s);
+        }
+        let mut skipped = false;
+        for &cond in &self.module.blocks[block].skips {
+            if self.num(cond, Point::Row { block, anchor })? != 0.0 {
+                skipped = true;
+                break;
+            }
+        }
+        self.rows.entry((block, anchor)).or_default().skipped = Some(skipped);
+        Ok(skipped)
+    }
+
+    // ---- the gradient --------------------------------------------------------------------
+
+    fn scatter(&mut self, scatter: &crate::grad::Scatter, adjoint: &mut Array2<f64>) -> Result<()> {
+        let module = self.module;
+        let block = scatter.block(module);
+        let anchors: Vec<Point> = match block {
+            Some(b) => {
+                let mut anchors = Vec::new();
+                for anchor in 0..self.domain_len(module.blocks[b].rows) {
+                    if !self.skipped(b, anchor)? {
+                        anchors.push(Point::Row { block: b, anchor });
+                    }
+                }
+                anchors
+            }
+            None => vec![Point::Batch],
+        };
+        for at in anchors {
+            let points: Vec<Point> = match scatter.target {
+                ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. } => {
+                    self.members(set, at)?.points(at).collect()
+                }
+                ScatterTarget::At { index } => match self.eval(index, at)? {
+                    Val::Member(Some(member)) => vec![member],
+                    _ => Vec::new(),
+                },
+            };
+            for point in points {
+                let weight = self.num(scatter.weight, point)?;
+                let (row, col) = match (scatter.target, point) {
+                    (ScatterTarget::Cross { side, .. }, Point::Cross { anchor, left, right, .. }) => {
+                        (anchor, if side == Side::Left { left } else { right })
+                    }
+                    (_, Point::Member { row, col, .. }) => (row, col),
+                    _ => return Err(internal(scatter.weight)),
+                };
+                let cell = &mut adjoint[(row, col)];
+                *cell = self.precision.round(*cell + weight);
+            }
+        }
+        Ok(())
+    }
+
+    fn tensor_backward(&self, steps: &[TensorStep], matrix_adjoints: &[Array2<f64>]) -> Array2<f64> {
+        tensors::backward(self.module, steps, &self.tensors, &self.matrices, &self.groups, matrix_adjoints, self.seed, self.precision)
+    }
+}
+
+/// The node and interpolation weights of a histogram value: it adds `low` to node `b`
+/// and `high` to node `b + 1`. Values outside [lo, hi] count at the nearest end.
+pub(crate) fn hist_weights(value: f64, bins: u32, lo: f64, hi: f64) -> (usize, f64, f64) {
+    let step = (hi - lo) / (f64::from(bins) - 1.0);
+    let s = value.clamp(lo, hi);
+    let b = (((s - lo) / step).floor().max(0.0) as usize).min(bins as usize - 2);
+    let below = lo + b as f64 * step;
+    let above = lo + (b + 1) as f64 * step;
+    (b, (above - s) / step, (s - below) / step)
+}
+
+fn internal(h: Handle<Expr>) -> RunError {
+    RunError::Internal { what: format!("{h} evaluated where its level does not allow") }
+}
+
+fn internal_set(h: Handle<Set>) -> RunError {
+    RunError::Internal { what: format!("{h} enumerated where its level does not allow") }
+}

@@ -1,0 +1,100 @@
+//! Evaluating groupings: classes, k-means clusters, supplied groups, splits by label.
+
+use super::batch::Batch;
+use super::kmeans::{kmeans, KMeansError};
+use crate::ir::{Grouping, Handle, Module, Tensor};
+use ndarray::Array2;
+
+/// One grouping of the samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupValues {
+    /// The group of each sample.
+    pub of_sample: Vec<usize>,
+    /// The label of each group, when the groups have labels.
+    pub labels: Option<Vec<i64>>,
+    /// How many samples each group has.
+    pub sizes: Vec<usize>,
+}
+
+impl GroupValues {
+    pub fn count(&self) -> usize {
+        self.sizes.len()
+    }
+
+    fn from_keys<K: Ord + Copy>(keys: &[K], label: impl Fn(K) -> Option<i64>) -> GroupValues {
+        let mut distinct: Vec<K> = keys.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let of_sample: Vec<usize> = keys.iter().map(|k| distinct.binary_search(k).unwrap_or(0)).collect();
+        let mut sizes = vec![0; distinct.len()];
+        for &g in &of_sample {
+            sizes[g] += 1;
+        }
+        let labels: Option<Vec<i64>> = distinct.iter().map(|&k| label(k)).collect();
+        GroupValues { of_sample, labels, sizes }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GroupError {
+    #[error("k-means: {0}")]
+    KMeans(#[from] KMeansError),
+}
+
+/// Evaluates every grouping of the module. `features` gives the values of a tensor (the
+/// k-means features), computed by the caller's backend.
+pub fn evaluate_groupings(
+    module: &Module,
+    batch: &Batch<'_>,
+    mut features: impl FnMut(Handle<Tensor>, &[GroupValues]) -> Array2<f64>,
+) -> Result<Vec<GroupValues>, GroupError> {
+    let mut values: Vec<GroupValues> = Vec::with_capacity(module.groupings.len());
+    for (_, grouping) in module.groupings.iter() {
+        let value = match grouping {
+            Grouping::Labels => GroupValues::from_keys(batch.labels, Some),
+            Grouping::Input { name, default } => match batch.input(name) {
+                Some(groups) => GroupValues::from_keys(groups, |_| None),
+                None => values[default.index()].clone(),
+            },
+            Grouping::KMeans { features: tensor, clusters, site } => {
+                let points = features(*tensor, &values);
+                let assignment = kmeans(points.view(), *clusters, mix(batch.seed, *site))?;
+                GroupValues::from_keys(&assignment, |_| None)
+            }
+            Grouping::SplitByLabel { groups } => {
+                let inner = &values[groups.index()];
+                let keys: Vec<(usize, i64)> =
+                    inner.of_sample.iter().zip(batch.labels).map(|(&g, &label)| (g, label)).collect();
+                GroupValues::from_keys(&keys, |(_, label)| Some(label))
+            }
+        };
+        values.push(value);
+    }
+    Ok(values)
+}
+
+/// The seed of the random draw at `site`: distinct sites get unrelated streams.
+pub fn mix(seed: u64, site: u32) -> u64 {
+    let mut z = seed ^ (u64::from(site).wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The column permutation of a seeded partition: a Fisher-Yates shuffle of `0..cols`.
+pub fn permutation(cols: usize, seed: u64, site: u32) -> Vec<usize> {
+    use rand_pcg::rand_core::Rng;
+    let mut rng = super::sample::stream(seed, site, u32::MAX);
+    let mut order: Vec<usize> = (0..cols).collect();
+    for i in (1..cols).rev() {
+        let j = ((u128::from(rng.next_u64()) * (i as u128 + 1)) >> 64) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// The columns of part `part` of a partition into `sizes`.
+pub fn partition_columns(order: &[usize], sizes: &[usize], part: usize) -> Vec<usize> {
+    let start: usize = sizes[..part].iter().sum();
+    order[start..start + sizes[part]].to_vec()
+}
