@@ -42,6 +42,50 @@ enum Command {
     },
     /// Print the canonical form of a spec.
     Fmt { file: PathBuf },
+    /// Evaluate a loss (and its gradient) on a batch; prints one JSON object.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    file: PathBuf,
+    /// Embeddings, n x d, float32 or float64 (.npy). Without it: a built-in demo batch.
+    #[arg(long, requires = "labels")]
+    x: Option<PathBuf>,
+    /// Labels, n integers (.npy).
+    #[arg(long, requires = "x")]
+    labels: Option<PathBuf>,
+    /// Override a parameter: `--set k=8`, `--set slices=[0,8,16]`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Supply a named input: `--input groups=G.npy` (integers, one per row).
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    input: Vec<String>,
+    #[arg(long, value_enum, default_value = "interp")]
+    backend: Backend,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
+    /// Seed of k-means, sampling and random partitions (and of the demo batch).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write dL/dx here (.npy, in the run's dtype).
+    #[arg(long)]
+    grad_out: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Backend {
+    Jit,
+    Interp,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Dtype {
+    F32,
+    F64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,6 +102,7 @@ fn main() -> ExitCode {
         Command::Compile { file, emit, set } => compile(&file, emit, &set),
         Command::List { dir } => list(&dir),
         Command::Fmt { file } => fmt(&file),
+        Command::Run(args) => run(&args),
     };
     match result {
         Ok(text) => {
@@ -205,4 +250,93 @@ fn fmt(file: &Path) -> Outcome {
         &main.ast,
         spec.sources.source(main.file),
     ))
+}
+
+/// The demo batch of `run` without `--x`: 128 unit rows of 512 columns, 4 per class,
+/// enough for every shipped loss with its default parameters.
+const DEMO: (usize, usize, usize) = (128, 512, 4);
+
+fn run(args: &RunArgs) -> Outcome {
+    use losscc::interp::{evaluate_with_gradient, Precision};
+    let spec = load(&args.file)?;
+    let overrides = parse_overrides(&args.set)?;
+    let module = spec.lower(&overrides).map_err(|e| spec.render(&e))?;
+    let (x, labels) = match (&args.x, &args.labels) {
+        (Some(x), Some(labels)) => (read_embeddings(x)?, read_integers(labels, "labels")?),
+        _ => {
+            let (n, d, per_class) = DEMO;
+            eprintln!("losscc: no --x/--labels given; using the built-in demo batch ({n} x {d}, {per_class} per class, seed {})", args.seed);
+            losscc::runtime::synthetic::clustered_batch(n, d, per_class, args.seed)
+        }
+    };
+    let inputs = args
+        .input
+        .iter()
+        .map(|item| {
+            let (name, file) = item.split_once('=').ok_or_else(|| format!("error: `--input {item}` is not NAME=FILE"))?;
+            Ok((name.trim().to_string(), read_integers(Path::new(file.trim()), name)?))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let precision = match args.dtype {
+        Dtype::F32 => Precision::F32,
+        Dtype::F64 => Precision::F64,
+    };
+    if args.backend == Backend::Jit {
+        return Err("error: the JIT backend is not built yet; use --backend interp".into());
+    }
+    let gradient = losscc::grad::differentiate(&module).map_err(|e| format!("error: {e}"))?;
+    let batch = losscc::runtime::Batch { x: x.view(), labels: &labels, inputs: &inputs, seed: args.seed };
+    let output = evaluate_with_gradient(&gradient, &batch, precision).map_err(|e| {
+        match e.to_diagnostic(&gradient.module) {
+            Some(d) => spec.sources.render(&d),
+            None => format!("error[{}]: {e}", e.code()),
+        }
+    })?;
+    if let (Some(path), Some(grad)) = (&args.grad_out, &output.grad) {
+        let written = match args.dtype {
+            Dtype::F32 => ndarray_npy::write_npy(path, &grad.mapv(|v| v as f32)),
+            Dtype::F64 => ndarray_npy::write_npy(path, grad),
+        };
+        written.map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
+    }
+    let stats: serde_json::Map<String, serde_json::Value> =
+        output.stats.iter().map(|(name, value)| (name.clone(), serde_json::json!(value))).collect();
+    let json = serde_json::json!({
+        "loss": output.loss,
+        "stats": stats,
+        "backend": match args.backend { Backend::Jit => "jit", Backend::Interp => "interp" },
+        "dtype": match args.dtype { Dtype::F32 => "f32", Dtype::F64 => "f64" },
+    });
+    Ok(format!("{json}\n"))
+}
+
+/// A 2-D float32 or float64 array.
+fn read_embeddings(path: &Path) -> Result<ndarray::Array2<f64>, String> {
+    use ndarray_npy::read_npy;
+    if let Ok(x) = read_npy::<_, ndarray::Array2<f64>>(path) {
+        return Ok(x);
+    }
+    if let Ok(x) = read_npy::<_, ndarray::Array2<f32>>(path) {
+        return Ok(x.mapv(f64::from));
+    }
+    let detail = match read_npy::<_, ndarray::ArrayD<f64>>(path).map(|a| a.ndim()).or_else(|_| read_npy::<_, ndarray::ArrayD<f32>>(path).map(|a| a.ndim())) {
+        Ok(ndim) => format!("it has {ndim} dimensions; embeddings must be 2-D (n x d)"),
+        Err(e) => format!("{e}; embeddings must be a 2-D float32 or float64 .npy array"),
+    };
+    Err(format!("error: cannot read {}: {detail}", path.display()))
+}
+
+/// A 1-D array of integers of any width.
+fn read_integers(path: &Path, what: &str) -> Result<Vec<i64>, String> {
+    use ndarray::Array1;
+    use ndarray_npy::read_npy;
+    macro_rules! attempt {
+        ($($t:ty),*) => {$(
+            if let Ok(a) = read_npy::<_, Array1<$t>>(path) {
+                return a.iter().map(|&v| i64::try_from(v).map_err(|_| format!("error: {}: {what} value {v} does not fit a 64-bit integer", path.display()))).collect();
+            }
+        )*};
+    }
+    attempt!(i64, i32, i16, i8, u64, u32, u16, u8);
+    Err(format!("error: cannot read {}: {what} must be a 1-D integer .npy array", path.display()))
 }

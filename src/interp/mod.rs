@@ -45,13 +45,50 @@ pub struct Output {
 
 /// The loss and stats of `module` on `batch`.
 pub fn evaluate(module: &Module, batch: &Batch<'_>, precision: Precision) -> Result<Output> {
-    let mut interp = Interp::new(module, batch, precision)?;
+    let mut interp = Interp::new(module, batch, precision, Mode::Plain)?;
     interp.outputs()
+}
+
+/// The values of every `stop(...)` and every sampled set at one batch, to hold fixed while
+/// the embeddings move: a finite difference of [`evaluate_frozen`] is then the derivative
+/// the gradient rules define, with detached values and drawn samples constant.
+#[derive(Debug, Default)]
+pub struct Frozen {
+    tensors: HashMap<Handle<Tensor>, Array2<f64>>,
+    exprs: HashMap<(Handle<Expr>, Point), Val>,
+    samples: HashMap<(Handle<Set>, Point), Rc<Members>>,
+}
+
+/// Evaluates `module` on `batch`, recording what [`evaluate_frozen`] holds fixed.
+pub fn freeze(module: &Module, batch: &Batch<'_>, precision: Precision) -> Result<Frozen> {
+    let mut interp = Interp::new(module, batch, precision, Mode::Record(Frozen::default()))?;
+    interp.outputs()?;
+    match interp.mode {
+        Mode::Record(frozen) => Ok(frozen),
+        _ => Err(RunError::Internal { what: "recording mode lost".into() }),
+    }
+}
+
+/// The loss of `module` on `batch` with the stops and samples of `frozen`.
+pub fn evaluate_frozen(module: &Module, batch: &Batch<'_>, precision: Precision, frozen: Frozen) -> Result<(Output, Frozen)> {
+    let mut interp = Interp::new(module, batch, precision, Mode::Replay(frozen))?;
+    let output = interp.outputs()?;
+    match interp.mode {
+        Mode::Replay(frozen) => Ok((output, frozen)),
+        _ => Err(RunError::Internal { what: "replay mode lost".into() }),
+    }
+}
+
+/// Whether stops and samples are computed, recorded or replayed.
+enum Mode {
+    Plain,
+    Record(Frozen),
+    Replay(Frozen),
 }
 
 /// The loss, stats and gradient of a differentiated module on `batch`.
 pub fn evaluate_with_gradient(gradient: &Gradient, batch: &Batch<'_>, precision: Precision) -> Result<Output> {
-    let mut interp = Interp::new(&gradient.module, batch, precision)?;
+    let mut interp = Interp::new(&gradient.module, batch, precision, Mode::Plain)?;
     let mut output = interp.outputs()?;
     let mut adjoints: Vec<Array2<f64>> =
         interp.matrices.iter().map(|m| Array2::zeros(m.dim())).collect();
@@ -84,7 +121,7 @@ impl Val {
 }
 
 /// Where an expression is evaluated.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Point {
     Batch,
     /// One anchor of a block.
@@ -135,15 +172,21 @@ struct Interp<'m> {
     batch_values: HashMap<Handle<Expr>, Val>,
     batch_sets: HashMap<Handle<Set>, Rc<Members>>,
     rows: HashMap<(Handle<Block>, usize), RowState>,
+    mode: Mode,
 }
 
 type Result<T> = std::result::Result<T, RunError>;
 
 impl<'m> Interp<'m> {
-    fn new(module: &'m Module, batch: &Batch<'_>, precision: Precision) -> Result<Interp<'m>> {
+    fn new(module: &'m Module, batch: &Batch<'_>, precision: Precision, mut mode: Mode) -> Result<Interp<'m>> {
         batch.validate(module)?;
         let x = batch.x.mapv(|v| precision.round(v));
         let mut tensor_cache: Vec<Option<Array2<f64>>> = vec![None; module.tensors.len()];
+        if let Mode::Replay(frozen) = &mode {
+            for (h, value) in &frozen.tensors {
+                tensor_cache[h.index()] = Some(value.clone());
+            }
+        }
         let groups = evaluate_groupings(module, batch, |tensor, groups| {
             tensors::compute_all(module, &x, groups, batch.seed, precision, &mut tensor_cache, tensor)
                 .unwrap_or_else(|_| Array2::zeros((0, 0)))
@@ -151,6 +194,13 @@ impl<'m> Interp<'m> {
         let mut tensors_out = Vec::with_capacity(module.tensors.len());
         for (h, _) in module.tensors.iter() {
             tensors_out.push(tensors::compute_all(module, &x, &groups, batch.seed, precision, &mut tensor_cache, h)?);
+        }
+        if let Mode::Record(frozen) = &mut mode {
+            for (h, t) in module.tensors.iter() {
+                if let TensorOp::Stop { .. } = t.op {
+                    frozen.tensors.insert(h, tensors_out[h.index()].clone());
+                }
+            }
         }
         let matrices = module
             .matrices
@@ -168,6 +218,7 @@ impl<'m> Interp<'m> {
             batch_values: HashMap::new(),
             batch_sets: HashMap::new(),
             rows: HashMap::new(),
+            mode,
         })
     }
 
@@ -280,7 +331,18 @@ impl<'m> Interp<'m> {
                 let c = self.num(*cond, point)?;
                 self.eval(if c != 0.0 { *then } else { *otherwise }, point)?
             }
-            ExprKind::Stop(arg) => self.eval(*arg, point)?,
+            ExprKind::Stop(arg) => {
+                if let Mode::Replay(frozen) = &self.mode {
+                    if let Some(value) = frozen.exprs.get(&(h, point)) {
+                        return Ok(value.clone());
+                    }
+                }
+                let value = self.eval(*arg, point)?;
+                if let Mode::Record(frozen) = &mut self.mode {
+                    frozen.exprs.insert((h, point), value.clone());
+                }
+                value
+            }
             ExprKind::Reduce { op, set, body, scope } => Val::Num(self.reduce(h, *op, *set, *body, *scope, point)?),
             ExprKind::Rank { set, k, scope } => {
                 let (members, at) = self.members_at(*set, *scope, point)?;

@@ -1,6 +1,6 @@
 //! Enumerating the members of sets.
 
-use super::{internal_set, Interp, Point, Result};
+use super::{internal_set, Interp, Mode, Point, Result};
 use crate::ir::*;
 use crate::runtime::error::RunError;
 use crate::runtime::sample::{stream, WeightedSampler};
@@ -138,6 +138,12 @@ impl Interp<'_> {
             }
             SetKind::Sample { base, count, log_weight, site } => {
                 let Point::Row { anchor, .. } = at else { return Err(internal_set(set)) };
+                if let Mode::Replay(frozen) = &self.mode {
+                    if let Some(members) = frozen.samples.get(&(set, at)) {
+                        let all: Vec<usize> = (0..members.len()).collect();
+                        return Ok(members.select(&all));
+                    }
+                }
                 let base_members = self.members(*base, at)?;
                 let k = self.count(*count, at, set)?;
                 let mut weights = Vec::with_capacity(base_members.len());
@@ -151,7 +157,12 @@ impl Interp<'_> {
                     .map_err(|error| RunError::Sampling { anchor, set, error })?;
                 let mut keep = drawn.to_vec();
                 keep.sort_unstable();
-                base_members.select(&keep)
+                let members = base_members.select(&keep);
+                if let Mode::Record(frozen) = &mut self.mode {
+                    let all: Vec<usize> = (0..members.len()).collect();
+                    frozen.samples.insert((set, at), Rc::new(members.select(&all)));
+                }
+                members
             }
             SetKind::Union { left, right } => {
                 let a = self.members(*left, at)?;

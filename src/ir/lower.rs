@@ -61,8 +61,35 @@ pub fn entry_loss(file: &ParsedFile) -> Result<&ast::LossDef, LowerError> {
     }
 }
 
+/// Rejects two `loss` or `fn` items of one file with the same name: calls would silently
+/// pick the first.
+fn unique_items(file: &ParsedFile) -> Result<(), LowerError> {
+    let names: Vec<&ast::Ident> = file
+        .ast
+        .items
+        .iter()
+        .map(|item| match item {
+            ast::Item::Loss(l) => &l.name,
+            ast::Item::Fn(f) => &f.name,
+        })
+        .collect();
+    for (index, name) in names.iter().enumerate() {
+        if let Some(first) = names[..index].iter().find(|n| n.name == name.name) {
+            return Err(LowerError::Duplicate {
+                name: name.name.clone(),
+                span: name.span,
+                previous: Some(first.span),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Lowers the program's entry loss with its parameters and the given overrides.
 pub fn lower(program: &Program, overrides: &Params) -> Result<Module, LowerError> {
+    for file in &program.files {
+        unique_items(file)?;
+    }
     let main = &program.files[program.main];
     let loss = entry_loss(main)?;
     let mut lowerer = Lowerer::new(&program.files);

@@ -5,6 +5,7 @@ pub mod error;
 pub mod groups;
 pub mod kmeans;
 pub mod sample;
+pub mod synthetic;
 
 pub use batch::{Batch, InputError};
 pub use error::RunError;

@@ -31,7 +31,9 @@ impl ParseError {
             ParseError::Syntax { message, span } => {
                 // The message says what was expected; the label what was found there.
                 let label = match message.rsplit_once(", found ") {
-                    Some((_, found)) => format!("unexpected {found}"),
+                    Some((_, found)) => {
+                        format!("unexpected {}", found.trim_start_matches("the "))
+                    }
                     None => message.clone(),
                 };
                 Diagnostic::error(Code(1), format!("syntax error: {message}"), *span)

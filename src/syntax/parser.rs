@@ -5,6 +5,7 @@ use super::ast::*;
 use crate::diagnostic::{FileId, Span};
 use pest::Parser;
 use pest::iterators::Pair;
+use std::cell::Cell;
 
 #[derive(pest_derive::Parser)]
 #[grammar = "../grammar/loss.pest"]
@@ -14,18 +15,22 @@ struct Grammar;
 pub fn parse(source: &str, file: FileId) -> Result<SourceFile, ParseError> {
     // Record the literal tokens tried at the failure point too (`)`, `}`, `,`...), so that
     // a syntax error can name them; the flag is global, set once and never cleared.
-    pest::set_error_detail(true);
+    pest::set_error_detail(false);
     let mut pairs =
         Grammar::parse(Rule::file, source).map_err(|e| syntax_error(e, source, file))?;
     let root = pairs.next().ok_or_else(|| ParseError::Syntax {
         message: "empty parse".into(),
         span: Span::new(file, 0..0),
     })?;
-    Builder { file }.file(root)
+    Builder {
+        file,
+        depth: Cell::new(0),
+    }
+    .file(root)
 }
 
 fn syntax_error(error: pest::error::Error<Rule>, source: &str, file: FileId) -> ParseError {
-    let range = match error.location {
+    let mut range = match error.location {
         pest::error::InputLocation::Pos(p) => p..p,
         pest::error::InputLocation::Span((a, b)) => a..b,
     };
@@ -37,19 +42,24 @@ fn syntax_error(error: pest::error::Error<Rule>, source: &str, file: FileId) -> 
                 expected.retain(|e| !STATEMENT_STARTS.contains(e));
                 expected.push("a statement");
             }
-            if let Some(attempts) = error.parse_attempts() {
-                if attempts.max_position == range.start {
-                    expected.extend(
-                        attempts
-                            .expected_tokens()
-                            .iter()
-                            .filter_map(|token| punctuation(&token.to_string())),
-                    );
-                }
+            if let Some(attempts) = error
+                .parse_attempts()
+                .filter(|a| a.max_position == range.start)
+            {
+                expected.extend(
+                    attempts
+                        .expected_tokens()
+                        .iter()
+                        .filter_map(|token| punctuation(&token.to_string())),
+                );
             }
             expected.sort_unstable();
             expected.dedup();
-            let found = found(source, range.start);
+            let (found, length) = found(source, range.start);
+            if range.is_empty() {
+                // Underline the whole unexpected word or symbol.
+                range.end = range.start + length;
+            }
             match expected.as_slice() {
                 [] => format!("unexpected {found}"),
                 [one] => format!("expected {one}, found {found}"),
@@ -98,9 +108,10 @@ fn punctuation(token: &str) -> Option<&'static str> {
 }
 
 /// What the source has at `at`, for "found ...": a word, a keyword, a symbol or the end.
-fn found(source: &str, at: usize) -> String {
+/// Also the length in bytes of what is found there (0 at the end of the file or a line).
+fn found(source: &str, at: usize) -> (String, usize) {
     let Some(rest) = source.get(at..).filter(|r| !r.is_empty()) else {
-        return "end of file".into();
+        return ("end of file".into(), 0);
     };
     let word: String = rest
         .chars()
@@ -109,19 +120,20 @@ fn found(source: &str, at: usize) -> String {
     if word.is_empty() {
         let symbol = rest.chars().next().unwrap_or(' ');
         return match symbol {
-            '\n' | '\r' => "end of line".into(),
-            _ => format!("`{symbol}`"),
+            '\n' | '\r' => ("end of line".into(), 0),
+            _ => (format!("`{symbol}`"), symbol.len_utf8()),
         };
     }
     const KEYWORDS: &[&str] = &[
         "loss", "fn", "use", "per", "anchor", "skip", "if", "then", "else", "where", "and", "or",
         "for", "in", "stat", "input", "return",
     ];
-    if KEYWORDS.contains(&word.as_str()) {
+    let text = if KEYWORDS.contains(&word.as_str()) {
         format!("the keyword `{word}`")
     } else {
         format!("`{word}`")
-    }
+    };
+    (text, word.len())
 }
 
 /// What a grammar rule is called in an error message; `None` for rules too internal to name.
@@ -181,7 +193,14 @@ fn describe(rule: Rule) -> Option<&'static str> {
 
 struct Builder {
     file: FileId,
+    /// How many expression rules enclose the one being built.
+    depth: Cell<usize>,
 }
+
+/// How deeply expression rules may nest (a parenthesis or a call adds about 13 levels):
+/// the builder, the lowering and the printer recurse over the tree, and a deeper input
+/// would exhaust the stack before it could be rejected.
+const MAX_NESTING: usize = 512;
 
 /// The length of `text` without the whitespace and `//` comments that end it: pest lets a
 /// rule that ends in a repetition swallow the implicit whitespace after its last token.
@@ -334,6 +353,20 @@ impl Builder {
     }
 
     fn expr(&self, pair: Pair<Rule>) -> Result<Expr, ParseError> {
+        let depth = self.depth.get();
+        if depth >= MAX_NESTING {
+            return Err(ParseError::Syntax {
+                message: "expression nested too deeply".into(),
+                span: self.span(&pair),
+            });
+        }
+        self.depth.set(depth + 1);
+        let result = self.nested_expr(pair);
+        self.depth.set(depth);
+        result
+    }
+
+    fn nested_expr(&self, pair: Pair<Rule>) -> Result<Expr, ParseError> {
         let span = self.span(&pair);
         let rule = pair.as_rule();
         let kind = match rule {
