@@ -157,14 +157,11 @@ pub const CODES: &[(Code, &str)] = &[
         Code(14),
         "mismatched pair matrices: values from matrices with different rows or columns combined",
     ),
-    (
-        Code(15),
-        "`use` of a spec that cannot be found or that does not define a loss",
-    ),
+    (Code(15), "`use` of a spec that cannot be found"),
     (Code(16), "recursive `use` or recursive call"),
     (
         Code(17),
-        "the file defines no `loss`, or more than one loss with the file's name",
+        "the file defines no `loss`, or several and none named like the file; or a called spec defines no `loss`",
     ),
     (
         Code(18),
@@ -172,7 +169,7 @@ pub const CODES: &[(Code, &str)] = &[
     ),
     (
         Code(19),
-        "an expression that cannot be evaluated (e.g. a value the compiler cannot differentiate or schedule)",
+        "a construct the compiler does not support (a non-constant exponent, `count` of a list, `split` by other than `labels`...)",
     ),
     (
         Code(20),

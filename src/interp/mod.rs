@@ -11,7 +11,7 @@ mod tensors;
 
 use crate::grad::{Gradient, ScatterTarget, TensorStep};
 use crate::ir::*;
-use crate::runtime::error::RunError;
+use crate::runtime::error::{Origin, RunError};
 use crate::runtime::groups::{evaluate_groupings, GroupValues};
 use crate::runtime::Batch;
 use ndarray::Array2;
@@ -97,7 +97,7 @@ pub fn evaluate_with_gradient(gradient: &Gradient, batch: &Batch<'_>, precision:
     }
     let grad = interp.tensor_backward(&gradient.tensor_steps, &adjoints);
     if let Some((_, &value)) = grad.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(RunError::NotFinite { what: "gradient".into(), value });
+        return Err(RunError::NotFinite { what: "gradient".into(), value, origin: interp.origin });
     }
     output.grad = Some(grad);
     Ok(output)
@@ -173,6 +173,8 @@ struct Interp<'m> {
     batch_sets: HashMap<Handle<Set>, Rc<Members>>,
     rows: HashMap<(Handle<Block>, usize), RowState>,
     mode: Mode,
+    /// The first value that became infinite or NaN from finite inputs.
+    origin: Option<Origin>,
 }
 
 type Result<T> = std::result::Result<T, RunError>;
@@ -219,6 +221,7 @@ impl<'m> Interp<'m> {
             batch_sets: HashMap::new(),
             rows: HashMap::new(),
             mode,
+            origin: None,
         })
     }
 
@@ -230,13 +233,13 @@ impl<'m> Interp<'m> {
         let module = self.module;
         let loss = self.eval(module.loss_expr(), Point::Batch)?.num();
         if !loss.is_finite() {
-            return Err(RunError::NotFinite { what: "loss".into(), value: loss });
+            return Err(RunError::NotFinite { what: "loss".into(), value: loss, origin: self.origin });
         }
         let mut stats = Vec::with_capacity(module.stats.len());
         for (name, h) in &module.stats {
             let value = self.eval(*h, Point::Batch)?.num();
             if !value.is_finite() {
-                return Err(RunError::NotFinite { what: format!("stat `{name}`"), value });
+                return Err(RunError::NotFinite { what: format!("stat `{name}`"), value, origin: self.origin });
             }
             stats.push((name.clone(), value));
         }
@@ -313,7 +316,9 @@ impl<'m> Interp<'m> {
             }
             ExprKind::Unary { op, arg } => {
                 let a = self.eval(*arg, point)?;
-                self.map(a, |x| op.apply(x))
+                let result = self.map(a.clone(), |x| op.apply(x));
+                self.note(h, point, &[&a], &result, false);
+                result
             }
             ExprKind::Binary { op, lhs, rhs } => {
                 let a = self.eval(*lhs, point)?;
@@ -325,7 +330,9 @@ impl<'m> Interp<'m> {
                     return Ok(Val::Num(1.0));
                 }
                 let b = self.eval(*rhs, point)?;
-                self.zip(a, b, |x, y| op.apply(x, y))
+                let result = self.zip(a.clone(), b.clone(), |x, y| op.apply(x, y));
+                self.note(h, point, &[&a, &b], &result, false);
+                result
             }
             ExprKind::Select { cond, then, otherwise } => {
                 let c = self.num(*cond, point)?;
@@ -420,6 +427,26 @@ impl<'m> Interp<'m> {
         })
     }
 
+    /// Records `h` as the origin of a non-finite value when its operands were finite.
+    fn note(&mut self, h: Handle<Expr>, point: Point, operands: &[&Val], result: &Val, empty_set: bool) {
+        if self.origin.is_some() {
+            return;
+        }
+        let finite = |v: &Val| match v {
+            Val::Num(x) => x.is_finite(),
+            Val::Vector(xs) => xs.iter().all(|x| x.is_finite()),
+            Val::Member(_) => true,
+        };
+        if !finite(result) && operands.iter().all(|v| finite(v)) {
+            let value = match result {
+                Val::Num(x) => *x,
+                Val::Vector(xs) => xs.iter().copied().find(|x| !x.is_finite()).unwrap_or(f64::NAN),
+                Val::Member(_) => f64::NAN,
+            };
+            self.origin = Some(Origin { expr: h, anchor: point.anchor(), value, empty_set });
+        }
+    }
+
     fn map(&self, a: Val, f: impl Fn(f64) -> f64) -> Val {
         match a {
             Val::Num(x) => Val::Num(self.r(f(x))),
@@ -477,9 +504,17 @@ impl<'m> Interp<'m> {
                 values.push(self.num(body, m)?);
             }
         }
+        let result = self.fold(op, &values, count);
+        let inputs: Vec<Val> = values.iter().map(|&v| Val::Num(v)).collect();
+        let inputs: Vec<&Val> = inputs.iter().collect();
+        self.note(h, point, &inputs, &Val::Num(result), count == 0);
+        Ok(result)
+    }
+
+    fn fold(&self, op: ReduceOp, values: &[f64], count: usize) -> f64 {
         let r = |v: f64| self.r(v);
         let sum = |values: &[f64]| values.iter().fold(0.0, |acc, &v| r(acc + v));
-        Ok(match op {
+        match op {
             ReduceOp::Count => count as f64,
             ReduceOp::Sum => sum(&values),
             ReduceOp::Mean => r(sum(&values) / count as f64),
@@ -502,7 +537,7 @@ impl<'m> Interp<'m> {
                 });
                 r(r(squares / count as f64).sqrt())
             }
-        })
+        }
     }
 
     /// The members of a set as seen from `point`, and the point its members hang off.

@@ -26,11 +26,28 @@ pub enum RunError {
     ZeroRow { row: usize, tensor: Handle<Tensor> },
     #[error("sampling{}: {error}", at_anchor(Some(*anchor)))]
     Sampling { anchor: usize, set: Handle<Set>, error: SampleError },
-    #[error("the {what} is {value}")]
-    NotFinite { what: String, value: f64 },
+    #[error("the {what} is {value}{}", origin.map(|o| o.describe()).unwrap_or_default())]
+    NotFinite { what: String, value: f64, origin: Option<Origin> },
     /// An evaluation the IR's invariants rule out: a bug in losscc.
     #[error("internal error: {what}")]
     Internal { what: String },
+}
+
+/// Where a non-finite value first arose from finite inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Origin {
+    pub expr: Handle<Expr>,
+    pub anchor: Option<usize>,
+    pub value: f64,
+    /// Whether it is a reduction over an empty set.
+    pub empty_set: bool,
+}
+
+impl Origin {
+    fn describe(&self) -> String {
+        let what = if self.empty_set { "a reduction over an empty set" } else { "an operation on finite values" };
+        format!(": {what}{} gives {}", at_anchor(self.anchor), self.value)
+    }
 }
 
 fn at_anchor(anchor: Option<usize>) -> String {
@@ -66,6 +83,15 @@ impl RunError {
                 (spans.exprs.get(*expr)?, "this rank", Some("the batch has too few members for this rank; lower `k`"))
             }
             RunError::BadCount { set, .. } | RunError::Sampling { set, .. } => (spans.sets.get(*set)?, "this set", None),
+            RunError::NotFinite { origin: Some(origin), .. } => (
+                spans.exprs.get(origin.expr)?,
+                "not finite here",
+                Some(if origin.empty_set {
+                    "`min`, `max` and `lse` of an empty set are +inf, -inf and -inf; skip such anchors first, e.g. `skip if empty(pos)`"
+                } else {
+                    "a log of 0, a division by 0 or an overflowing exp"
+                }),
+            ),
             RunError::ColumnsOutOfRange { tensor, .. }
             | RunError::PartitionWidth { tensor, .. }
             | RunError::ZeroRow { tensor, .. } => (spans.tensors.get(*tensor)?, "this embedding", None),

@@ -6,6 +6,7 @@ use crate::diagnostic::{FileId, Span};
 use pest::Parser;
 use pest::iterators::Pair;
 use std::cell::Cell;
+use std::sync::Mutex;
 
 #[derive(pest_derive::Parser)]
 #[grammar = "../grammar/loss.pest"]
@@ -13,11 +14,10 @@ struct Grammar;
 
 /// Parses one spec file.
 pub fn parse(source: &str, file: FileId) -> Result<SourceFile, ParseError> {
-    // Record the literal tokens tried at the failure point too (`)`, `}`, `,`...), so that
-    // a syntax error can name them; the flag is global, set once and never cleared.
-    pest::set_error_detail(false);
-    let mut pairs =
-        Grammar::parse(Rule::file, source).map_err(|e| syntax_error(e, source, file))?;
+    let mut pairs = Grammar::parse(Rule::file, source).map_err(|first| {
+        let error = detailed_error(source).unwrap_or(first);
+        syntax_error(error, source, file)
+    })?;
     let root = pairs.next().ok_or_else(|| ParseError::Syntax {
         message: "empty parse".into(),
         span: Span::new(file, 0..0),
@@ -27,6 +27,21 @@ pub fn parse(source: &str, file: FileId) -> Result<SourceFile, ParseError> {
         depth: Cell::new(0),
     }
     .file(root)
+}
+
+/// The parse error of `source` again, this time with the literal tokens tried at the
+/// failure point (`)`, `}`, `,`...), so that a syntax error can name them. Collecting them
+/// slows every parse down, so it is switched on (a process-wide pest flag) only for this
+/// second parse of a failing source, one at a time.
+fn detailed_error(source: &str) -> Option<pest::error::Error<Rule>> {
+    static DETAIL: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = DETAIL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pest::set_error_detail(true);
+    let result = Grammar::parse(Rule::file, source);
+    pest::set_error_detail(false);
+    result.err()
 }
 
 fn syntax_error(error: pest::error::Error<Rule>, source: &str, file: FileId) -> ParseError {
