@@ -51,7 +51,7 @@ impl Spec {
 
     /// The IR of the spec's loss with the given parameter overrides, validated.
     pub fn lower(&self, overrides: &ir::Params) -> Result<ir::Module, FrontError> {
-        let module = ir::lower(&self.program, overrides)?;
+        let module = ir::rewrite::prune(&ir::lower(&self.program, overrides)?);
         ir::validate(&module)?;
         Ok(module)
     }

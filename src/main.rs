@@ -158,12 +158,10 @@ fn compile(file: &Path, emit: Emit, set: &[String]) -> Outcome {
             let overrides = parse_overrides(set)?;
             let module = spec.lower(&overrides).map_err(|e| spec.render(&e))?;
             if let Emit::Ir = emit {
-                let roots: Vec<_> =
-                    std::iter::once(module.loss_expr()).chain(module.stats.iter().map(|s| s.1)).collect();
-                let schedule = losscc::ir::schedule(&module, &roots, &[]);
-                return Ok(losscc::ir::print_module(&module) + &losscc::ir::print_schedule(&schedule));
+                return Ok(losscc::ir::print_program(&module));
             }
-            let gradient = losscc::grad::differentiate(&module).map_err(|e| format!("error: {e}\n"))?;
+            let gradient =
+                losscc::grad::differentiate(&module).map_err(|e| format!("error: {e}\n"))?;
             Ok(losscc::grad::print_gradient(&gradient))
         }
     }
@@ -257,7 +255,7 @@ fn fmt(file: &Path) -> Outcome {
 const DEMO: (usize, usize, usize) = (128, 512, 4);
 
 fn run(args: &RunArgs) -> Outcome {
-    use losscc::interp::{evaluate_with_gradient, Precision};
+    use losscc::interp::{Precision, evaluate_with_gradient};
     let spec = load(&args.file)?;
     let overrides = parse_overrides(&args.set)?;
     let module = spec.lower(&overrides).map_err(|e| spec.render(&e))?;
@@ -265,7 +263,10 @@ fn run(args: &RunArgs) -> Outcome {
         (Some(x), Some(labels)) => (read_embeddings(x)?, read_integers(labels, "labels")?),
         _ => {
             let (n, d, per_class) = DEMO;
-            eprintln!("losscc: no --x/--labels given; using the built-in demo batch ({n} x {d}, {per_class} per class, seed {})", args.seed);
+            eprintln!(
+                "losscc: no --x/--labels given; using the built-in demo batch ({n} x {d}, {per_class} per class, seed {})",
+                args.seed
+            );
             losscc::runtime::synthetic::clustered_batch(n, d, per_class, args.seed)
         }
     };
@@ -273,8 +274,13 @@ fn run(args: &RunArgs) -> Outcome {
         .input
         .iter()
         .map(|item| {
-            let (name, file) = item.split_once('=').ok_or_else(|| format!("error: `--input {item}` is not NAME=FILE"))?;
-            Ok((name.trim().to_string(), read_integers(Path::new(file.trim()), name)?))
+            let (name, file) = item
+                .split_once('=')
+                .ok_or_else(|| format!("error: `--input {item}` is not NAME=FILE"))?;
+            Ok((
+                name.trim().to_string(),
+                read_integers(Path::new(file.trim()), name)?,
+            ))
         })
         .collect::<Result<Vec<_>, String>>()?;
     let precision = match args.dtype {
@@ -285,7 +291,12 @@ fn run(args: &RunArgs) -> Outcome {
         return Err("error: the JIT backend is not built yet; use --backend interp".into());
     }
     let gradient = losscc::grad::differentiate(&module).map_err(|e| format!("error: {e}"))?;
-    let batch = losscc::runtime::Batch { x: x.view(), labels: &labels, inputs: &inputs, seed: args.seed };
+    let batch = losscc::runtime::Batch {
+        x: x.view(),
+        labels: &labels,
+        inputs: &inputs,
+        seed: args.seed,
+    };
     let output = evaluate_with_gradient(&gradient, &batch, precision).map_err(|e| {
         match e.to_diagnostic(&gradient.module) {
             Some(d) => spec.sources.render(&d),
@@ -299,8 +310,11 @@ fn run(args: &RunArgs) -> Outcome {
         };
         written.map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
     }
-    let stats: serde_json::Map<String, serde_json::Value> =
-        output.stats.iter().map(|(name, value)| (name.clone(), serde_json::json!(value))).collect();
+    let stats: serde_json::Map<String, serde_json::Value> = output
+        .stats
+        .iter()
+        .map(|(name, value)| (name.clone(), serde_json::json!(value)))
+        .collect();
     let json = serde_json::json!({
         "loss": output.loss,
         "stats": stats,
@@ -319,7 +333,10 @@ fn read_embeddings(path: &Path) -> Result<ndarray::Array2<f64>, String> {
     if let Ok(x) = read_npy::<_, ndarray::Array2<f32>>(path) {
         return Ok(x.mapv(f64::from));
     }
-    let detail = match read_npy::<_, ndarray::ArrayD<f64>>(path).map(|a| a.ndim()).or_else(|_| read_npy::<_, ndarray::ArrayD<f32>>(path).map(|a| a.ndim())) {
+    let detail = match read_npy::<_, ndarray::ArrayD<f64>>(path)
+        .map(|a| a.ndim())
+        .or_else(|_| read_npy::<_, ndarray::ArrayD<f32>>(path).map(|a| a.ndim()))
+    {
         Ok(ndim) => format!("it has {ndim} dimensions; embeddings must be 2-D (n x d)"),
         Err(e) => format!("{e}; embeddings must be a 2-D float32 or float64 .npy array"),
     };
@@ -338,5 +355,8 @@ fn read_integers(path: &Path, what: &str) -> Result<Vec<i64>, String> {
         )*};
     }
     attempt!(i64, i32, i16, i8, u64, u32, u16, u8);
-    Err(format!("error: cannot read {}: {what} must be a 1-D integer .npy array", path.display()))
+    Err(format!(
+        "error: cannot read {}: {what} must be a 1-D integer .npy array",
+        path.display()
+    ))
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use losscc::interp::{evaluate_with_gradient, Precision};
+use losscc::interp::{Precision, evaluate_with_gradient};
 use losscc::runtime::{Batch, RunError};
 use std::fmt::Write;
 
@@ -30,12 +30,19 @@ fn degenerate_batches_have_defined_behaviour() {
             let (x, labels) = batch(classes, d, 40 + index as u64, 0.0);
             let module = lower(&name, &small_params(&name, x.nrows(), d));
             let gradient = losscc::grad::differentiate(&module).expect("differentiates");
-            let batch = Batch { x: x.view(), labels: &labels, inputs: &[], seed: 3 };
+            let batch = Batch {
+                x: x.view(),
+                labels: &labels,
+                inputs: &[],
+                seed: 3,
+            };
             let outcome = match evaluate_with_gradient(&gradient, &batch, Precision::F64) {
                 Ok(out) => {
                     let grad = out.grad.expect("gradient");
                     if !out.loss.is_finite() || grad.iter().any(|g| !g.is_finite()) {
-                        failures.push(format!("{name} on {label}: a non-finite result passed as Ok"));
+                        failures.push(format!(
+                            "{name} on {label}: a non-finite result passed as Ok"
+                        ));
                     }
                     format!("ok, loss {:.6}", out.loss)
                 }

@@ -1,10 +1,10 @@
 //! Golden parity: every deterministic loss of LOSSES.md against the independent PyTorch
 //! values in tests/data/golden, through the interpreter, in float64 and float32.
 
-use losscc::interp::{evaluate_with_gradient, Precision};
+use losscc::Spec;
+use losscc::interp::{Precision, evaluate_with_gradient};
 use losscc::ir::{ParamValue, Params};
 use losscc::runtime::Batch;
-use losscc::Spec;
 use ndarray::{Array1, Array2};
 use ndarray_npy::read_npy;
 use std::path::{Path, PathBuf};
@@ -26,9 +26,16 @@ fn load_case(name: &str) -> Case {
     let dir = golden_dir().join(name);
     let x: Array2<f32> = read_npy(dir.join("x.npy")).expect("x.npy");
     let labels: Array1<i64> = read_npy(dir.join("labels.npy")).expect("labels.npy");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("manifest")).expect("json");
-    Case { x: x.mapv(f64::from), labels: labels.to_vec(), manifest, dir }
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    Case {
+        x: x.mapv(f64::from),
+        labels: labels.to_vec(),
+        manifest,
+        dir,
+    }
 }
 
 fn params(entry: &serde_json::Value) -> Params {
@@ -36,7 +43,9 @@ fn params(entry: &serde_json::Value) -> Params {
     if let Some(map) = entry.get("params").and_then(|p| p.as_object()) {
         for (name, value) in map {
             let value = match value {
-                serde_json::Value::Array(items) => ParamValue::List(items.iter().map(|v| v.as_f64().unwrap()).collect()),
+                serde_json::Value::Array(items) => {
+                    ParamValue::List(items.iter().map(|v| v.as_f64().unwrap()).collect())
+                }
                 other => ParamValue::Num(other.as_f64().unwrap()),
             };
             params.push((name.clone(), value));
@@ -47,26 +56,43 @@ fn params(entry: &serde_json::Value) -> Params {
 
 /// The worst errors of one loss on one case: (relative loss error, gradient error relative
 /// to the largest gradient entry).
-fn check(case: &Case, name: &str, entry: &serde_json::Value, precision: Precision) -> Result<(f64, f64), String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("losses").join(format!("{name}.loss"));
+fn check(
+    case: &Case,
+    name: &str,
+    entry: &serde_json::Value,
+    precision: Precision,
+) -> Result<(f64, f64), String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("losses")
+        .join(format!("{name}.loss"));
     let spec = Spec::load(&path).map_err(|(s, e)| losscc::render(&s, &e))?;
     let module = spec.lower(&params(entry)).map_err(|e| spec.render(&e))?;
     let gradient = losscc::grad::differentiate(&module).map_err(|e| e.to_string())?;
     let mut inputs = Vec::new();
     if let Some(map) = entry.get("inputs").and_then(|i| i.as_object()) {
         for (input, file) in map {
-            let values: Array1<i64> = read_npy(case.dir.join(file.as_str().unwrap())).map_err(|e| e.to_string())?;
+            let values: Array1<i64> =
+                read_npy(case.dir.join(file.as_str().unwrap())).map_err(|e| e.to_string())?;
             inputs.push((input.clone(), values.to_vec()));
         }
     }
-    let batch = Batch { x: case.x.view(), labels: &case.labels, inputs: &inputs, seed: 0 };
+    let batch = Batch {
+        x: case.x.view(),
+        labels: &case.labels,
+        inputs: &inputs,
+        seed: 0,
+    };
     let out = evaluate_with_gradient(&gradient, &batch, precision).map_err(|e| e.to_string())?;
     let expected_loss = entry["loss"].as_f64().unwrap();
-    let expected_grad: Array2<f64> = read_npy(case.dir.join(entry["grad"].as_str().unwrap())).map_err(|e| e.to_string())?;
+    let expected_grad: Array2<f64> =
+        read_npy(case.dir.join(entry["grad"].as_str().unwrap())).map_err(|e| e.to_string())?;
     let loss_error = (out.loss - expected_loss).abs() / expected_loss.abs().max(f64::MIN_POSITIVE);
     let grad = out.grad.unwrap();
     let scale = expected_grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let grad_error = (&grad - &expected_grad).iter().fold(0.0f64, |m, v| m.max(v.abs())) / scale.max(f64::MIN_POSITIVE);
+    let grad_error = (&grad - &expected_grad)
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        / scale.max(f64::MIN_POSITIVE);
     Ok((loss_error, grad_error))
 }
 
@@ -89,7 +115,12 @@ fn parity(precision: Precision, loss_tol: f64, grad_tol: f64) {
         }
     }
     assert_eq!(checks, 132, "4 cases x 33 losses");
-    assert!(failures.is_empty(), "{} of {checks} checks failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checks} checks failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use losscc::interp::{evaluate_frozen, evaluate_with_gradient, freeze, Frozen, Precision};
+use losscc::interp::{Frozen, Precision, evaluate_frozen, evaluate_with_gradient, freeze};
 use losscc::runtime::Batch;
 use ndarray::Array2;
 
@@ -17,10 +17,34 @@ struct Shape {
 }
 
 const SHAPES: &[Shape] = &[
-    Shape { classes: &[3, 3, 3, 3], d: 6, seed: 11, scale: 0.0, pull: 0.8 },
-    Shape { classes: &[4, 4, 4, 4], d: 9, seed: 12, scale: 0.3, pull: 0.8 },
-    Shape { classes: &[2, 5, 3, 6], d: 7, seed: 13, scale: 0.2, pull: 0.8 },
-    Shape { classes: &[5, 5, 5, 5], d: 6, seed: 14, scale: 0.0, pull: 0.25 },
+    Shape {
+        classes: &[3, 3, 3, 3],
+        d: 6,
+        seed: 11,
+        scale: 0.0,
+        pull: 0.8,
+    },
+    Shape {
+        classes: &[4, 4, 4, 4],
+        d: 9,
+        seed: 12,
+        scale: 0.3,
+        pull: 0.8,
+    },
+    Shape {
+        classes: &[2, 5, 3, 6],
+        d: 7,
+        seed: 13,
+        scale: 0.2,
+        pull: 0.8,
+    },
+    Shape {
+        classes: &[5, 5, 5, 5],
+        d: 6,
+        seed: 14,
+        scale: 0.0,
+        pull: 0.25,
+    },
 ];
 
 /// Richardson-extrapolated central differences of the loss along x[i, k], with the
@@ -36,7 +60,12 @@ fn differences(
     let mut at = |delta: f64| {
         let mut moved = x.clone();
         moved[(i, k)] += delta;
-        let batch = Batch { x: moved.view(), labels, inputs: &[], seed: 5 };
+        let batch = Batch {
+            x: moved.view(),
+            labels,
+            inputs: &[],
+            seed: 5,
+        };
         let (out, kept) = evaluate_frozen(module, &batch, Precision::F64, frozen.take()?).ok()?;
         *frozen = Some(kept);
         Some(out.loss)
@@ -57,15 +86,29 @@ fn symbolic_gradient_matches_finite_differences() {
         let mut near_boundary = 0usize;
         let mut largest: f64 = 0.0;
         for shape in SHAPES {
-            let (x, labels) = batch_with_overlap(shape.classes, shape.d, shape.seed, shape.scale, shape.pull);
+            let (x, labels) =
+                batch_with_overlap(shape.classes, shape.d, shape.seed, shape.scale, shape.pull);
             let module = lower(&name, &small_params(&name, x.nrows(), shape.d));
             let gradient = losscc::grad::differentiate(&module).expect("differentiates");
-            let batch = Batch { x: x.view(), labels: &labels, inputs: &[], seed: 5 };
+            let batch = Batch {
+                x: x.view(),
+                labels: &labels,
+                inputs: &[],
+                seed: 5,
+            };
             let symbolic = match evaluate_with_gradient(&gradient, &batch, Precision::F64) {
                 Ok(out) => out.grad.expect("gradient"),
                 // A batch the loss rejects (too few positives for a rank, say) is tested
                 // in the edge-case tests; here another shape must do.
-                Err(e) if !matches!(e, losscc::runtime::RunError::Internal { .. } | losscc::runtime::RunError::NotFinite { .. }) => continue,
+                Err(e)
+                    if !matches!(
+                        e,
+                        losscc::runtime::RunError::Internal { .. }
+                            | losscc::runtime::RunError::NotFinite { .. }
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     failures.push(format!("{name}: {e}"));
                     continue;
@@ -74,11 +117,15 @@ fn symbolic_gradient_matches_finite_differences() {
             let scale = symbolic.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             largest = largest.max(scale);
             let scale = scale.max(1e-12);
-            let mut frozen = Some(freeze(&module, &batch, Precision::F64).expect("reference evaluation"));
+            let mut frozen =
+                Some(freeze(&module, &batch, Precision::F64).expect("reference evaluation"));
             for ((i, k), &g) in symbolic.indexed_iter() {
-                let Some((coarse, fine)) = differences(&module, &x, &labels, (i, k), &mut frozen) else {
+                let Some((coarse, fine)) = differences(&module, &x, &labels, (i, k), &mut frozen)
+                else {
                     near_boundary += 1;
-                    frozen = Some(freeze(&module, &batch, Precision::F64).expect("reference evaluation"));
+                    frozen = Some(
+                        freeze(&module, &batch, Precision::F64).expect("reference evaluation"),
+                    );
                     continue;
                 };
                 // Differences of a float64 loss cannot resolve a derivative much below 1e-4
@@ -99,13 +146,18 @@ fn symbolic_gradient_matches_finite_differences() {
             failures.push(format!("{name}: worst relative error {worst:.2e}"));
         }
         if largest == 0.0 {
-            failures.push(format!("{name}: the gradient is zero on every shape, which tests nothing"));
+            failures.push(format!(
+                "{name}: the gradient is zero on every shape, which tests nothing"
+            ));
         }
         if compared == 0 {
             failures.push(format!("{name}: no shape could be compared"));
         }
         if near_boundary * 10 > compared + near_boundary {
-            failures.push(format!("{name}: {near_boundary} of {} entries near a selection boundary", compared + near_boundary));
+            failures.push(format!(
+                "{name}: {near_boundary} of {} entries near a selection boundary",
+                compared + near_boundary
+            ));
         }
     }
     println!("{}", report.join("\n"));

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use losscc::interp::{evaluate_with_gradient, Precision};
+use losscc::interp::{Precision, evaluate_with_gradient};
 use losscc::runtime::Batch;
 
 #[test]
@@ -14,13 +14,25 @@ fn same_seed_same_result_and_seeds_differ() {
         let module = lower(name, &small_params(name, x.nrows(), 9));
         let gradient = losscc::grad::differentiate(&module).unwrap();
         let run = |seed| {
-            let batch = Batch { x: x.view(), labels: &labels, inputs: &[], seed };
+            let batch = Batch {
+                x: x.view(),
+                labels: &labels,
+                inputs: &[],
+                seed,
+            };
             evaluate_with_gradient(&gradient, &batch, Precision::F64).unwrap()
         };
         let first = run(7);
-        assert_eq!(first, run(7), "{name}: the same seed must give the same loss and gradient");
+        assert_eq!(
+            first,
+            run(7),
+            "{name}: the same seed must give the same loss and gradient"
+        );
         let differs = (0..20).any(|seed| run(seed).loss != first.loss);
-        assert!(differs, "{name}: 20 seeds all gave the same loss, so the seed is not used");
+        assert!(
+            differs,
+            "{name}: 20 seeds all gave the same loss, so the seed is not used"
+        );
     }
 }
 
@@ -32,7 +44,9 @@ fn same_seed_same_result_and_seeds_differ() {
 fn draws_follow_the_weights() {
     let source = "loss draw() {\n    s = dot(x)\n    per anchor {\n        neg = s where !same\n        picked = sum(sample(neg, 1, exp(8 * v)))\n    }\n    loss = sum(picked)\n}\n";
     let mut sources = losscc::diagnostic::Sources::new();
-    let program = losscc::syntax::load_source("draw.loss", "draw", source.into(), &mut sources, |_| None).unwrap();
+    let program =
+        losscc::syntax::load_source("draw.loss", "draw", source.into(), &mut sources, |_| None)
+            .unwrap();
     let module = losscc::ir::lower(&program, &Vec::new()).unwrap();
     let (x, _) = batch(&[6], 4, 5, 0.0);
     let labels = vec![0, 1, 1, 1, 1, 1];
@@ -43,10 +57,18 @@ fn draws_follow_the_weights() {
     let draws = 20_000u64;
     let mut counts = [0usize; 5];
     for seed in 0..draws {
-        let batch = Batch { x: x.view(), labels: &labels, inputs: &[], seed };
+        let batch = Batch {
+            x: x.view(),
+            labels: &labels,
+            inputs: &[],
+            seed,
+        };
         let out = losscc::interp::evaluate(&module, &batch, Precision::F64).unwrap();
         let picked = out.loss - fixed;
-        let index = sims.iter().position(|s| (s - picked).abs() < 1e-9).expect("the pick is one of the negatives");
+        let index = sims
+            .iter()
+            .position(|s| (s - picked).abs() < 1e-9)
+            .expect("the pick is one of the negatives");
         counts[index] += 1;
     }
     let chi2: f64 = counts
@@ -58,8 +80,17 @@ fn draws_follow_the_weights() {
         })
         .sum();
     // 4 degrees of freedom: the 0.1% critical value is 18.47.
-    assert!(chi2 < 18.47, "chi-square {chi2:.2} over counts {counts:?} for weights {weights:?}");
+    assert!(
+        chi2 < 18.47,
+        "chi-square {chi2:.2} over counts {counts:?} for weights {weights:?}"
+    );
     // And the test can fail: the same counts against uniform weights are far off.
-    let uniform: f64 = counts.iter().map(|&c| (c as f64 - draws as f64 / 5.0).powi(2) / (draws as f64 / 5.0)).sum();
-    assert!(uniform > 10.0 * 18.47, "the weights are too even for the test to discriminate ({uniform:.1})");
+    let uniform: f64 = counts
+        .iter()
+        .map(|&c| (c as f64 - draws as f64 / 5.0).powi(2) / (draws as f64 / 5.0))
+        .sum();
+    assert!(
+        uniform > 10.0 * 18.47,
+        "the weights are too even for the test to discriminate ({uniform:.1})"
+    );
 }

@@ -23,6 +23,7 @@ pub use print::print_gradient;
 pub use tensors::TensorStep;
 
 use crate::ir::build::Conflict;
+use crate::ir::rewrite::{Keep, Rewrite};
 use crate::ir::*;
 use std::collections::HashMap;
 
@@ -49,8 +50,14 @@ impl Scatter {
     /// The block whose anchors the scatter runs over, if it runs per anchor.
     pub fn block(&self, module: &Module) -> Option<Handle<Block>> {
         match self.target {
-            ScatterTarget::Members { scope: Scope::Row(b), .. } => Some(b),
-            ScatterTarget::Members { scope: Scope::Batch, .. } => None,
+            ScatterTarget::Members {
+                scope: Scope::Row(b),
+                ..
+            } => Some(b),
+            ScatterTarget::Members {
+                scope: Scope::Batch,
+                ..
+            } => None,
             ScatterTarget::At { index } => module.exprs[index].level.block(),
             ScatterTarget::Cross { set, .. } => module.sets[set].block,
         }
@@ -87,7 +94,12 @@ impl From<Conflict> for GradError {
 pub fn differentiate(module: &Module) -> Result<Gradient, GradError> {
     let forward_len = module.exprs.len();
     let active = rules::active(module);
-    let mut pass = Pass { b: Builder::new(module.clone()), contributions: HashMap::new(), scatters: Vec::new(), active };
+    let mut pass = Pass {
+        b: Builder::new(module.clone()),
+        contributions: HashMap::new(),
+        scatters: Vec::new(),
+        active,
+    };
     let one = pass.b.constant_expr(1.0);
     let loss = module.loss_expr();
     pass.contribute(loss, one)?;
@@ -96,15 +108,51 @@ pub fn differentiate(module: &Module) -> Result<Gradient, GradError> {
         if !pass.active[index] {
             continue;
         }
-        let Some(adjoint) = pass.adjoint(h)? else { continue };
+        let Some(adjoint) = pass.adjoint(h)? else {
+            continue;
+        };
         pass.backward(h, adjoint)?;
     }
-    let module = pass.b.finish();
+    let (module, scatters) = prune(&pass.b.finish(), &pass.scatters);
     let tensor_steps = tensors::steps(&module);
-    let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr()).chain(module.stats.iter().map(|s| s.1)).collect();
-    let effects: Vec<Effect> = pass.scatters.iter().map(|s| effect(&module, s)).collect();
+    let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr())
+        .chain(module.stats.iter().map(|s| s.1))
+        .collect();
+    let effects: Vec<Effect> = scatters.iter().map(|s| effect(&module, s)).collect();
     let schedule = schedule(&module, &roots, &effects);
-    Ok(Gradient { module, scatters: pass.scatters, tensor_steps, schedule })
+    Ok(Gradient {
+        module,
+        scatters,
+        tensor_steps,
+        schedule,
+    })
+}
+
+/// The module without the nodes neither the outputs nor the scatters need.
+fn prune(module: &Module, scatters: &[Scatter]) -> (Module, Vec<Scatter>) {
+    let mut rewrite = Rewrite::new(module);
+    let keep = &mut Keep;
+    let scatters = scatters
+        .iter()
+        .map(|s| Scatter {
+            matrix: s.matrix,
+            target: match s.target {
+                ScatterTarget::Members { set, scope } => ScatterTarget::Members {
+                    set: rewrite.set(set, keep),
+                    scope,
+                },
+                ScatterTarget::At { index } => ScatterTarget::At {
+                    index: rewrite.expr(index, keep),
+                },
+                ScatterTarget::Cross { set, side } => ScatterTarget::Cross {
+                    set: rewrite.set(set, keep),
+                    side,
+                },
+            },
+            weight: rewrite.expr(s.weight, keep),
+        })
+        .collect();
+    (rewrite.finish(keep), scatters)
 }
 
 /// What a scatter reads, for the scheduler.
@@ -115,7 +163,11 @@ fn effect(module: &Module, scatter: &Scatter) -> Effect {
         ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. } => sets.push(set),
         ScatterTarget::At { index } => deps.push(index),
     }
-    Effect { block: scatter.block(module), deps, sets }
+    Effect {
+        block: scatter.block(module),
+        deps,
+        sets,
+    }
 }
 
 /// Whether gradient should flow into `h`: every expression made by this pass may carry
@@ -140,7 +192,9 @@ impl Pass {
 
     /// The sum of an expression's contributions, if it has any.
     fn adjoint(&mut self, h: Handle<Expr>) -> Result<Option<Handle<Expr>>, GradError> {
-        let Some(parts) = self.contributions.remove(&h) else { return Ok(None) };
+        let Some(parts) = self.contributions.remove(&h) else {
+            return Ok(None);
+        };
         let mut sum = parts[0];
         for &part in &parts[1..] {
             sum = self.b.binary(BinaryOp::Add, sum, part)?;
@@ -159,7 +213,9 @@ impl Pass {
         }
         let c = match (self.level(c), self.level(target)) {
             (Level::Row(block), Level::Batch | Level::Const) => {
-                let set = self.b.add_set(SetKind::Anchors, c, SetShape::Anchors(block), None);
+                let set = self
+                    .b
+                    .add_set(SetKind::Anchors, c, SetShape::Anchors(block), None);
                 self.b.reduce(ReduceOp::Sum, set, c, Scope::Batch)
             }
             _ => c,
@@ -167,7 +223,9 @@ impl Pass {
         // A vector's adjoint reaching a number it was broadcast from is summed.
         let c = match (self.b.expr(c).ty, self.b.expr(target).ty) {
             (Type::Vector(n), Type::Num) => {
-                let set = self.b.add_set(SetKind::VectorEntries, c, SetShape::Vector(n), None);
+                let set = self
+                    .b
+                    .add_set(SetKind::VectorEntries, c, SetShape::Vector(n), None);
                 self.b.reduce(ReduceOp::Sum, set, c, Scope::Batch)
             }
             _ => c,
@@ -187,7 +245,12 @@ impl Pass {
     fn backward(&mut self, h: Handle<Expr>, adjoint: Handle<Expr>) -> Result<(), GradError> {
         let e = self.b.expr(h).clone();
         match e.kind {
-            ExprKind::Reduce { op, set, body, scope } => self.reduce(h, op, set, body, scope, adjoint),
+            ExprKind::Reduce {
+                op,
+                set,
+                body,
+                scope,
+            } => self.reduce(h, op, set, body, scope, adjoint),
             ExprKind::Rank { set, k, scope } => {
                 let value = self.b.set(set).value;
                 let index = self.b.arg_reduce(ArgOp::Rank(k), set, value, scope);
@@ -203,7 +266,9 @@ impl Pass {
                 self.contribute(v, reversed)
             }
             _ => {
-                for (operand, partial) in rules::partials(&mut self.b, h, adjoint, &|x| wants(&self.active, x))? {
+                for (operand, partial) in
+                    rules::partials(&mut self.b, h, adjoint, &|x| wants(&self.active, x))?
+                {
                     self.contribute(operand, partial)?;
                 }
                 Ok(())
@@ -248,9 +313,16 @@ impl Pass {
                 self.mul(adjoint, ratio)?
             }
             ReduceOp::Min | ReduceOp::Max => {
-                let arg = if op == ReduceOp::Min { ArgOp::Min } else { ArgOp::Max };
+                let arg = if op == ReduceOp::Min {
+                    ArgOp::Min
+                } else {
+                    ArgOp::Max
+                };
                 if let SetShape::Anchors(_) = shape {
-                    return Err(GradError::Unsupported { what: format!("`{}` over anchors", op.name()), expr: h });
+                    return Err(GradError::Unsupported {
+                        what: format!("`{}` over anchors", op.name()),
+                        expr: h,
+                    });
                 }
                 let index = self.b.arg_reduce(arg, set, body, scope);
                 return self.at_member(body, adjoint, index);
@@ -266,8 +338,16 @@ impl Pass {
 
     /// The gradient of a per-member `body` whose member `j` has adjoint `weight(j)`, over
     /// every member of `set`.
-    fn over_members(&mut self, body: Handle<Expr>, weight: Handle<Expr>, set: Handle<Set>, scope: Scope) -> Result<(), GradError> {
-        for (leaf, partial) in rules::local_gradient(&mut self.b, body, weight, &|x| wants(&self.active, x))? {
+    fn over_members(
+        &mut self,
+        body: Handle<Expr>,
+        weight: Handle<Expr>,
+        set: Handle<Set>,
+        scope: Scope,
+    ) -> Result<(), GradError> {
+        for (leaf, partial) in
+            rules::local_gradient(&mut self.b, body, weight, &|x| wants(&self.active, x))?
+        {
             match self.b.expr(leaf).kind {
                 ExprKind::Entry(matrix) => self.scatters.push(Scatter {
                     matrix,
@@ -284,12 +364,21 @@ impl Pass {
     }
 
     /// The gradient of a per-member `body` at the one member `index` chose.
-    fn at_member(&mut self, body: Handle<Expr>, adjoint: Handle<Expr>, index: Handle<Expr>) -> Result<(), GradError> {
-        for (leaf, partial) in rules::local_gradient(&mut self.b, body, adjoint, &|x| wants(&self.active, x))? {
+    fn at_member(
+        &mut self,
+        body: Handle<Expr>,
+        adjoint: Handle<Expr>,
+        index: Handle<Expr>,
+    ) -> Result<(), GradError> {
+        for (leaf, partial) in
+            rules::local_gradient(&mut self.b, body, adjoint, &|x| wants(&self.active, x))?
+        {
             match self.b.expr(leaf).kind {
-                ExprKind::Entry(matrix) => {
-                    self.scatters.push(Scatter { matrix, target: ScatterTarget::At { index }, weight: partial })
-                }
+                ExprKind::Entry(matrix) => self.scatters.push(Scatter {
+                    matrix,
+                    target: ScatterTarget::At { index },
+                    weight: partial,
+                }),
                 _ => {
                     let value = self.b.at(partial, index);
                     self.contribute(leaf, value)?;
@@ -300,16 +389,25 @@ impl Pass {
     }
 
     /// The gradient of a per-pair `body` of a cross set, each pair with adjoint `weight`.
-    fn over_cross(&mut self, body: Handle<Expr>, weight: Handle<Expr>, set: Handle<Set>) -> Result<(), GradError> {
+    fn over_cross(
+        &mut self,
+        body: Handle<Expr>,
+        weight: Handle<Expr>,
+        set: Handle<Set>,
+    ) -> Result<(), GradError> {
         let Some(block) = self.b.set(set).block else {
             return Err(GradError::Conflict("a cross set outside a block".into()));
         };
         let scope = Scope::Row(block);
-        for (leaf, partial) in rules::local_gradient(&mut self.b, body, weight, &|x| wants(&self.active, x))? {
+        for (leaf, partial) in
+            rules::local_gradient(&mut self.b, body, weight, &|x| wants(&self.active, x))?
+        {
             match self.b.expr(leaf).kind {
                 ExprKind::CrossSide { side, value } => {
                     let one = self.b.constant_expr(1.0);
-                    for (inner, inner_partial) in rules::local_gradient(&mut self.b, value, one, &|x| wants(&self.active, x))? {
+                    for (inner, inner_partial) in
+                        rules::local_gradient(&mut self.b, value, one, &|x| wants(&self.active, x))?
+                    {
                         let at_side = self.b.cross_side(side, inner_partial, block)?;
                         let combined = self.mul(partial, at_side)?;
                         match self.b.expr(inner).kind {

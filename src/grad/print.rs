@@ -1,7 +1,7 @@
 //! The gradient as text (`losscc compile --emit grad`, and the insta snapshots).
 
 use super::{Gradient, ScatterTarget, TensorStep};
-use crate::ir::{print_module, print_schedule, Scope, Side, TensorOp};
+use crate::ir::{Scope, Side, TensorOp, print_module, print_schedule};
 use std::fmt::Write;
 
 /// The forward module with its adjoint nodes, the scatters into the matrices' adjoints,
@@ -11,14 +11,27 @@ pub fn print_gradient(gradient: &Gradient) -> String {
     let mut out = print_module(module);
     for (index, scatter) in gradient.scatters.iter().enumerate() {
         let target = match scatter.target {
-            ScatterTarget::Members { set, scope: Scope::Row(b) } => format!("each member of {set} in {b}"),
-            ScatterTarget::Members { set, scope: Scope::Batch } => format!("each member of {set}"),
+            ScatterTarget::Members {
+                set,
+                scope: Scope::Row(b),
+            } => format!("each member of {set} in {b}"),
+            ScatterTarget::Members {
+                set,
+                scope: Scope::Batch,
+            } => format!("each member of {set}"),
             ScatterTarget::At { index } => format!("the member {index}"),
             ScatterTarget::Cross { set, side } => {
-                format!("the {} member of each pair of {set}", if side == Side::Left { "p" } else { "q" })
+                format!(
+                    "the {} member of each pair of {set}",
+                    if side == Side::Left { "p" } else { "q" }
+                )
             }
         };
-        let _ = writeln!(out, "scatter{index}: d{} += {} at {target}", scatter.matrix, scatter.weight);
+        let _ = writeln!(
+            out,
+            "scatter{index}: d{} += {} at {target}",
+            scatter.matrix, scatter.weight
+        );
     }
     for step in &gradient.tensor_steps {
         let _ = match *step {

@@ -4,6 +4,9 @@ use super::GradError;
 use crate::ir::*;
 use std::collections::HashMap;
 
+/// Pairs of (operand or leaf, its share of the adjoint).
+pub type Partials = Vec<(Handle<Expr>, Handle<Expr>)>;
+
 /// Which forward expressions depend on a matrix entry other than through `stop`: only
 /// those can have a non-zero adjoint.
 pub fn active(module: &Module) -> Vec<bool> {
@@ -14,11 +17,17 @@ pub fn active(module: &Module) -> Vec<bool> {
             && match &e.kind {
                 ExprKind::Entry(_) => true,
                 ExprKind::CrossSide { value, .. } => on(value),
-                ExprKind::Unary { op, arg } => !matches!(op, UnaryOp::Floor | UnaryOp::Step) && on(arg),
+                ExprKind::Unary { op, arg } => {
+                    !matches!(op, UnaryOp::Floor | UnaryOp::Step) && on(arg)
+                }
                 ExprKind::Binary { lhs, rhs, .. } => on(lhs) || on(rhs),
-                ExprKind::Select { then, otherwise, .. } => on(then) || on(otherwise),
+                ExprKind::Select {
+                    then, otherwise, ..
+                } => on(then) || on(otherwise),
                 ExprKind::Reduce { op, body, .. } => *op != ReduceOp::Count && on(body),
-                ExprKind::Rank { set, .. } | ExprKind::Hist { set, .. } => on(&module.sets[*set].value),
+                ExprKind::Rank { set, .. } | ExprKind::Hist { set, .. } => {
+                    on(&module.sets[*set].value)
+                }
                 ExprKind::Cumsum(v) | ExprKind::ReverseCumsum(v) => on(v),
                 _ => false,
             };
@@ -33,7 +42,7 @@ pub fn partials(
     h: Handle<Expr>,
     a: Handle<Expr>,
     wants: &dyn Fn(Handle<Expr>) -> bool,
-) -> Result<Vec<(Handle<Expr>, Handle<Expr>)>, GradError> {
+) -> Result<Partials, GradError> {
     let mut found = operand_partials(b, h, a, wants)?;
     found.retain(|(operand, _)| wants(*operand));
     Ok(found)
@@ -44,16 +53,17 @@ fn operand_partials(
     h: Handle<Expr>,
     a: Handle<Expr>,
     wants: &dyn Fn(Handle<Expr>) -> bool,
-) -> Result<Vec<(Handle<Expr>, Handle<Expr>)>, GradError> {
+) -> Result<Partials, GradError> {
     let e = b.expr(h).clone();
     let zero = b.constant_expr(0.0);
     let one = b.constant_expr(1.0);
-    let mul = |b: &mut Builder, x: Handle<Expr>, y: Handle<Expr>| -> Result<Handle<Expr>, GradError> {
-        if b.constant(x) == Some(0.0) || b.constant(y) == Some(0.0) {
-            return Ok(b.constant_expr(0.0));
-        }
-        Ok(b.binary(BinaryOp::Mul, x, y)?)
-    };
+    let mul =
+        |b: &mut Builder, x: Handle<Expr>, y: Handle<Expr>| -> Result<Handle<Expr>, GradError> {
+            if b.constant(x) == Some(0.0) || b.constant(y) == Some(0.0) {
+                return Ok(b.constant_expr(0.0));
+            }
+            Ok(b.binary(BinaryOp::Mul, x, y)?)
+        };
     Ok(match e.kind {
         ExprKind::Unary { op, arg: x } => {
             let derivative = match op {
@@ -117,7 +127,11 @@ fn operand_partials(
             }
             BinaryOp::Min | BinaryOp::Max => {
                 // `apply` takes the right operand only when it is strictly smaller (larger).
-                let cmp = if op == BinaryOp::Min { BinaryOp::Lt } else { BinaryOp::Gt };
+                let cmp = if op == BinaryOp::Min {
+                    BinaryOp::Lt
+                } else {
+                    BinaryOp::Gt
+                };
                 let right_wins = b.binary(cmp, rhs, lhs)?;
                 let mut found = vec![(lhs, b.select(right_wins, zero, a)?)];
                 if wants(rhs) {
@@ -127,8 +141,15 @@ fn operand_partials(
             }
             _ => Vec::new(),
         },
-        ExprKind::Select { cond, then, otherwise } => {
-            vec![(then, b.select(cond, a, zero)?), (otherwise, b.select(cond, zero, a)?)]
+        ExprKind::Select {
+            cond,
+            then,
+            otherwise,
+        } => {
+            vec![
+                (then, b.select(cond, a, zero)?),
+                (otherwise, b.select(cond, zero, a)?),
+            ]
         }
         _ => Vec::new(),
     })
@@ -142,10 +163,16 @@ pub fn local_gradient(
     root: Handle<Expr>,
     seed: Handle<Expr>,
     wants: &dyn Fn(Handle<Expr>) -> bool,
-) -> Result<Vec<(Handle<Expr>, Handle<Expr>)>, GradError> {
-    let is_local = |b: &Builder, h: Handle<Expr>| matches!(b.expr(h).level, Level::Member { .. } | Level::Cross { .. });
+) -> Result<Partials, GradError> {
+    let is_local = |b: &Builder, h: Handle<Expr>| {
+        matches!(b.expr(h).level, Level::Member { .. } | Level::Cross { .. })
+    };
     let is_leaf = |b: &Builder, h: Handle<Expr>| {
-        !is_local(b, h) || matches!(b.expr(h).kind, ExprKind::Entry(_) | ExprKind::CrossSide { .. })
+        !is_local(b, h)
+            || matches!(
+                b.expr(h).kind,
+                ExprKind::Entry(_) | ExprKind::CrossSide { .. }
+            )
     };
     // The interior nodes below the root, found through their operands.
     let mut interior = Vec::new();
@@ -161,14 +188,20 @@ pub fn local_gradient(
         }
         match b.expr(h).kind {
             ExprKind::Binary { lhs, rhs, .. } => stack.extend([lhs, rhs]),
-            ExprKind::Select { then, otherwise, .. } => stack.extend([then, otherwise]),
+            ExprKind::Select {
+                then, otherwise, ..
+            } => stack.extend([then, otherwise]),
             _ => {}
         }
     }
     interior.sort_unstable_by(|x, y| y.cmp(x));
     let mut adjoints: HashMap<Handle<Expr>, Handle<Expr>> = HashMap::new();
     let mut leaves: Vec<(Handle<Expr>, Handle<Expr>)> = Vec::new();
-    let add = |b: &mut Builder, map: &mut HashMap<Handle<Expr>, Handle<Expr>>, target, value| -> Result<(), GradError> {
+    let add = |b: &mut Builder,
+               map: &mut HashMap<Handle<Expr>, Handle<Expr>>,
+               target,
+               value|
+     -> Result<(), GradError> {
         let sum = match map.get(&target) {
             Some(&existing) => b.binary(BinaryOp::Add, existing, value)?,
             None => value,
@@ -189,7 +222,11 @@ pub fn local_gradient(
             add(b, &mut adjoints, operand, contribution)?;
         }
     }
-    let mut keys: Vec<Handle<Expr>> = adjoints.keys().copied().filter(|&h| is_leaf(b, h)).collect();
+    let mut keys: Vec<Handle<Expr>> = adjoints
+        .keys()
+        .copied()
+        .filter(|&h| is_leaf(b, h))
+        .collect();
     keys.sort_unstable();
     for leaf in keys {
         let gradient_flows = match b.expr(leaf).kind {

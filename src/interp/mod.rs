@@ -11,9 +11,9 @@ mod tensors;
 
 use crate::grad::{Gradient, ScatterTarget, TensorStep};
 use crate::ir::*;
-use crate::runtime::error::{Origin, RunError};
-use crate::runtime::groups::{evaluate_groupings, GroupValues};
 use crate::runtime::Batch;
+use crate::runtime::error::{Origin, RunError};
+use crate::runtime::groups::{GroupValues, evaluate_groupings};
 use ndarray::Array2;
 use sets::Members;
 use std::collections::HashMap;
@@ -65,17 +65,26 @@ pub fn freeze(module: &Module, batch: &Batch<'_>, precision: Precision) -> Resul
     interp.outputs()?;
     match interp.mode {
         Mode::Record(frozen) => Ok(frozen),
-        _ => Err(RunError::Internal { what: "recording mode lost".into() }),
+        _ => Err(RunError::Internal {
+            what: "recording mode lost".into(),
+        }),
     }
 }
 
 /// The loss of `module` on `batch` with the stops and samples of `frozen`.
-pub fn evaluate_frozen(module: &Module, batch: &Batch<'_>, precision: Precision, frozen: Frozen) -> Result<(Output, Frozen)> {
+pub fn evaluate_frozen(
+    module: &Module,
+    batch: &Batch<'_>,
+    precision: Precision,
+    frozen: Frozen,
+) -> Result<(Output, Frozen)> {
     let mut interp = Interp::new(module, batch, precision, Mode::Replay(frozen))?;
     let output = interp.outputs()?;
     match interp.mode {
         Mode::Replay(frozen) => Ok((output, frozen)),
-        _ => Err(RunError::Internal { what: "replay mode lost".into() }),
+        _ => Err(RunError::Internal {
+            what: "replay mode lost".into(),
+        }),
     }
 }
 
@@ -87,17 +96,28 @@ enum Mode {
 }
 
 /// The loss, stats and gradient of a differentiated module on `batch`.
-pub fn evaluate_with_gradient(gradient: &Gradient, batch: &Batch<'_>, precision: Precision) -> Result<Output> {
+pub fn evaluate_with_gradient(
+    gradient: &Gradient,
+    batch: &Batch<'_>,
+    precision: Precision,
+) -> Result<Output> {
     let mut interp = Interp::new(&gradient.module, batch, precision, Mode::Plain)?;
     let mut output = interp.outputs()?;
-    let mut adjoints: Vec<Array2<f64>> =
-        interp.matrices.iter().map(|m| Array2::zeros(m.dim())).collect();
+    let mut adjoints: Vec<Array2<f64>> = interp
+        .matrices
+        .iter()
+        .map(|m| Array2::zeros(m.dim()))
+        .collect();
     for scatter in &gradient.scatters {
         interp.scatter(scatter, &mut adjoints[scatter.matrix.index()])?;
     }
     let grad = interp.tensor_backward(&gradient.tensor_steps, &adjoints);
     if let Some((_, &value)) = grad.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(RunError::NotFinite { what: "gradient".into(), value, origin: interp.origin });
+        return Err(RunError::NotFinite {
+            what: "gradient".into(),
+            value,
+            origin: interp.origin,
+        });
     }
     output.grad = Some(grad);
     Ok(output)
@@ -125,11 +145,25 @@ impl Val {
 enum Point {
     Batch,
     /// One anchor of a block.
-    Row { block: Handle<Block>, anchor: usize },
+    Row {
+        block: Handle<Block>,
+        anchor: usize,
+    },
     /// One entry (row, col) of a space; `block` when the row is an anchor of it.
-    Member { block: Option<Handle<Block>>, row: usize, col: usize, space: Space },
+    Member {
+        block: Option<Handle<Block>>,
+        row: usize,
+        col: usize,
+        space: Space,
+    },
     /// One pair (left, right) of columns of an anchor's cross set.
-    Cross { block: Handle<Block>, anchor: usize, left: usize, right: usize, space: Space },
+    Cross {
+        block: Handle<Block>,
+        anchor: usize,
+        left: usize,
+        right: usize,
+        space: Space,
+    },
     /// One entry of a vector.
     Entry(usize),
 }
@@ -138,7 +172,11 @@ impl Point {
     fn anchor(self) -> Option<usize> {
         match self {
             Point::Row { anchor, .. } | Point::Cross { anchor, .. } => Some(anchor),
-            Point::Member { block: Some(_), row, .. } => Some(row),
+            Point::Member {
+                block: Some(_),
+                row,
+                ..
+            } => Some(row),
             _ => None,
         }
     }
@@ -146,8 +184,15 @@ impl Point {
     /// The anchor of `block` this point lies in.
     fn row_of(self, block: Handle<Block>) -> Option<usize> {
         match self {
-            Point::Row { block: b, anchor } | Point::Cross { block: b, anchor, .. } if b == block => Some(anchor),
-            Point::Member { block: Some(b), row, .. } if b == block => Some(row),
+            Point::Row { block: b, anchor }
+            | Point::Cross {
+                block: b, anchor, ..
+            } if b == block => Some(anchor),
+            Point::Member {
+                block: Some(b),
+                row,
+                ..
+            } if b == block => Some(row),
             _ => None,
         }
     }
@@ -180,7 +225,12 @@ struct Interp<'m> {
 type Result<T> = std::result::Result<T, RunError>;
 
 impl<'m> Interp<'m> {
-    fn new(module: &'m Module, batch: &Batch<'_>, precision: Precision, mut mode: Mode) -> Result<Interp<'m>> {
+    fn new(
+        module: &'m Module,
+        batch: &Batch<'_>,
+        precision: Precision,
+        mut mode: Mode,
+    ) -> Result<Interp<'m>> {
         batch.validate(module)?;
         let x = batch.x.mapv(|v| precision.round(v));
         let mut tensor_cache: Vec<Option<Array2<f64>>> = vec![None; module.tensors.len()];
@@ -190,12 +240,28 @@ impl<'m> Interp<'m> {
             }
         }
         let groups = evaluate_groupings(module, batch, |tensor, groups| {
-            tensors::compute_all(module, &x, groups, batch.seed, precision, &mut tensor_cache, tensor)
-                .unwrap_or_else(|_| Array2::zeros((0, 0)))
+            tensors::compute_all(
+                module,
+                &x,
+                groups,
+                batch.seed,
+                precision,
+                &mut tensor_cache,
+                tensor,
+            )
+            .unwrap_or_else(|_| Array2::zeros((0, 0)))
         })?;
         let mut tensors_out = Vec::with_capacity(module.tensors.len());
         for (h, _) in module.tensors.iter() {
-            tensors_out.push(tensors::compute_all(module, &x, &groups, batch.seed, precision, &mut tensor_cache, h)?);
+            tensors_out.push(tensors::compute_all(
+                module,
+                &x,
+                &groups,
+                batch.seed,
+                precision,
+                &mut tensor_cache,
+                h,
+            )?);
         }
         if let Mode::Record(frozen) = &mut mode {
             for (h, t) in module.tensors.iter() {
@@ -207,7 +273,14 @@ impl<'m> Interp<'m> {
         let matrices = module
             .matrices
             .iter()
-            .map(|(_, m)| tensors::pair_matrix(m, &tensors_out[m.left.index()], &tensors_out[m.right.index()], precision))
+            .map(|(_, m)| {
+                tensors::pair_matrix(
+                    m,
+                    &tensors_out[m.left.index()],
+                    &tensors_out[m.right.index()],
+                    precision,
+                )
+            })
             .collect();
         Ok(Interp {
             module,
@@ -233,17 +306,29 @@ impl<'m> Interp<'m> {
         let module = self.module;
         let loss = self.eval(module.loss_expr(), Point::Batch)?.num();
         if !loss.is_finite() {
-            return Err(RunError::NotFinite { what: "loss".into(), value: loss, origin: self.origin });
+            return Err(RunError::NotFinite {
+                what: "loss".into(),
+                value: loss,
+                origin: self.origin,
+            });
         }
         let mut stats = Vec::with_capacity(module.stats.len());
         for (name, h) in &module.stats {
             let value = self.eval(*h, Point::Batch)?.num();
             if !value.is_finite() {
-                return Err(RunError::NotFinite { what: format!("stat `{name}`"), value, origin: self.origin });
+                return Err(RunError::NotFinite {
+                    what: format!("stat `{name}`"),
+                    value,
+                    origin: self.origin,
+                });
             }
             stats.push((name.clone(), value));
         }
-        Ok(Output { loss, stats, grad: None })
+        Ok(Output {
+            loss,
+            stats,
+            grad: None,
+        })
     }
 
     /// How many rows a domain has.
@@ -257,7 +342,10 @@ impl<'m> Interp<'m> {
     fn label(&self, domain: Domain, index: usize) -> i64 {
         match domain {
             Domain::Samples => self.labels[index],
-            Domain::Groups(g) => self.groups[g.index()].labels.as_ref().map_or(-1, |l| l[index]),
+            Domain::Groups(g) => self.groups[g.index()]
+                .labels
+                .as_ref()
+                .map_or(-1, |l| l[index]),
         }
     }
 
@@ -276,11 +364,19 @@ impl<'m> Interp<'m> {
             }
             Level::Row(block) => {
                 let anchor = point.row_of(block).ok_or_else(|| internal(h))?;
-                if let Some(v) = self.rows.get(&(block, anchor)).and_then(|r| r.values.get(&h)) {
+                if let Some(v) = self
+                    .rows
+                    .get(&(block, anchor))
+                    .and_then(|r| r.values.get(&h))
+                {
                     return Ok(v.clone());
                 }
                 let v = self.compute(h, Point::Row { block, anchor })?;
-                self.rows.entry((block, anchor)).or_default().values.insert(h, v.clone());
+                self.rows
+                    .entry((block, anchor))
+                    .or_default()
+                    .values
+                    .insert(h, v.clone());
                 Ok(v)
             }
             Level::Member { .. } | Level::Cross { .. } => self.compute(h, point),
@@ -302,17 +398,41 @@ impl<'m> Interp<'m> {
             ExprKind::Bool(b) => Val::Num(f64::from(u8::from(*b))),
             ExprKind::BatchSize => Val::Num(self.domain_len(Domain::Samples) as f64),
             ExprKind::Entry(m) => {
-                let Point::Member { row, col, .. } = point else { return Err(internal(h)) };
+                let Point::Member { row, col, .. } = point else {
+                    return Err(internal(h));
+                };
                 Val::Num(self.matrices[m.index()][(row, col)])
             }
             ExprKind::Same | ExprKind::IsSelf | ExprKind::Index(_) | ExprKind::GroupSize { .. } => {
-                let Point::Member { row, col, space, .. } = point else { return Err(internal(h)) };
+                let Point::Member {
+                    row, col, space, ..
+                } = point
+                else {
+                    return Err(internal(h));
+                };
                 Val::Num(self.structural(&e.kind, row, col, space))
             }
             ExprKind::CrossSide { side, value } => {
-                let Point::Cross { block, anchor, left, right, space } = point else { return Err(internal(h)) };
+                let Point::Cross {
+                    block,
+                    anchor,
+                    left,
+                    right,
+                    space,
+                } = point
+                else {
+                    return Err(internal(h));
+                };
                 let col = if *side == Side::Left { left } else { right };
-                self.eval(*value, Point::Member { block: Some(block), row: anchor, col, space })?
+                self.eval(
+                    *value,
+                    Point::Member {
+                        block: Some(block),
+                        row: anchor,
+                        col,
+                        space,
+                    },
+                )?
             }
             ExprKind::Unary { op, arg } => {
                 let a = self.eval(*arg, point)?;
@@ -334,15 +454,19 @@ impl<'m> Interp<'m> {
                 self.note(h, point, &[&a, &b], &result, false);
                 result
             }
-            ExprKind::Select { cond, then, otherwise } => {
+            ExprKind::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
                 let c = self.num(*cond, point)?;
                 self.eval(if c != 0.0 { *then } else { *otherwise }, point)?
             }
             ExprKind::Stop(arg) => {
-                if let Mode::Replay(frozen) = &self.mode {
-                    if let Some(value) = frozen.exprs.get(&(h, point)) {
-                        return Ok(value.clone());
-                    }
+                if let Mode::Replay(frozen) = &self.mode
+                    && let Some(value) = frozen.exprs.get(&(h, point))
+                {
+                    return Ok(value.clone());
                 }
                 let value = self.eval(*arg, point)?;
                 if let Mode::Record(frozen) = &mut self.mode {
@@ -350,7 +474,12 @@ impl<'m> Interp<'m> {
                 }
                 value
             }
-            ExprKind::Reduce { op, set, body, scope } => Val::Num(self.reduce(h, *op, *set, *body, *scope, point)?),
+            ExprKind::Reduce {
+                op,
+                set,
+                body,
+                scope,
+            } => Val::Num(self.reduce(h, *op, *set, *body, *scope, point)?),
             ExprKind::Rank { set, k, scope } => {
                 let (members, at) = self.members_at(*set, *scope, point)?;
                 let sorted = self.sorted(&members, *set, at)?;
@@ -358,7 +487,12 @@ impl<'m> Interp<'m> {
                 let index = self.rank_index(k_value, sorted.len(), h, point)?;
                 Val::Num(sorted[index].0)
             }
-            ExprKind::ArgReduce { op, set, body, scope } => {
+            ExprKind::ArgReduce {
+                op,
+                set,
+                body,
+                scope,
+            } => {
                 let (members, at) = self.members_at(*set, *scope, point)?;
                 let chosen = match op {
                     ArgOp::Rank(k) => {
@@ -402,19 +536,33 @@ impl<'m> Interp<'m> {
                 Val::Vector(Rc::new(hist))
             }
             ExprKind::Cumsum(v) | ExprKind::ReverseCumsum(v) => {
-                let Val::Vector(values) = self.eval(*v, point)? else { return Err(internal(h)) };
+                let Val::Vector(values) = self.eval(*v, point)? else {
+                    return Err(internal(h));
+                };
                 let mut out = values.as_ref().clone();
                 let reverse = matches!(e.kind, ExprKind::ReverseCumsum(_));
                 let mut acc = 0.0;
-                let order: Vec<usize> = if reverse { (0..out.len()).rev().collect() } else { (0..out.len()).collect() };
+                let order: Vec<usize> = if reverse {
+                    (0..out.len()).rev().collect()
+                } else {
+                    (0..out.len()).collect()
+                };
                 for i in order {
                     acc = self.r(acc + out[i]);
                     out[i] = acc;
                 }
                 Val::Vector(Rc::new(out))
             }
-            ExprKind::HistSlope { adjoint, value, bins, lo, hi } => {
-                let Val::Vector(adj) = self.eval(*adjoint, point)? else { return Err(internal(h)) };
+            ExprKind::HistSlope {
+                adjoint,
+                value,
+                bins,
+                lo,
+                hi,
+            } => {
+                let Val::Vector(adj) = self.eval(*adjoint, point)? else {
+                    return Err(internal(h));
+                };
                 let s = self.num(*value, point)?;
                 let step = (hi.0 - lo.0) / (f64::from(*bins) - 1.0);
                 if s < lo.0 || s > hi.0 {
@@ -428,7 +576,14 @@ impl<'m> Interp<'m> {
     }
 
     /// Records `h` as the origin of a non-finite value when its operands were finite.
-    fn note(&mut self, h: Handle<Expr>, point: Point, operands: &[&Val], result: &Val, empty_set: bool) {
+    fn note(
+        &mut self,
+        h: Handle<Expr>,
+        point: Point,
+        operands: &[&Val],
+        result: &Val,
+        empty_set: bool,
+    ) {
         if self.origin.is_some() {
             return;
         }
@@ -440,10 +595,19 @@ impl<'m> Interp<'m> {
         if !finite(result) && operands.iter().all(|v| finite(v)) {
             let value = match result {
                 Val::Num(x) => *x,
-                Val::Vector(xs) => xs.iter().copied().find(|x| !x.is_finite()).unwrap_or(f64::NAN),
+                Val::Vector(xs) => xs
+                    .iter()
+                    .copied()
+                    .find(|x| !x.is_finite())
+                    .unwrap_or(f64::NAN),
                 Val::Member(_) => f64::NAN,
             };
-            self.origin = Some(Origin { expr: h, anchor: point.anchor(), value, empty_set });
+            self.origin = Some(Origin {
+                expr: h,
+                anchor: point.anchor(),
+                value,
+                empty_set,
+            });
         }
     }
 
@@ -457,25 +621,44 @@ impl<'m> Interp<'m> {
 
     fn zip(&self, a: Val, b: Val, f: impl Fn(f64, f64) -> f64) -> Val {
         match (a, b) {
-            (Val::Vector(x), Val::Vector(y)) => {
-                Val::Vector(Rc::new(x.iter().zip(y.iter()).map(|(&p, &q)| self.r(f(p, q))).collect()))
+            (Val::Vector(x), Val::Vector(y)) => Val::Vector(Rc::new(
+                x.iter()
+                    .zip(y.iter())
+                    .map(|(&p, &q)| self.r(f(p, q)))
+                    .collect(),
+            )),
+            (Val::Vector(x), y) => {
+                Val::Vector(Rc::new(x.iter().map(|&p| self.r(f(p, y.num()))).collect()))
             }
-            (Val::Vector(x), y) => Val::Vector(Rc::new(x.iter().map(|&p| self.r(f(p, y.num()))).collect())),
-            (x, Val::Vector(y)) => Val::Vector(Rc::new(y.iter().map(|&q| self.r(f(x.num(), q))).collect())),
+            (x, Val::Vector(y)) => {
+                Val::Vector(Rc::new(y.iter().map(|&q| self.r(f(x.num(), q))).collect()))
+            }
             (x, y) => Val::Num(self.r(f(x.num(), y.num()))),
         }
     }
 
     fn structural(&self, kind: &ExprKind, row: usize, col: usize, space: Space) -> f64 {
-        let (Some(rows), Some(cols)) = (space.rows, space.cols) else { return f64::NAN };
+        let (Some(rows), Some(cols)) = (space.rows, space.cols) else {
+            return f64::NAN;
+        };
         let value = match kind {
             ExprKind::Same => self.label(rows, row) == self.label(cols, col),
             ExprKind::IsSelf => match (rows, cols) {
-                (Domain::Samples, Domain::Groups(g)) => self.groups[g.index()].of_sample[row] == col,
-                (Domain::Groups(g), Domain::Samples) => self.groups[g.index()].of_sample[col] == row,
+                (Domain::Samples, Domain::Groups(g)) => {
+                    self.groups[g.index()].of_sample[row] == col
+                }
+                (Domain::Groups(g), Domain::Samples) => {
+                    self.groups[g.index()].of_sample[col] == row
+                }
                 _ => row == col,
             },
-            ExprKind::Index(axis) => return if *axis == Axis::Row { row as f64 } else { col as f64 },
+            ExprKind::Index(axis) => {
+                return if *axis == Axis::Row {
+                    row as f64
+                } else {
+                    col as f64
+                };
+            }
             ExprKind::GroupSize { groups, axis } => {
                 let at = if *axis == Axis::Row { row } else { col };
                 return self.groups[groups.index()].sizes[at] as f64;
@@ -487,16 +670,33 @@ impl<'m> Interp<'m> {
 
     fn rank_index(&self, k: f64, count: usize, h: Handle<Expr>, point: Point) -> Result<usize> {
         if k < 0.0 || k != k.trunc() || k >= count as f64 {
-            return Err(RunError::RankOutOfRange { k, count, expr: h, anchor: point.anchor() });
+            return Err(RunError::RankOutOfRange {
+                k,
+                count,
+                expr: h,
+                anchor: point.anchor(),
+            });
         }
         Ok(k as usize)
     }
 
-    fn reduce(&mut self, h: Handle<Expr>, op: ReduceOp, set: Handle<Set>, body: Handle<Expr>, scope: Scope, point: Point) -> Result<f64> {
+    fn reduce(
+        &mut self,
+        h: Handle<Expr>,
+        op: ReduceOp,
+        set: Handle<Set>,
+        body: Handle<Expr>,
+        scope: Scope,
+        point: Point,
+    ) -> Result<f64> {
         let (members, at) = self.members_at(set, scope, point)?;
         let count = members.len();
         if count == 0 && op.needs_members() {
-            return Err(RunError::EmptyReduction { op: op.name(), expr: h, anchor: point.anchor() });
+            return Err(RunError::EmptyReduction {
+                op: op.name(),
+                expr: h,
+                anchor: point.anchor(),
+            });
         }
         let mut values = Vec::with_capacity(count);
         if op != ReduceOp::Count {
@@ -516,21 +716,30 @@ impl<'m> Interp<'m> {
         let sum = |values: &[f64]| values.iter().fold(0.0, |acc, &v| r(acc + v));
         match op {
             ReduceOp::Count => count as f64,
-            ReduceOp::Sum => sum(&values),
-            ReduceOp::Mean => r(sum(&values) / count as f64),
-            ReduceOp::Min => values.iter().fold(f64::INFINITY, |acc, &v| if v < acc || v.is_nan() { v } else { acc }),
-            ReduceOp::Max => values.iter().fold(f64::NEG_INFINITY, |acc, &v| if v > acc || v.is_nan() { v } else { acc }),
+            ReduceOp::Sum => sum(values),
+            ReduceOp::Mean => r(sum(values) / count as f64),
+            ReduceOp::Min => {
+                values.iter().fold(
+                    f64::INFINITY,
+                    |acc, &v| if v < acc || v.is_nan() { v } else { acc },
+                )
+            }
+            ReduceOp::Max => values.iter().fold(f64::NEG_INFINITY, |acc, &v| {
+                if v > acc || v.is_nan() { v } else { acc }
+            }),
             ReduceOp::Lse => {
                 let max = values.iter().fold(f64::NEG_INFINITY, |acc, &v| acc.max(v));
                 if !max.is_finite() {
                     max
                 } else {
-                    let total = values.iter().fold(0.0, |acc, &v| r(acc + r((r(v - max)).exp())));
+                    let total = values
+                        .iter()
+                        .fold(0.0, |acc, &v| r(acc + r((r(v - max)).exp())));
                     r(max + r(total.ln()))
                 }
             }
             ReduceOp::Std => {
-                let mean = r(sum(&values) / count as f64);
+                let mean = r(sum(values) / count as f64);
                 let squares = values.iter().fold(0.0, |acc, &v| {
                     let d = r(v - mean);
                     r(acc + r(d * d))
@@ -541,7 +750,12 @@ impl<'m> Interp<'m> {
     }
 
     /// The members of a set as seen from `point`, and the point its members hang off.
-    fn members_at(&mut self, set: Handle<Set>, scope: Scope, point: Point) -> Result<(Rc<Members>, Point)> {
+    fn members_at(
+        &mut self,
+        set: Handle<Set>,
+        scope: Scope,
+        point: Point,
+    ) -> Result<(Rc<Members>, Point)> {
         let at = match scope {
             Scope::Batch => Point::Batch,
             Scope::Row(block) => {
@@ -553,7 +767,12 @@ impl<'m> Interp<'m> {
     }
 
     /// Members paired with their values, sorted ascending (ties: lower index first).
-    fn sorted(&mut self, members: &Members, set: Handle<Set>, at: Point) -> Result<Vec<(f64, Point)>> {
+    fn sorted(
+        &mut self,
+        members: &Members,
+        set: Handle<Set>,
+        at: Point,
+    ) -> Result<Vec<(f64, Point)>> {
         let value = self.module.sets[set].value;
         let mut pairs = Vec::with_capacity(members.len());
         for m in members.points(at) {
@@ -610,9 +829,15 @@ impl<'m> Interp<'m> {
             for point in points {
                 let weight = self.num(scatter.weight, point)?;
                 let (row, col) = match (scatter.target, point) {
-                    (ScatterTarget::Cross { side, .. }, Point::Cross { anchor, left, right, .. }) => {
-                        (anchor, if side == Side::Left { left } else { right })
-                    }
+                    (
+                        ScatterTarget::Cross { side, .. },
+                        Point::Cross {
+                            anchor,
+                            left,
+                            right,
+                            ..
+                        },
+                    ) => (anchor, if side == Side::Left { left } else { right }),
                     (_, Point::Member { row, col, .. }) => (row, col),
                     _ => return Err(internal(scatter.weight)),
                 };
@@ -623,8 +848,21 @@ impl<'m> Interp<'m> {
         Ok(())
     }
 
-    fn tensor_backward(&self, steps: &[TensorStep], matrix_adjoints: &[Array2<f64>]) -> Array2<f64> {
-        tensors::backward(self.module, steps, &self.tensors, &self.matrices, &self.groups, matrix_adjoints, self.seed, self.precision)
+    fn tensor_backward(
+        &self,
+        steps: &[TensorStep],
+        matrix_adjoints: &[Array2<f64>],
+    ) -> Array2<f64> {
+        tensors::backward(
+            self.module,
+            steps,
+            &self.tensors,
+            &self.matrices,
+            &self.groups,
+            matrix_adjoints,
+            self.seed,
+            self.precision,
+        )
     }
 }
 
@@ -640,9 +878,13 @@ pub(crate) fn hist_weights(value: f64, bins: u32, lo: f64, hi: f64) -> (usize, f
 }
 
 fn internal(h: Handle<Expr>) -> RunError {
-    RunError::Internal { what: format!("{h} evaluated where its level does not allow") }
+    RunError::Internal {
+        what: format!("{h} evaluated where its level does not allow"),
+    }
 }
 
 fn internal_set(h: Handle<Set>) -> RunError {
-    RunError::Internal { what: format!("{h} enumerated where its level does not allow") }
+    RunError::Internal {
+        what: format!("{h} enumerated where its level does not allow"),
+    }
 }

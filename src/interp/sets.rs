@@ -1,9 +1,9 @@
 //! Enumerating the members of sets.
 
-use super::{internal_set, Interp, Mode, Point, Result};
+use super::{Interp, Mode, Point, Result, internal_set};
 use crate::ir::*;
 use crate::runtime::error::RunError;
-use crate::runtime::sample::{stream, WeightedSampler};
+use crate::runtime::sample::{WeightedSampler, stream};
 use std::rc::Rc;
 
 /// The members of a set at one point, in index order.
@@ -12,11 +12,20 @@ pub enum Members {
     /// Columns of one anchor's row.
     Cols { cols: Vec<usize>, space: Space },
     /// Entries (row, col) of the whole matrix, row-major.
-    Entries { entries: Vec<(usize, usize)>, space: Space },
+    Entries {
+        entries: Vec<(usize, usize)>,
+        space: Space,
+    },
     /// Pairs (left column, right column) of one anchor's cross set.
-    Pairs { pairs: Vec<(usize, usize)>, space: Space },
+    Pairs {
+        pairs: Vec<(usize, usize)>,
+        space: Space,
+    },
     /// Anchors of a block.
-    Anchors { anchors: Vec<usize>, block: Handle<Block> },
+    Anchors {
+        anchors: Vec<usize>,
+        block: Handle<Block>,
+    },
     /// The entries of a vector of this length.
     Vector(usize),
 }
@@ -39,17 +48,36 @@ impl Members {
             _ => (None, 0),
         };
         match self {
-            Members::Cols { cols, space } => {
-                Box::new(cols.iter().map(move |&col| Point::Member { block, row: anchor, col, space: *space }))
-            }
-            Members::Entries { entries, space } => Box::new(
-                entries.iter().map(move |&(row, col)| Point::Member { block: None, row, col, space: *space }),
-            ),
-            Members::Pairs { pairs, space } => Box::new(pairs.iter().filter_map(move |&(left, right)| {
-                Some(Point::Cross { block: block?, anchor, left, right, space: *space })
+            Members::Cols { cols, space } => Box::new(cols.iter().map(move |&col| Point::Member {
+                block,
+                row: anchor,
+                col,
+                space: *space,
             })),
+            Members::Entries { entries, space } => {
+                Box::new(entries.iter().map(move |&(row, col)| Point::Member {
+                    block: None,
+                    row,
+                    col,
+                    space: *space,
+                }))
+            }
+            Members::Pairs { pairs, space } => {
+                Box::new(pairs.iter().filter_map(move |&(left, right)| {
+                    Some(Point::Cross {
+                        block: block?,
+                        anchor,
+                        left,
+                        right,
+                        space: *space,
+                    })
+                }))
+            }
             Members::Anchors { anchors, block } => {
-                Box::new(anchors.iter().map(move |&anchor| Point::Row { block: *block, anchor }))
+                Box::new(anchors.iter().map(move |&anchor| Point::Row {
+                    block: *block,
+                    anchor,
+                }))
             }
             Members::Vector(n) => Box::new((0..*n).map(Point::Entry)),
         }
@@ -61,10 +89,22 @@ impl Members {
             keep.iter().map(|&k| items[k]).collect()
         }
         match self {
-            Members::Cols { cols, space } => Members::Cols { cols: pick(cols, keep), space: *space },
-            Members::Entries { entries, space } => Members::Entries { entries: pick(entries, keep), space: *space },
-            Members::Pairs { pairs, space } => Members::Pairs { pairs: pick(pairs, keep), space: *space },
-            Members::Anchors { anchors, block } => Members::Anchors { anchors: pick(anchors, keep), block: *block },
+            Members::Cols { cols, space } => Members::Cols {
+                cols: pick(cols, keep),
+                space: *space,
+            },
+            Members::Entries { entries, space } => Members::Entries {
+                entries: pick(entries, keep),
+                space: *space,
+            },
+            Members::Pairs { pairs, space } => Members::Pairs {
+                pairs: pick(pairs, keep),
+                space: *space,
+            },
+            Members::Anchors { anchors, block } => Members::Anchors {
+                anchors: pick(anchors, keep),
+                block: *block,
+            },
             Members::Vector(n) => Members::Vector(keep.len().min(*n)),
         }
     }
@@ -75,7 +115,10 @@ impl Interp<'_> {
     pub(super) fn members(&mut self, set: Handle<Set>, at: Point) -> Result<Rc<Members>> {
         let cached = match at {
             Point::Batch => self.batch_sets.get(&set).cloned(),
-            Point::Row { block, anchor } => self.rows.get(&(block, anchor)).and_then(|r| r.sets.get(&set).cloned()),
+            Point::Row { block, anchor } => self
+                .rows
+                .get(&(block, anchor))
+                .and_then(|r| r.sets.get(&set).cloned()),
             _ => return Err(internal_set(set)),
         };
         if let Some(members) = cached {
@@ -84,7 +127,11 @@ impl Interp<'_> {
         let members = Rc::new(self.compute_members(set, at)?);
         match at {
             Point::Row { block, anchor } => {
-                self.rows.entry((block, anchor)).or_default().sets.insert(set, members.clone());
+                self.rows
+                    .entry((block, anchor))
+                    .or_default()
+                    .sets
+                    .insert(set, members.clone());
             }
             _ => {
                 self.batch_sets.insert(set, members.clone());
@@ -98,16 +145,25 @@ impl Interp<'_> {
         let s = &module.sets[set];
         Ok(match &s.kind {
             SetKind::Entries => {
-                let SetShape::Members(space) = s.shape else { return Err(internal_set(set)) };
-                let (Some(rows), Some(cols)) = (space.rows, space.cols) else { return Err(internal_set(set)) };
+                let SetShape::Members(space) = s.shape else {
+                    return Err(internal_set(set));
+                };
+                let (Some(rows), Some(cols)) = (space.rows, space.cols) else {
+                    return Err(internal_set(set));
+                };
                 let ncols = self.domain_len(cols);
                 match at {
                     Point::Batch => {
                         let nrows = self.domain_len(rows);
-                        let entries = (0..nrows).flat_map(|r| (0..ncols).map(move |c| (r, c))).collect();
+                        let entries = (0..nrows)
+                            .flat_map(|r| (0..ncols).map(move |c| (r, c)))
+                            .collect();
                         Members::Entries { entries, space }
                     }
-                    _ => Members::Cols { cols: (0..ncols).collect(), space },
+                    _ => Members::Cols {
+                        cols: (0..ncols).collect(),
+                        space,
+                    },
                 }
             }
             SetKind::Filter { base, predicate } => {
@@ -120,7 +176,11 @@ impl Interp<'_> {
                 }
                 base.select(&keep)
             }
-            SetKind::Extreme { base, count, largest } => {
+            SetKind::Extreme {
+                base,
+                count,
+                largest,
+            } => {
                 let base_members = self.members(*base, at)?;
                 let k = self.count(*count, at, set)?;
                 let mut sorted: Vec<(f64, usize)> = Vec::with_capacity(base_members.len());
@@ -136,13 +196,20 @@ impl Interp<'_> {
                 keep.sort_unstable();
                 base_members.select(&keep)
             }
-            SetKind::Sample { base, count, log_weight, site } => {
-                let Point::Row { anchor, .. } = at else { return Err(internal_set(set)) };
-                if let Mode::Replay(frozen) = &self.mode {
-                    if let Some(members) = frozen.samples.get(&(set, at)) {
-                        let all: Vec<usize> = (0..members.len()).collect();
-                        return Ok(members.select(&all));
-                    }
+            SetKind::Sample {
+                base,
+                count,
+                log_weight,
+                site,
+            } => {
+                let Point::Row { anchor, .. } = at else {
+                    return Err(internal_set(set));
+                };
+                if let Mode::Replay(frozen) = &self.mode
+                    && let Some(members) = frozen.samples.get(&(set, at))
+                {
+                    let all: Vec<usize> = (0..members.len()).collect();
+                    return Ok(members.select(&all));
                 }
                 let base_members = self.members(*base, at)?;
                 let k = self.count(*count, at, set)?;
@@ -160,7 +227,9 @@ impl Interp<'_> {
                 let members = base_members.select(&keep);
                 if let Mode::Record(frozen) = &mut self.mode {
                     let all: Vec<usize> = (0..members.len()).collect();
-                    frozen.samples.insert((set, at), Rc::new(members.select(&all)));
+                    frozen
+                        .samples
+                        .insert((set, at), Rc::new(members.select(&all)));
                 }
                 members
             }
@@ -171,21 +240,35 @@ impl Interp<'_> {
             }
             SetKind::Fallback { primary, fallback } => {
                 let a = self.members(*primary, at)?;
-                let chosen = if a.len() > 0 { a } else { self.members(*fallback, at)? };
+                let chosen = if a.len() > 0 {
+                    a
+                } else {
+                    self.members(*fallback, at)?
+                };
                 let all: Vec<usize> = (0..chosen.len()).collect();
                 chosen.select(&all)
             }
             SetKind::Cross { left, right } => {
                 let a = self.members(*left, at)?;
                 let b = self.members(*right, at)?;
-                let (Members::Cols { cols: lc, space }, Members::Cols { cols: rc, .. }) = (a.as_ref(), b.as_ref()) else {
+                let (Members::Cols { cols: lc, space }, Members::Cols { cols: rc, .. }) =
+                    (a.as_ref(), b.as_ref())
+                else {
                     return Err(internal_set(set));
                 };
-                let pairs = lc.iter().flat_map(|&l| rc.iter().map(move |&r| (l, r))).collect();
-                Members::Pairs { pairs, space: *space }
+                let pairs = lc
+                    .iter()
+                    .flat_map(|&l| rc.iter().map(move |&r| (l, r)))
+                    .collect();
+                Members::Pairs {
+                    pairs,
+                    space: *space,
+                }
             }
             SetKind::Anchors | SetKind::Skipped => {
-                let SetShape::Anchors(block) = s.shape else { return Err(internal_set(set)) };
+                let SetShape::Anchors(block) = s.shape else {
+                    return Err(internal_set(set));
+                };
                 let want_skipped = matches!(s.kind, SetKind::Skipped);
                 let mut anchors = Vec::new();
                 for anchor in 0..self.domain_len(module.blocks[block].rows) {
@@ -196,7 +279,9 @@ impl Interp<'_> {
                 Members::Anchors { anchors, block }
             }
             SetKind::VectorEntries => {
-                let SetShape::Vector(n) = s.shape else { return Err(internal_set(set)) };
+                let SetShape::Vector(n) = s.shape else {
+                    return Err(internal_set(set));
+                };
                 Members::Vector(n as usize)
             }
         })
@@ -206,7 +291,11 @@ impl Interp<'_> {
     fn count(&mut self, count: Handle<Expr>, at: Point, set: Handle<Set>) -> Result<usize> {
         let value = self.num(count, at)?;
         if value < 0.0 || value != value.trunc() || !value.is_finite() {
-            return Err(RunError::BadCount { value, set, anchor: at.anchor() });
+            return Err(RunError::BadCount {
+                value,
+                set,
+                anchor: at.anchor(),
+            });
         }
         Ok(value as usize)
     }
@@ -221,9 +310,15 @@ fn merge(a: &Members, b: &Members) -> Option<Members> {
         all
     }
     Some(match (a, b) {
-        (Members::Cols { cols: x, space }, Members::Cols { cols: y, .. }) => Members::Cols { cols: union(x, y), space: *space },
+        (Members::Cols { cols: x, space }, Members::Cols { cols: y, .. }) => Members::Cols {
+            cols: union(x, y),
+            space: *space,
+        },
         (Members::Entries { entries: x, space }, Members::Entries { entries: y, .. }) => {
-            Members::Entries { entries: union(x, y), space: *space }
+            Members::Entries {
+                entries: union(x, y),
+                space: *space,
+            }
         }
         _ => return None,
     })

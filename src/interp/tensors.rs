@@ -4,7 +4,7 @@ use super::Precision;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use crate::runtime::error::RunError;
-use crate::runtime::groups::{partition_columns, permutation, GroupValues};
+use crate::runtime::groups::{GroupValues, partition_columns, permutation};
 use ndarray::{Array2, Axis as NdAxis};
 
 /// The value of tensor `target`, computing (and caching) the tensors it needs.
@@ -26,18 +26,36 @@ pub fn compute_all(
     };
     let value = match &module.tensors[target].op {
         TensorOp::Embedding => x.clone(),
-        TensorOp::Columns { source: s, start, end } => {
+        TensorOp::Columns {
+            source: s,
+            start,
+            end,
+        } => {
             let a = source(*s, cache)?;
             if *end > a.ncols() {
-                return Err(RunError::ColumnsOutOfRange { start: *start, end: *end, cols: a.ncols(), tensor: target });
+                return Err(RunError::ColumnsOutOfRange {
+                    start: *start,
+                    end: *end,
+                    cols: a.ncols(),
+                    tensor: target,
+                });
             }
             a.slice(ndarray::s![.., *start..*end]).to_owned()
         }
-        TensorOp::Partition { source: s, sizes, part, site } => {
+        TensorOp::Partition {
+            source: s,
+            sizes,
+            part,
+            site,
+        } => {
             let a = source(*s, cache)?;
             let sum: usize = sizes.iter().sum();
             if sum != a.ncols() {
-                return Err(RunError::PartitionWidth { sum, cols: a.ncols(), tensor: target });
+                return Err(RunError::PartitionWidth {
+                    sum,
+                    cols: a.ncols(),
+                    tensor: target,
+                });
             }
             let columns = partition_columns(&permutation(a.ncols(), seed, *site), sizes, *part);
             a.select(NdAxis(1), &columns)
@@ -47,13 +65,19 @@ pub fn compute_all(
             for (row, mut values) in a.rows_mut().into_iter().enumerate() {
                 let norm = r(values.iter().fold(0.0, |acc, &v| r(acc + r(v * v))).sqrt());
                 if norm == 0.0 {
-                    return Err(RunError::ZeroRow { row, tensor: target });
+                    return Err(RunError::ZeroRow {
+                        row,
+                        tensor: target,
+                    });
                 }
                 values.mapv_inplace(|v| r(v / norm));
             }
             a
         }
-        TensorOp::Centres { source: s, groups: g } => {
+        TensorOp::Centres {
+            source: s,
+            groups: g,
+        } => {
             let a = source(*s, cache)?;
             let grouping = &groups[g.index()];
             let mut sums = Array2::zeros((grouping.count(), a.ncols()));
@@ -71,8 +95,11 @@ pub fn compute_all(
         TensorOp::Concat { left, right } => {
             let a = source(*left, cache)?;
             let b = source(*right, cache)?;
-            ndarray::concatenate(NdAxis(1), &[a.view(), b.view()])
-                .map_err(|e| RunError::Internal { what: format!("concat: {e}") })?
+            ndarray::concatenate(NdAxis(1), &[a.view(), b.view()]).map_err(|e| {
+                RunError::Internal {
+                    what: format!("concat: {e}"),
+                }
+            })?
         }
         TensorOp::OneHot { groups: g } => {
             let grouping = &groups[g.index()];
@@ -89,15 +116,30 @@ pub fn compute_all(
 }
 
 fn dot(a: ndarray::ArrayView1<f64>, b: ndarray::ArrayView1<f64>, precision: Precision) -> f64 {
-    a.iter().zip(b.iter()).fold(0.0, |acc, (&x, &y)| precision.round(acc + precision.round(x * y)))
+    a.iter().zip(b.iter()).fold(0.0, |acc, (&x, &y)| {
+        precision.round(acc + precision.round(x * y))
+    })
 }
 
 /// Squared distances |a_i|^2 + |b_j|^2 - 2 a_i . b_j, with an exact zero diagonal when a
 /// tensor is paired with itself.
-fn squared_distances(a: &Array2<f64>, b: &Array2<f64>, symmetric: bool, precision: Precision) -> Array2<f64> {
+fn squared_distances(
+    a: &Array2<f64>,
+    b: &Array2<f64>,
+    symmetric: bool,
+    precision: Precision,
+) -> Array2<f64> {
     let r = |v: f64| precision.round(v);
-    let sa: Vec<f64> = a.rows().into_iter().map(|row| dot(row, row, precision)).collect();
-    let sb: Vec<f64> = b.rows().into_iter().map(|row| dot(row, row, precision)).collect();
+    let sa: Vec<f64> = a
+        .rows()
+        .into_iter()
+        .map(|row| dot(row, row, precision))
+        .collect();
+    let sb: Vec<f64> = b
+        .rows()
+        .into_iter()
+        .map(|row| dot(row, row, precision))
+        .collect();
     Array2::from_shape_fn((a.nrows(), b.nrows()), |(i, j)| {
         if symmetric && i == j {
             0.0
@@ -108,14 +150,20 @@ fn squared_distances(a: &Array2<f64>, b: &Array2<f64>, symmetric: bool, precisio
     })
 }
 
-pub fn pair_matrix(matrix: &Matrix, a: &Array2<f64>, b: &Array2<f64>, precision: Precision) -> Array2<f64> {
+pub fn pair_matrix(
+    matrix: &Matrix,
+    a: &Array2<f64>,
+    b: &Array2<f64>,
+    precision: Precision,
+) -> Array2<f64> {
     let symmetric = matrix.is_symmetric();
     match matrix.metric {
-        Metric::Dot => Array2::from_shape_fn((a.nrows(), b.nrows()), |(i, j)| dot(a.row(i), b.row(j), precision)),
+        Metric::Dot => Array2::from_shape_fn((a.nrows(), b.nrows()), |(i, j)| {
+            dot(a.row(i), b.row(j), precision)
+        }),
         Metric::SqEuclid => squared_distances(a, b, symmetric, precision),
-        Metric::Euclid { eps } => {
-            squared_distances(a, b, symmetric, precision).mapv(|q| precision.round(q.max(eps).sqrt()))
-        }
+        Metric::Euclid { eps } => squared_distances(a, b, symmetric, precision)
+            .mapv(|q| precision.round(q.max(eps).sqrt())),
     }
 }
 
@@ -133,12 +181,17 @@ pub fn backward(
 ) -> Array2<f64> {
     let r = |v: f64| precision.round(v);
     let mut adjoints: Vec<Array2<f64>> = tensors.iter().map(|t| Array2::zeros(t.dim())).collect();
-    let add = |target: &mut Array2<f64>, i: usize, k: usize, v: f64| target[(i, k)] = r(target[(i, k)] + v);
+    let add = |target: &mut Array2<f64>, i: usize, k: usize, v: f64| {
+        target[(i, k)] = r(target[(i, k)] + v)
+    };
     for step in steps {
         match *step {
             TensorStep::Metric(m) => {
                 let matrix = &module.matrices[m];
-                let (a, b) = (&tensors[matrix.left.index()], &tensors[matrix.right.index()]);
+                let (a, b) = (
+                    &tensors[matrix.left.index()],
+                    &tensors[matrix.right.index()],
+                );
                 let g = &matrix_adjoints[m.index()];
                 let mut da = Array2::zeros(a.dim());
                 let mut db = Array2::zeros(b.dim());
@@ -157,7 +210,9 @@ pub fn backward(
                         for ((i, j), &w) in g.indexed_iter() {
                             let wq = match matrix.metric {
                                 // Zero where the clamp holds.
-                                Metric::Euclid { eps } if squared[(i, j)] > eps => r(w / r(2.0 * value[(i, j)])),
+                                Metric::Euclid { eps } if squared[(i, j)] > eps => {
+                                    r(w / r(2.0 * value[(i, j)]))
+                                }
                                 Metric::Euclid { .. } => 0.0,
                                 _ => w,
                             };
@@ -185,9 +240,15 @@ pub fn backward(
                             add(target, i, start + k, v);
                         }
                     }
-                    TensorOp::Partition { source, sizes, part, site } => {
+                    TensorOp::Partition {
+                        source,
+                        sizes,
+                        part,
+                        site,
+                    } => {
                         let cols = tensors[source.index()].ncols();
-                        let columns = partition_columns(&permutation(cols, seed, *site), sizes, *part);
+                        let columns =
+                            partition_columns(&permutation(cols, seed, *site), sizes, *part);
                         let target = &mut adjoints[source.index()];
                         for ((i, k), &v) in g.indexed_iter() {
                             add(target, i, columns[k], v);
@@ -205,7 +266,10 @@ pub fn backward(
                             }
                         }
                     }
-                    TensorOp::Centres { source, groups: grouping } => {
+                    TensorOp::Centres {
+                        source,
+                        groups: grouping,
+                    } => {
                         let grouping = &groups[grouping.index()];
                         let target = &mut adjoints[source.index()];
                         for (sample, &group) in grouping.of_sample.iter().enumerate() {
@@ -221,11 +285,18 @@ pub fn backward(
                             add(target, i, k, r(v * factor));
                         }
                     }
-                    TensorOp::Embedding | TensorOp::Stop { .. } | TensorOp::Concat { .. } | TensorOp::OneHot { .. } => {}
+                    TensorOp::Embedding
+                    | TensorOp::Stop { .. }
+                    | TensorOp::Concat { .. }
+                    | TensorOp::OneHot { .. } => {}
                 }
             }
         }
     }
-    let embedding = module.tensors.iter().find(|(_, t)| t.op == TensorOp::Embedding).map_or(0, |(h, _)| h.index());
+    let embedding = module
+        .tensors
+        .iter()
+        .find(|(_, t)| t.op == TensorOp::Embedding)
+        .map_or(0, |(h, _)| h.index());
     adjoints.swap_remove(embedding)
 }

@@ -64,6 +64,11 @@ impl Builder {
         }
     }
 
+    /// Interns a node whose type and level the caller vouches for (a rewrite's copy).
+    pub(crate) fn intern_raw(&mut self, kind: ExprKind, ty: Type, level: Level) -> Handle<Expr> {
+        self.intern(kind, ty, level)
+    }
+
     fn intern(&mut self, kind: ExprKind, ty: Type, level: Level) -> Handle<Expr> {
         if let Some(&handle) = self.exprs.get(&kind) {
             return handle;
@@ -159,6 +164,9 @@ impl Builder {
         block: Handle<Block>,
     ) -> Result<Handle<Expr>, Conflict> {
         let e = self.expr(value);
+        if e.level == Level::Const {
+            return Ok(value);
+        }
         let (ty, space) = match e.level {
             Level::Member { space, block: b } if b.is_none() || b == Some(block) => (e.ty, space),
             Level::Const | Level::Batch => (e.ty, Space::ANY),
@@ -245,10 +253,10 @@ impl Builder {
             op: inner,
             arg: inner_arg,
         } = a.kind
+            && inner == op
+            && matches!(op, UnaryOp::Neg | UnaryOp::Not)
         {
-            if inner == op && matches!(op, UnaryOp::Neg | UnaryOp::Not) {
-                return Ok(inner_arg);
-            }
+            return Ok(inner_arg);
         }
         Ok(self.intern(ExprKind::Unary { op, arg }, ty, a.level))
     }

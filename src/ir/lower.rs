@@ -129,6 +129,8 @@ enum Value {
 struct Binding {
     value: Value,
     span: Option<Span>,
+    /// The `per anchor` block the name was bound in, if any.
+    block: Option<Handle<Block>>,
 }
 
 /// The bindings of one instantiated body (a loss or a fn).
@@ -340,6 +342,7 @@ impl<'a> Lowerer<'a> {
             Binding {
                 value: Value::Tensor(x),
                 span: None,
+                block: None,
             },
         );
         for (name, value, span) in &params {
@@ -349,6 +352,7 @@ impl<'a> Lowerer<'a> {
                 Binding {
                     value,
                     span: Some(*span),
+                    block: None,
                 },
             );
         }
@@ -403,7 +407,7 @@ impl<'a> Lowerer<'a> {
         match &stmt.kind {
             StmtKind::Let { name, value } => {
                 let value = self.expr(value, env, ctx)?;
-                self.bind(env, name, value)
+                self.bind(env, name, value, ctx.block)
             }
             StmtKind::Stat { name, value } => {
                 if kind != BodyKind::Loss {
@@ -463,7 +467,7 @@ impl<'a> Lowerer<'a> {
                         grouping,
                     });
                 }
-                self.bind(env, name, Value::Groups(grouping))
+                self.bind(env, name, Value::Groups(grouping), None)
             }
             StmtKind::Skip { cond } => {
                 let Some(block) = ctx.block else {
@@ -490,6 +494,7 @@ impl<'a> Lowerer<'a> {
                         Binding {
                             value: Value::Set(skipped),
                             span: Some(stmt.span),
+                            block: None,
                         },
                     );
                 }
@@ -561,13 +566,71 @@ impl<'a> Lowerer<'a> {
         }
     }
 
+    /// `same` compares labels, so the groups it is evaluated against must have them.
+    fn check_labelled(&self, predicate: Handle<Expr>, shape: SetShape, span: Span) -> Result<()> {
+        let (SetShape::Members(space) | SetShape::Cross(space)) = shape else {
+            return Ok(());
+        };
+        let module = &self.builder.module;
+        let unlabelled = [space.rows, space.cols]
+            .into_iter()
+            .flatten()
+            .any(|d| match d {
+                Domain::Groups(g) => !module.groupings[g].is_labelled(&module.groupings),
+                Domain::Samples => false,
+            });
+        if !unlabelled {
+            return Ok(());
+        }
+        let mut stack = vec![predicate];
+        while let Some(h) = stack.pop() {
+            match module.exprs[h].kind {
+                ExprKind::Same => {
+                    return Err(LowerError::Type {
+                        expected: "groups with labels for `same`".into(),
+                        found: "groups without labels (k-means clusters or a supplied grouping)"
+                            .into(),
+                        span,
+                        help: Some(
+                            "split the groups by class first: `split(groups, labels)`".into(),
+                        ),
+                    });
+                }
+                ExprKind::Unary { arg, .. } => stack.push(arg),
+                ExprKind::Binary { lhs, rhs, .. } => stack.extend([lhs, rhs]),
+                ExprKind::Select {
+                    cond,
+                    then,
+                    otherwise,
+                } => stack.extend([cond, then, otherwise]),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a value is a per-member number or a set of pair members.
+    fn ranges_over_pairs(&self, value: &Value) -> bool {
+        match value {
+            Value::Expr(h) => matches!(self.builder.expr(*h).level, Level::Member { .. }),
+            Value::Set(s) => matches!(self.builder.set(*s).shape, SetShape::Members(_)),
+            _ => false,
+        }
+    }
+
     fn skipped_set(&mut self, block: Handle<Block>) -> Handle<Set> {
         let one = self.builder.constant_expr(1.0);
         self.builder
             .add_set(SetKind::Skipped, one, SetShape::Anchors(block), None)
     }
 
-    fn bind(&mut self, env: &mut Env, name: &ast::Ident, value: Value) -> Result<()> {
+    fn bind(
+        &mut self,
+        env: &mut Env,
+        name: &ast::Ident,
+        value: Value,
+        block: Option<Handle<Block>>,
+    ) -> Result<()> {
         if RESERVED.contains(&name.name.as_str()) {
             return Err(LowerError::Duplicate {
                 name: name.name.clone(),
@@ -582,16 +645,17 @@ impl<'a> Lowerer<'a> {
                 previous: previous.span,
             });
         }
-        if let Value::Expr(h) = value {
-            if self.builder.module.spans.exprs.get(h).is_none() {
-                self.builder.module.spans.exprs.insert(h, name.span);
-            }
+        if let Value::Expr(h) = value
+            && self.builder.module.spans.exprs.get(h).is_none()
+        {
+            self.builder.module.spans.exprs.insert(h, name.span);
         }
         env.names.insert(
             name.name.clone(),
             Binding {
                 value,
                 span: Some(name.span),
+                block,
             },
         );
         Ok(())
@@ -1121,18 +1185,19 @@ impl Lowerer<'_> {
                 };
                 let pred = self.expr(predicate, env, inner)?;
                 let pred = self.expect_bool(pred, predicate.span)?;
+                self.check_labelled(pred, base_set.shape, predicate.span)?;
                 let pred_level = self.builder.expr(pred).level;
                 let value_level = self.builder.expr(base_set.value).level;
                 let level = Builder::combine(pred_level, value_level)
                     .map_err(|c| self.conflict(c, predicate.span, "this condition"))?;
-                if let Level::Cross { .. } = pred_level {
-                    if !matches!(base_set.shape, SetShape::Cross(_)) {
-                        return Err(self.conflict(
-                            Conflict::MemberInCross,
-                            predicate.span,
-                            "this condition",
-                        ));
-                    }
+                if let Level::Cross { .. } = pred_level
+                    && !matches!(base_set.shape, SetShape::Cross(_))
+                {
+                    return Err(self.conflict(
+                        Conflict::MemberInCross,
+                        predicate.span,
+                        "this condition",
+                    ));
                 }
                 let block = self.set_block(base_set.block, level.block(), predicate.span)?;
                 let h = self.builder.add_set(
@@ -1212,7 +1277,7 @@ impl Lowerer<'_> {
                         }
                     };
                     for (name, part) in names.iter().zip(parts) {
-                        self.bind(env, name, part)?;
+                        self.bind(env, name, part, ctx.block)?;
                     }
                     let result = self.expr(body, env, ctx);
                     for name in &names {
@@ -1248,7 +1313,20 @@ impl Lowerer<'_> {
             "n" => Value::Expr(self.builder.batch_size()),
             "labels" => Value::Groups(self.labels),
             _ => match env.names.get(name) {
-                Some(binding) => binding.value.clone(),
+                Some(binding) => {
+                    if ctx.block.is_none() && binding.block.is_some() && self.ranges_over_pairs(&binding.value) {
+                        return Err(LowerError::Level {
+                            message: format!(
+                                "`{name}` is defined per member inside `per anchor`; outside it, it would range over every pair of the batch"
+                            ),
+                            span,
+                            help: Some(format!(
+                                "reduce `{name}` inside the block to a per-anchor value, or write the pair set at batch level"
+                            )),
+                        });
+                    }
+                    binding.value.clone()
+                }
                 None => {
                     let candidates = env.names.keys().map(String::as_str).chain(RESERVED.iter().copied());
                     return Err(LowerError::UnknownName {
@@ -1324,19 +1402,17 @@ impl Lowerer<'_> {
                 |left, right| SetKind::Union { left, right },
             )?));
         }
-        if op == ast::BinaryOp::Mul {
-            if let (Value::Expr(factor), Value::Tensor(t))
-            | (Value::Tensor(t), Value::Expr(factor)) = (&a, &b)
-            {
-                let factor =
-                    self.constant_of(&Value::Expr(*factor), span, "an embedding's scale")?;
-                let rows = self.builder.module.tensors[*t].rows;
-                return Ok(Value::Tensor(self.tensor(
-                    TensorOp::Scale { source: *t, factor },
-                    rows,
-                    Some(span),
-                )));
-            }
+        if op == ast::BinaryOp::Mul
+            && let (Value::Expr(factor), Value::Tensor(t)) | (Value::Tensor(t), Value::Expr(factor)) =
+                (&a, &b)
+        {
+            let factor = self.constant_of(&Value::Expr(*factor), span, "an embedding's scale")?;
+            let rows = self.builder.module.tensors[*t].rows;
+            return Ok(Value::Tensor(self.tensor(
+                TensorOp::Scale { source: *t, factor },
+                rows,
+                Some(span),
+            )));
         }
         let ir_op = match op {
             ast::BinaryOp::Or => BinaryOp::Or,
@@ -1384,13 +1460,13 @@ impl Lowerer<'_> {
             .builder
             .binary(ir_op, a, b)
             .map_err(|c| self.conflict(c, span, &what))?;
-        if let Some(value) = self.builder.constant(h) {
-            if !value.is_finite() {
-                return Err(LowerError::NotFinite {
-                    what: format!("result of {what}"),
-                    span,
-                });
-            }
+        if let Some(value) = self.builder.constant(h)
+            && !value.is_finite()
+        {
+            return Err(LowerError::NotFinite {
+                what: format!("result of {what}"),
+                span,
+            });
         }
         Ok(Value::Expr(h))
     }
@@ -1722,13 +1798,13 @@ impl Lowerer<'_> {
             .builder
             .unary(op, h)
             .map_err(|c| self.conflict(c, args.span, args.name))?;
-        if let Some(value) = self.builder.constant(r) {
-            if !value.is_finite() {
-                return Err(LowerError::NotFinite {
-                    what: format!("`{}(...)`", args.name),
-                    span: args.span,
-                });
-            }
+        if let Some(value) = self.builder.constant(r)
+            && !value.is_finite()
+        {
+            return Err(LowerError::NotFinite {
+                what: format!("`{}(...)`", args.name),
+                span: args.span,
+            });
         }
         Ok(Value::Expr(r))
     }
@@ -2431,7 +2507,7 @@ impl Lowerer<'_> {
             inner_env.names.insert("x".into(), x.clone());
         }
         for (name, value) in function.args.iter().zip(values) {
-            self.bind(&mut inner_env, name, value)?;
+            self.bind(&mut inner_env, name, value, None)?;
         }
         let mut outcome = BodyOutcome::default();
         let inner = Context {

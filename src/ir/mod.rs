@@ -17,6 +17,7 @@ pub mod build;
 mod error;
 mod lower;
 mod print;
+pub mod rewrite;
 mod schedule;
 mod validate;
 
@@ -24,7 +25,7 @@ pub use arena::{Arena, Entity, Handle, HandleMap};
 pub use build::Builder;
 pub use error::LowerError;
 pub use lower::{ParamValue, Params, entry_loss, lower};
-pub use print::{print_module, print_schedule};
+pub use print::{print_module, print_program, print_schedule};
 pub use schedule::{Effect, Phase, Schedule, anchor_inputs, schedule};
 pub use validate::{ValidationError, proof_of_emptiness, validate};
 

@@ -60,10 +60,30 @@ pub fn print_module(module: &Module) -> String {
     out
 }
 
+/// The module followed by the phases of its forward schedule: `losscc compile --emit ir`.
+pub fn print_program(module: &Module) -> String {
+    let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr())
+        .chain(module.stats.iter().map(|s| s.1))
+        .collect();
+    print_module(module) + &print_schedule(&schedule(module, &roots, &[]))
+}
+
 /// The phases of a schedule, one line each.
 pub fn print_schedule(schedule: &Schedule) -> String {
-    let list = |items: &[Handle<Expr>]| items.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ");
-    let effects = |items: &[usize]| items.iter().map(|i| format!("scatter{i}")).collect::<Vec<_>>().join(", ");
+    let list = |items: &[Handle<Expr>]| {
+        items
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let effects = |items: &[usize]| {
+        items
+            .iter()
+            .map(|i| format!("scatter{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut out = String::new();
     for (index, phase) in schedule.phases.iter().enumerate() {
         let _ = match phase {
@@ -77,7 +97,11 @@ pub fn print_schedule(schedule: &Schedule) -> String {
                 }
                 writeln!(out, "phase {index}: batch {}", parts.join("; "))
             }
-            Phase::Rows { block, outputs, effects: e } => {
+            Phase::Rows {
+                block,
+                outputs,
+                effects: e,
+            } => {
                 let mut parts = vec![];
                 if !outputs.is_empty() {
                     parts.push(format!("out {}", list(outputs)));

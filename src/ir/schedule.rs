@@ -174,10 +174,10 @@ pub fn anchor_inputs(module: &Module, h: Handle<Expr>) -> Vec<(Handle<Block>, Ha
     }
     if inputs.is_empty() {
         // `count(anchors)` reads nothing per anchor but still needs the pass.
-        if let SetShape::Anchors(block) = module.sets[set].shape {
-            if let Some(&skip) = module.blocks[block].skips.first() {
-                inputs.push((block, skip));
-            }
+        if let SetShape::Anchors(block) = module.sets[set].shape
+            && let Some(&skip) = module.blocks[block].skips.first()
+        {
+            inputs.push((block, skip));
         }
     }
     inputs

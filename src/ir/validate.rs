@@ -52,10 +52,10 @@ pub fn validate(module: &Module) -> Result<(), ValidationError> {
         if sources.iter().any(|s| *s >= h) {
             return Err(invalid(h, "refers to a later tensor"));
         }
-        if let TensorOp::Columns { start, end, .. } = t.op {
-            if start >= end {
-                return Err(invalid(h, "empty column range"));
-            }
+        if let TensorOp::Columns { start, end, .. } = t.op
+            && start >= end
+        {
+            return Err(invalid(h, "empty column range"));
         }
     }
     for (h, m) in module.matrices.iter() {
@@ -98,10 +98,10 @@ pub fn validate(module: &Module) -> Result<(), ValidationError> {
         for used in set_refs(&s.kind) {
             before(me, used)?;
         }
-        if let SetShape::Anchors(b) = s.shape {
-            if !module.blocks.contains(b) {
-                return Err(invalid(h, "anchors of a missing block"));
-            }
+        if let SetShape::Anchors(b) = s.shape
+            && !module.blocks.contains(b)
+        {
+            return Err(invalid(h, "anchors of a missing block"));
         }
     }
     for (h, b) in module.blocks.iter() {
@@ -226,13 +226,13 @@ fn check_expr(module: &Module, h: Handle<Expr>, e: &Expr) -> Result<(), Validati
         }
         _ => None,
     };
-    if let Some(expected) = expected {
-        if expected != e.level {
-            return Err(invalid(
-                h,
-                format!("level {:?} but its operands give {expected:?}", e.level),
-            ));
-        }
+    if let Some(expected) = expected
+        && expected != e.level
+    {
+        return Err(invalid(
+            h,
+            format!("level {:?} but its operands give {expected:?}", e.level),
+        ));
     }
     if let ExprKind::Reduce {
         scope: Scope::Row(b),
@@ -242,10 +242,9 @@ fn check_expr(module: &Module, h: Handle<Expr>, e: &Expr) -> Result<(), Validati
         scope: Scope::Row(b),
         ..
     } = e.kind
+        && !module.blocks.contains(b)
     {
-        if !module.blocks.contains(b) {
-            return Err(invalid(h, "reduces in a missing block"));
-        }
+        return Err(invalid(h, "reduces in a missing block"));
     }
     Ok(())
 }

@@ -27,15 +27,27 @@ pub enum InputError {
     #[error("the loss has no input named `{name}`{}", known_inputs(known))]
     UnknownInput { name: String, known: Vec<String> },
     #[error("input `{name}` has {len} entries but x has {rows} rows")]
-    InputLength { name: String, len: usize, rows: usize },
+    InputLength {
+        name: String,
+        len: usize,
+        rows: usize,
+    },
     #[error("input `{name}` has the negative group {value} at row {row}")]
-    NegativeGroup { name: String, row: usize, value: i64 },
+    NegativeGroup {
+        name: String,
+        row: usize,
+        value: i64,
+    },
     #[error("input `{name}` is given twice")]
     DuplicateInput { name: String },
 }
 
 fn known_inputs(known: &[String]) -> String {
-    if known.is_empty() { " (it takes none)".into() } else { format!(" (it takes: {})", known.join(", ")) }
+    if known.is_empty() {
+        " (it takes none)".into()
+    } else {
+        format!(" (it takes: {})", known.join(", "))
+    }
 }
 
 impl Batch<'_> {
@@ -53,7 +65,10 @@ impl Batch<'_> {
             return Err(InputError::NoColumns);
         }
         if self.labels.len() != rows {
-            return Err(InputError::LabelCount { rows, labels: self.labels.len() });
+            return Err(InputError::LabelCount {
+                rows,
+                labels: self.labels.len(),
+            });
         }
         for ((row, col), &value) in self.x.indexed_iter() {
             if !value.is_finite() {
@@ -66,13 +81,24 @@ impl Batch<'_> {
             }
             if !module.inputs.iter().any(|i| i.name == *name) {
                 let known = module.inputs.iter().map(|i| i.name.clone()).collect();
-                return Err(InputError::UnknownInput { name: name.clone(), known });
+                return Err(InputError::UnknownInput {
+                    name: name.clone(),
+                    known,
+                });
             }
             if values.len() != rows {
-                return Err(InputError::InputLength { name: name.clone(), len: values.len(), rows });
+                return Err(InputError::InputLength {
+                    name: name.clone(),
+                    len: values.len(),
+                    rows,
+                });
             }
             if let Some((row, &value)) = values.iter().enumerate().find(|(_, v)| **v < 0) {
-                return Err(InputError::NegativeGroup { name: name.clone(), row, value });
+                return Err(InputError::NegativeGroup {
+                    name: name.clone(),
+                    row,
+                    value,
+                });
             }
         }
         Ok(())
@@ -80,7 +106,10 @@ impl Batch<'_> {
 
     /// The supplied values of a named input, if any.
     pub fn input(&self, name: &str) -> Option<&[i64]> {
-        self.inputs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.inputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     /// Whether a grouping comes from the caller rather than from its default.

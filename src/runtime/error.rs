@@ -13,21 +13,53 @@ pub enum RunError {
     #[error(transparent)]
     Groups(#[from] GroupError),
     #[error("`{op}` over an empty set{}", at_anchor(*anchor))]
-    EmptyReduction { op: &'static str, expr: Handle<Expr>, anchor: Option<usize> },
+    EmptyReduction {
+        op: &'static str,
+        expr: Handle<Expr>,
+        anchor: Option<usize>,
+    },
     #[error("rank {k} of a set of {count} members{}", at_anchor(*anchor))]
-    RankOutOfRange { k: f64, count: usize, expr: Handle<Expr>, anchor: Option<usize> },
+    RankOutOfRange {
+        k: f64,
+        count: usize,
+        expr: Handle<Expr>,
+        anchor: Option<usize>,
+    },
     #[error("a count must be a non-negative integer, found {value}{}", at_anchor(*anchor))]
-    BadCount { value: f64, set: Handle<Set>, anchor: Option<usize> },
+    BadCount {
+        value: f64,
+        set: Handle<Set>,
+        anchor: Option<usize>,
+    },
     #[error("columns {start}..{end} do not fit an embedding of {cols} columns")]
-    ColumnsOutOfRange { start: usize, end: usize, cols: usize, tensor: Handle<Tensor> },
-    #[error("a partition into parts of {sum} columns in all does not fit an embedding of {cols} columns")]
-    PartitionWidth { sum: usize, cols: usize, tensor: Handle<Tensor> },
+    ColumnsOutOfRange {
+        start: usize,
+        end: usize,
+        cols: usize,
+        tensor: Handle<Tensor>,
+    },
+    #[error(
+        "a partition into parts of {sum} columns in all does not fit an embedding of {cols} columns"
+    )]
+    PartitionWidth {
+        sum: usize,
+        cols: usize,
+        tensor: Handle<Tensor>,
+    },
     #[error("row {row} has zero length and cannot be normalised")]
     ZeroRow { row: usize, tensor: Handle<Tensor> },
     #[error("sampling{}: {error}", at_anchor(Some(*anchor)))]
-    Sampling { anchor: usize, set: Handle<Set>, error: SampleError },
+    Sampling {
+        anchor: usize,
+        set: Handle<Set>,
+        error: SampleError,
+    },
     #[error("the {what} is {value}{}", origin.map(|o| o.describe()).unwrap_or_default())]
-    NotFinite { what: String, value: f64, origin: Option<Origin> },
+    NotFinite {
+        what: String,
+        value: f64,
+        origin: Option<Origin>,
+    },
     /// An evaluation the IR's invariants rule out: a bug in losscc.
     #[error("internal error: {what}")]
     Internal { what: String },
@@ -45,13 +77,19 @@ pub struct Origin {
 
 impl Origin {
     fn describe(&self) -> String {
-        let what = if self.empty_set { "a reduction over an empty set" } else { "an operation on finite values" };
+        let what = if self.empty_set {
+            "a reduction over an empty set"
+        } else {
+            "an operation on finite values"
+        };
         format!(": {what}{} gives {}", at_anchor(self.anchor), self.value)
     }
 }
 
 fn at_anchor(anchor: Option<usize>) -> String {
-    anchor.map(|a| format!(" at anchor {a}")).unwrap_or_default()
+    anchor
+        .map(|a| format!(" at anchor {a}"))
+        .unwrap_or_default()
 }
 
 impl RunError {
@@ -79,11 +117,18 @@ impl RunError {
                 "this reduction",
                 Some("skip such anchors first, e.g. `skip if empty(pos)`"),
             ),
-            RunError::RankOutOfRange { expr, .. } => {
-                (spans.exprs.get(*expr)?, "this rank", Some("the batch has too few members for this rank; lower `k`"))
+            RunError::RankOutOfRange { expr, .. } => (
+                spans.exprs.get(*expr)?,
+                "this rank",
+                Some("the batch has too few members for this rank; lower `k`"),
+            ),
+            RunError::BadCount { set, .. } | RunError::Sampling { set, .. } => {
+                (spans.sets.get(*set)?, "this set", None)
             }
-            RunError::BadCount { set, .. } | RunError::Sampling { set, .. } => (spans.sets.get(*set)?, "this set", None),
-            RunError::NotFinite { origin: Some(origin), .. } => (
+            RunError::NotFinite {
+                origin: Some(origin),
+                ..
+            } => (
                 spans.exprs.get(origin.expr)?,
                 "not finite here",
                 Some(if origin.empty_set {
@@ -94,7 +139,9 @@ impl RunError {
             ),
             RunError::ColumnsOutOfRange { tensor, .. }
             | RunError::PartitionWidth { tensor, .. }
-            | RunError::ZeroRow { tensor, .. } => (spans.tensors.get(*tensor)?, "this embedding", None),
+            | RunError::ZeroRow { tensor, .. } => {
+                (spans.tensors.get(*tensor)?, "this embedding", None)
+            }
             _ => return None,
         };
         let diagnostic = Diagnostic::error(self.code(), self.to_string(), *span).with_label(label);

@@ -1,7 +1,7 @@
 //! Evaluating groupings: classes, k-means clusters, supplied groups, splits by label.
 
 use super::batch::Batch;
-use super::kmeans::{kmeans, KMeansError};
+use super::kmeans::{KMeansError, kmeans};
 use crate::ir::{Grouping, Handle, Module, Tensor};
 use ndarray::Array2;
 
@@ -25,13 +25,20 @@ impl GroupValues {
         let mut distinct: Vec<K> = keys.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
-        let of_sample: Vec<usize> = keys.iter().map(|k| distinct.binary_search(k).unwrap_or(0)).collect();
+        let of_sample: Vec<usize> = keys
+            .iter()
+            .map(|k| distinct.binary_search(k).unwrap_or(0))
+            .collect();
         let mut sizes = vec![0; distinct.len()];
         for &g in &of_sample {
             sizes[g] += 1;
         }
         let labels: Option<Vec<i64>> = distinct.iter().map(|&k| label(k)).collect();
-        GroupValues { of_sample, labels, sizes }
+        GroupValues {
+            of_sample,
+            labels,
+            sizes,
+        }
     }
 }
 
@@ -56,15 +63,23 @@ pub fn evaluate_groupings(
                 Some(groups) => GroupValues::from_keys(groups, |_| None),
                 None => values[default.index()].clone(),
             },
-            Grouping::KMeans { features: tensor, clusters, site } => {
+            Grouping::KMeans {
+                features: tensor,
+                clusters,
+                site,
+            } => {
                 let points = features(*tensor, &values);
                 let assignment = kmeans(points.view(), *clusters, mix(batch.seed, *site))?;
                 GroupValues::from_keys(&assignment, |_| None)
             }
             Grouping::SplitByLabel { groups } => {
                 let inner = &values[groups.index()];
-                let keys: Vec<(usize, i64)> =
-                    inner.of_sample.iter().zip(batch.labels).map(|(&g, &label)| (g, label)).collect();
+                let keys: Vec<(usize, i64)> = inner
+                    .of_sample
+                    .iter()
+                    .zip(batch.labels)
+                    .map(|(&g, &label)| (g, label))
+                    .collect();
                 GroupValues::from_keys(&keys, |(_, label)| Some(label))
             }
         };

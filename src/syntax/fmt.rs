@@ -184,11 +184,11 @@ impl Printer<'_> {
             self.line(indent, &comment);
         }
         let mut lines = statement_lines(&head, value, indent);
-        if let Some(comment) = self.trailing_comment(stmt.span) {
-            if let Some(last) = lines.last_mut() {
-                last.push_str("  ");
-                last.push_str(&comment);
-            }
+        if let Some(comment) = self.trailing_comment(stmt.span)
+            && let Some(last) = lines.last_mut()
+        {
+            last.push_str("  ");
+            last.push_str(&comment);
         }
         for (index, text) in lines.iter().enumerate() {
             self.line(if index == 0 { indent } else { indent + 1 }, text);

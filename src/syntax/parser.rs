@@ -367,6 +367,19 @@ impl Builder {
         Ok(Stmt { kind, span })
     }
 
+    /// A chain `a op b op c ...` becomes a tree as deep as it is long: it counts against
+    /// the nesting limit.
+    fn check_chain(&self, pair: &Pair<Rule>) -> Result<(), ParseError> {
+        let operands = pair.clone().into_inner().count().div_ceil(2);
+        if self.depth.get() + operands >= MAX_NESTING {
+            return Err(ParseError::Syntax {
+                message: "expression too long".into(),
+                span: self.span(pair),
+            });
+        }
+        Ok(())
+    }
+
     fn expr(&self, pair: Pair<Rule>) -> Result<Expr, ParseError> {
         let depth = self.depth.get();
         if depth >= MAX_NESTING {
@@ -526,6 +539,7 @@ impl Builder {
         pair: Pair<Rule>,
         combine: impl Fn(Expr, Expr) -> ExprKind,
     ) -> Result<Expr, ParseError> {
+        self.check_chain(&pair)?;
         let mut operands = pair.into_inner().filter(|p| !is_keyword(p.as_rule()));
         let mut acc = self.expr(next(&mut operands)?)?;
         for operand in operands {
@@ -541,6 +555,7 @@ impl Builder {
 
     /// `a op b op c` -> `(a op b) op c`.
     fn binary_chain(&self, pair: Pair<Rule>) -> Result<Expr, ParseError> {
+        self.check_chain(&pair)?;
         let mut parts = pair.into_inner();
         let mut acc = self.expr(next(&mut parts)?)?;
         while let Some(op_pair) = parts.next() {

@@ -2,8 +2,8 @@
 //! fit them.
 #![allow(dead_code)]
 
-use losscc::ir::{Module, ParamValue, Params};
 use losscc::Spec;
+use losscc::ir::{Module, ParamValue, Params};
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
 
@@ -44,21 +44,29 @@ pub fn small_params(name: &str, n: usize, d: usize) -> Params {
     match name {
         "knn_softmax" | "nca" | "grad_nca" => vec![("k".into(), num(k))],
         "branch_knn_softmax" | "js_div_knn_softmax" => {
-            vec![("k".into(), num(k)), ("slices".into(), list(&[0, d / 2, d]))]
+            vec![
+                ("k".into(), num(k)),
+                ("slices".into(), list(&[0, d / 2, d])),
+            ]
         }
         "bin_branch" | "bdw_neighbour" | "dist_weight_dev_branch" => {
             vec![("slices".into(), list(&[0, d / 3, 2 * d / 3, d]))]
         }
         "ensemble_dw_neighbour" => vec![("parts".into(), list(&[d / 3, d / 3, d - 2 * (d / 3)]))],
         "cluster_nca" => vec![("n_cluster".into(), num((n / 4).max(1) as f64))],
-        "center_loss" => vec![("an_margin".into(), num(1.0)), ("ap_margin".into(), num(0.5))],
+        "center_loss" => vec![
+            ("an_margin".into(), num(1.0)),
+            ("ap_margin".into(), num(0.5)),
+        ],
         _ => Vec::new(),
     }
 }
 
 pub fn lower(name: &str, params: &Params) -> Module {
-    let spec = Spec::load(&losses_dir().join(format!("{name}.loss"))).unwrap_or_else(|(s, e)| panic!("{}", losscc::render(&s, &e)));
-    spec.lower(params).unwrap_or_else(|e| panic!("{}", spec.render(&e)))
+    let spec = Spec::load(&losses_dir().join(format!("{name}.loss")))
+        .unwrap_or_else(|(s, e)| panic!("{}", losscc::render(&s, &e)));
+    spec.lower(params)
+        .unwrap_or_else(|e| panic!("{}", spec.render(&e)))
 }
 
 /// A seeded batch: `classes` gives each class's size; rows unit length unless `scale`
@@ -69,7 +77,13 @@ pub fn batch(classes: &[usize], d: usize, seed: u64, scale: f64) -> (Array2<f64>
 
 /// As [`batch`], `pull` saying how strongly rows lean towards their class (0.8: well
 /// separated, 0.2: overlapping classes).
-pub fn batch_with_overlap(classes: &[usize], d: usize, seed: u64, scale: f64, pull: f64) -> (Array2<f64>, Vec<i64>) {
+pub fn batch_with_overlap(
+    classes: &[usize],
+    d: usize,
+    seed: u64,
+    scale: f64,
+    pull: f64,
+) -> (Array2<f64>, Vec<i64>) {
     let n: usize = classes.iter().sum();
     let (mut x, _) = losscc::runtime::synthetic::clustered_batch(n, d, 1, seed);
     let mut labels = Vec::with_capacity(n);
