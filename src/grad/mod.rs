@@ -256,10 +256,16 @@ impl Pass {
                 let index = self.b.arg_reduce(ArgOp::Rank(k), set, value, scope);
                 self.at_member(value, adjoint, index)
             }
-            ExprKind::Hist { set, bins, lo, hi } => {
+            ExprKind::Hist {
+                set,
+                bins,
+                lo,
+                hi,
+                scope,
+            } => {
                 let value = self.b.set(set).value;
                 let slope = self.b.hist_slope(adjoint, value, bins, lo.0, hi.0);
-                self.over_members(value, slope, set, Scope::Batch)
+                self.over_members(value, slope, set, scope)
             }
             ExprKind::Cumsum(v) => {
                 let reversed = self.b.cumsum(adjoint, true)?;

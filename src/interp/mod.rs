@@ -475,6 +475,24 @@ impl<'m> Interp<'m> {
                 value
             }
             ExprKind::Reduce {
+                set, body, scope, ..
+            } if matches!(e.ty, Type::Vector(_)) => {
+                let (members, at) = self.members_at(*set, *scope, point)?;
+                let Type::Vector(len) = e.ty else {
+                    return Err(internal(h));
+                };
+                let mut total = vec![0.0; len as usize];
+                for m in members.points(at) {
+                    let Val::Vector(part) = self.eval(*body, m)? else {
+                        return Err(internal(h));
+                    };
+                    for (acc, &v) in total.iter_mut().zip(part.iter()) {
+                        *acc = self.precision.round(*acc + v);
+                    }
+                }
+                Val::Vector(Rc::new(total))
+            }
+            ExprKind::Reduce {
                 op,
                 set,
                 body,
@@ -523,8 +541,14 @@ impl<'m> Interp<'m> {
                 Val::Member(Some(member)) => self.eval(*value, member)?,
                 _ => Val::Num(0.0),
             },
-            ExprKind::Hist { set, bins, lo, hi } => {
-                let (members, at) = self.members_at(*set, Scope::Batch, point)?;
+            ExprKind::Hist {
+                set,
+                bins,
+                lo,
+                hi,
+                scope,
+            } => {
+                let (members, at) = self.members_at(*set, *scope, point)?;
                 let value = module.sets[*set].value;
                 let mut hist = vec![0.0; *bins as usize];
                 for m in members.points(at) {

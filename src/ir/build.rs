@@ -399,6 +399,8 @@ impl Builder {
         }
     }
 
+    /// A reduction; the sum of per-anchor vectors is a vector, every other result a number
+    /// (the entries of a vector set are numbers).
     pub fn reduce(
         &mut self,
         op: ReduceOp,
@@ -406,6 +408,10 @@ impl Builder {
         body: Handle<Expr>,
         scope: Scope,
     ) -> Handle<Expr> {
+        let ty = match (op, self.expr(body).ty, self.set(set).shape) {
+            (ReduceOp::Sum, Type::Vector(n), SetShape::Anchors(_)) => Type::Vector(n),
+            _ => Type::Num,
+        };
         self.intern(
             ExprKind::Reduce {
                 op,
@@ -413,7 +419,7 @@ impl Builder {
                 body,
                 scope,
             },
-            Type::Num,
+            ty,
             Self::scope_level(scope),
         )
     }
@@ -426,16 +432,24 @@ impl Builder {
         )
     }
 
-    pub fn hist(&mut self, set: Handle<Set>, bins: u32, lo: f64, hi: f64) -> Handle<Expr> {
+    pub fn hist(
+        &mut self,
+        set: Handle<Set>,
+        bins: u32,
+        lo: f64,
+        hi: f64,
+        scope: Scope,
+    ) -> Handle<Expr> {
         self.intern(
             ExprKind::Hist {
                 set,
                 bins,
                 lo: Real(lo),
                 hi: Real(hi),
+                scope,
             },
             Type::Vector(bins),
-            Level::Batch,
+            Self::scope_level(scope),
         )
     }
 

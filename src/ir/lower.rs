@@ -2126,7 +2126,13 @@ impl Lowerer<'_> {
                     });
                 }
                 self.check_not_empty(set, args.positional[0].span, "hist")?;
-                Ok(Value::Expr(self.builder.hist(set, bins as u32, lo, hi)))
+                Ok(Value::Expr(self.builder.hist(
+                    set,
+                    bins as u32,
+                    lo,
+                    hi,
+                    Scope::Batch,
+                )))
             }
             "cumsum" => {
                 args.expect(1, 1, &[])?;

@@ -495,6 +495,7 @@ pub enum ExprKind {
         bins: u32,
         lo: Real,
         hi: Real,
+        scope: Scope,
     },
     /// Running sum of a vector.
     Cumsum(Handle<Expr>),

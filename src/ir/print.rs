@@ -288,10 +288,17 @@ pub(crate) fn expr_text(kind: &ExprKind) -> String {
             scope: s,
         } => format!("{}({set}, {body}) in {}", op.name(), scope(*s)),
         ExprKind::Rank { set, k, scope: s } => format!("rank({set}, {k}) in {}", scope(*s)),
-        ExprKind::Hist { set, bins, lo, hi } => format!(
-            "hist({set}, {bins}, {}, {})",
+        ExprKind::Hist {
+            set,
+            bins,
+            lo,
+            hi,
+            scope: s,
+        } => format!(
+            "hist({set}, {bins}, {}, {}) in {}",
             crate::syntax::format_number(lo.0),
-            crate::syntax::format_number(hi.0)
+            crate::syntax::format_number(hi.0),
+            scope(*s)
         ),
         ExprKind::Cumsum(v) => format!("cumsum({v})"),
         ExprKind::ReverseCumsum(v) => format!("reverse_cumsum({v})"),

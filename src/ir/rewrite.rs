@@ -196,11 +196,18 @@ impl<'m> Rewrite<'m> {
                 k: self.expr(k, hook),
                 scope,
             },
-            Hist { set, bins, lo, hi } => Hist {
+            Hist {
+                set,
+                bins,
+                lo,
+                hi,
+                scope,
+            } => Hist {
                 set: self.set(set, hook),
                 bins,
                 lo,
                 hi,
+                scope,
             },
             Cumsum(v) => Cumsum(self.expr(v, hook)),
             ReverseCumsum(v) => ReverseCumsum(self.expr(v, hook)),
