@@ -5,6 +5,8 @@ pub mod diagnostic;
 pub mod grad;
 pub mod interp;
 pub mod ir;
+pub mod jit;
+pub mod opt;
 pub mod runtime;
 pub mod syntax;
 

@@ -156,7 +156,7 @@ fn prune(module: &Module, scatters: &[Scatter]) -> (Module, Vec<Scatter>) {
 }
 
 /// What a scatter reads, for the scheduler.
-fn effect(module: &Module, scatter: &Scatter) -> Effect {
+pub fn effect(module: &Module, scatter: &Scatter) -> Effect {
     let mut deps = vec![scatter.weight];
     let mut sets = Vec::new();
     match scatter.target {

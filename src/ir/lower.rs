@@ -552,7 +552,6 @@ impl<'a> Lowerer<'a> {
                 let block = self.builder.module.blocks.append(Block {
                     rows: Domain::Samples,
                     skips: Vec::new(),
-                    forward: None,
                 });
                 self.block_rows.push(None);
                 self.builder.module.spans.blocks.insert(block, stmt.span);

@@ -27,6 +27,7 @@ pub use error::LowerError;
 pub use lower::{ParamValue, Params, entry_loss, lower};
 pub use print::{print_module, print_program, print_schedule};
 pub use schedule::{Effect, Phase, Schedule, anchor_inputs, schedule};
+pub(crate) use validate::expr_refs;
 pub use validate::{ValidationError, proof_of_emptiness, validate};
 
 use crate::diagnostic::Span;
@@ -221,9 +222,6 @@ pub struct Block {
     /// Conditions, in order, under which an anchor is skipped: it then contributes nothing,
     /// and none of its other row values is evaluated.
     pub skips: Vec<Handle<Expr>>,
-    /// For a block created by the gradient pass: the forward block whose row values,
-    /// sets and skip decisions it shares (anchor by anchor).
-    pub forward: Option<Handle<Block>>,
 }
 
 // ---- levels, spaces and types ----------------------------------------------------------------

@@ -20,27 +20,43 @@ Conventions (LOSSES.md "Notation"):
 - "skip the anchor": it contributes nothing but still counts in `/ n`.
 - `a_lr` is detached.
 
-Readings chosen where LOSSES.md leaves room (all confirmed against the golden values, see
-tools/reference/README.md):
-- Empty "0 when there is none" results are returned as `0 * x.sum()` (zero gradient).
-- Anchors whose positive set is empty cannot occur in the golden/unseen batches (every
-  class has >= 2 members); the functions assume it.
-- hard_mining: G_i empty -> its mean contributes 0 (never happens on the test batches).
-- grad_nca / knn_softmax-family: KN empty -> e_N = 0 (knn_softmax term 0; grad_nca: w = 0,
-  the anchor contributes 0). Never happens on the test batches.
-- gaussian_metric: A' and B' are taken from the kept (easiest-fifth) sets; the ordered-pair
-  multiset is enumerated row-major (i, then j); its sort is stable (ties: lowest flat index).
-  The final fallback `min(mean(A), 0)` uses the kept A.
+Readings chosen where LOSSES.md leaves room. [G] = exercised by the golden cases (and
+reproduced to rounding), [U] = exercised only by tests/data/unseen (and matched by the
+interpreter), [-] = exercised by neither.
+- softplus is the exact log(1 + exp(z)) (log1p form), NOT torch's F.softplus whose default
+  threshold=20 returns z for z > 20: the golden values resolve that 2e-9 difference
+  (margin_deviance / margin_positive were 1e-13 off with F.softplus). [G]
+- Population std (divide by the count) for margin_deviance's fits. [G]
+- gaussian_metric: A' and B' are taken from the kept (easiest-fifth) sets; `a`, `b` are the
+  kept means; the ordered-pair multiset is enumerated row-major and sorted stably (ties go
+  to the lowest flat index; D is symmetric, so tied pairs carry the same gradient anyway).
+  Branch A' and B' both non-empty [G]; B' only [U]; A' only / the final
+  `min(mean(kept A), 0)` [-].
+- knn_softmax family: threshold = sorted(pos ∪ neg)[k]; KP/KN use strict `<`; the empty-KP
+  fallback is the smallest positive (lowest index on ties) [G]. KN empty -> e_N = 0, term 0
+  (grad_nca: w = 0, the anchor contributes 0) [-].
 - histogram: s is clamped into [-1, 1] (torch.clamp: zero gradient outside), the bin index
-  is clamped into [0, num_steps - 2] so that s = 1 falls in the last bin with weight 1 on
-  the last node.
+  into [0, num_steps - 2], so s = 1 puts weight 1 on the last node [U: uneven_wide_d6];
+  interior linear interpolation [G].
+- Skip rules (bin_deviance, margin_*, binomial_hard, multi_similarity, hard_mining,
+  neighbour): a skipped anchor adds 0 and still counts in `/ n` [G for neighbour; U for the
+  others: clustered_p6k5_d12].
+- hard_mining: G_i empty (with H_i non-empty) -> its mean contributes 0 [-].
+- semi_hard: an empty side contributes log(1 + 0) = 0 [-].
+- "0 when there is none" (batch_all, a_batch_all, a_triplet, triplet): `0 * x.sum()`,
+  zero gradient [-].
 - center_loss: "clamped euclid" between centres is the notation's D formula applied to the
-  centres; ap_k uses the plain norm |x_i - c_k|.
-- center_nca / cluster_nca: Q via the explicit difference |x_i - c|^2.
+  centres; ap_k uses the plain norm |x_i - c_k|; only the selected an_k / ap_k (strict
+  `<` / `>` against the margins) add [G, some ap_k dropped in uneven_d12; some an_k
+  dropped: U].
+- center_nca / cluster_nca: Q by the explicit difference |x_i - c|^2 [G].
+- cluster_nca: sub-clusters are the distinct (group, label) pairs; their order does not
+  matter (base is detached) [G].
 - js_div_knn_softmax: branch pairs are the unordered pairs a < b (JS is symmetric in a, b,
-  so ordered pairs would give the same mean).
-- cluster_nca: sub-clusters are the distinct (group, label) pairs, ordered by (group,
-  label); the order does not affect the value (base is detached).
+  so ordered pairs give the same mean); KL over the whole n x (n-1) matrix. At the default
+  beta = 40 the JS term is ~1e-40 (golden tests only the knn part); the unseen cases
+  p4k4_d8 (beta = 4) and p6k6_d10 (beta = 6) override beta so that it counts [U].
+- Anchors with no positive cannot occur (every class has >= 2 members); not handled.
 """
 
 from __future__ import annotations
@@ -49,7 +65,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CLAMP = 1e-12
 

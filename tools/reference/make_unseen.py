@@ -20,7 +20,8 @@ unit length, labels a shuffled repeat of 0..p-1; uneven cases draw class sizes f
 range and leave the rows unnormalised (each unit row scaled by a uniform factor). All
 draws come from numpy.random.default_rng(seed). Two cases go beyond the golden generator on
 purpose (see CASES): `uneven_wide_d6` (rows up to 1.6 long, so |S| > 1 occurs) and
-`clustered_p6k5_d12` (class structure, so the skip rules fire).
+`clustered_p6k5_d12` (class structure, so the skip rules fire); and two cases override
+js_div_knn_softmax's beta so that its JS term is not ~1e-40 (`extra`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ F32_TOL = 1e-4
 
 # name, seed, d, class sizes (None: p x k), normalized, row-norm range for uneven rows
 CASES = [
-    dict(case="p4k4_d8", seed=2000, d=8, p=4, k=4),
+    # js_div_knn_softmax's JS term is ~1e-40 at the default beta = 40 (the golden cases and
+    # the other unseen cases test only its knn part); a smaller beta makes it count:
+    # ~17 of 35 at beta = 4 on p4k4_d8, 0.021 of 15 at beta = 6 on p6k6_d10.
+    dict(case="p4k4_d8", seed=2000, d=8, p=4, k=4, extra={"js_div_knn_softmax": {"beta": 4.0}}),
     dict(case="p8k4_d16", seed=2100, d=16, p=8, k=4),
     dict(case="p12k3_d20", seed=2200, d=20, p=12, k=3),
-    dict(case="p6k6_d10", seed=2300, d=10, p=6, k=6),
+    dict(case="p6k6_d10", seed=2300, d=10, p=6, k=6, extra={"js_div_knn_softmax": {"beta": 6.0}}),
     dict(case="uneven_d9", seed=2400, d=9, sizes=[2, 3, 4, 5, 6, 7], norms=(0.35, 1.05)),
     dict(case="p10k5_d32", seed=2500, d=32, p=10, k=5),
     # Beyond the golden generator's range: rows longer than 1, so some |S| > 1 (histogram's
@@ -178,6 +182,8 @@ def write_case(out_root, spec):
     n, d = x32.shape
     x = x32.astype(np.float64)
     params = case_params(n, d)
+    for name, extra in spec.get("extra", {}).items():
+        params[name] = {**params.get(name, {}), **extra}
     groups = kmeans_groups(x, labels, params["cluster_nca"]["n_cluster"])
     problems = check_well_defined(x, labels, params, groups)
     if problems:

@@ -1,0 +1,74 @@
+//! The interface between the runtime and the generated kernels.
+//!
+//! A kernel runs one pass of one block for one anchor:
+//! `kernel(args, anchor, lists, values, indices) -> status`. `args` points at a
+//! [`KernelArgs`] that the runtime fills per call; `lists` at one index buffer per set the
+//! kernel materialises (each as long as its set's column domain); `values` and `indices` at
+//! scratch buffers as long as the longest column domain, for the helpers that sort and
+//! sample. The status is a bit set of [`Status`] flags.
+
+use crate::ir::Domain;
+
+/// Everything a kernel reads and writes besides its per-thread buffers. Pointers to
+/// per-handle tables are indexed by the handle's index.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KernelArgs {
+    /// Per matrix: its values, row-major, in the run's float type.
+    pub matrices: *const *const u8,
+    /// Per matrix: its number of columns.
+    pub matrix_cols: *const u64,
+    /// Per expression: the value of each batch-level scalar (f64).
+    pub batch: *const f64,
+    /// Per expression: the values of each batch-level vector (f64), or null.
+    pub vectors: *const *const f64,
+    /// Per output slot of the pass: one value (or `width` values) per anchor.
+    pub outputs: *const *mut u8,
+    /// Per anchor of the block: 1 when skipped.
+    pub skipped: *mut u8,
+    /// Per matrix: its adjoint `dL/dM`, row-major, or null.
+    pub grads: *const *mut u8,
+    /// Per domain slot ([`domain_slot`]): the label of each row of the domain.
+    pub labels: *const *const i64,
+    /// Per domain slot: how many rows the domain has.
+    pub domain_len: *const u64,
+    /// Per grouping: the group of each sample.
+    pub groups: *const *const u32,
+    /// Per grouping: the size of each group (f64).
+    pub sizes: *const *const f64,
+    /// The seed of the sampling streams.
+    pub seed: u64,
+}
+
+/// The signature of a compiled kernel.
+pub type KernelFn = unsafe extern "C" fn(
+    args: *const KernelArgs,
+    anchor: u64,
+    lists: *const *mut u32,
+    values: *mut u8,
+    indices: *mut u32,
+) -> u32;
+
+/// Conditions a kernel reports instead of failing: the runtime then lets the interpreter
+/// evaluate the batch, which either finds the value well defined after all (the flag came
+/// from a branch the interpreter does not take) or reports the precise error.
+pub struct Status;
+
+impl Status {
+    /// A mean or standard deviation of an empty set.
+    pub const EMPTY: u32 = 1;
+    /// A rank beyond the set's size.
+    pub const RANK: u32 = 2;
+    /// A count that is not a non-negative integer.
+    pub const COUNT: u32 = 4;
+    /// Weights the sampler rejects (NaN).
+    pub const SAMPLE: u32 = 8;
+}
+
+/// The slot of a domain in the per-domain tables: samples first, then each grouping.
+pub fn domain_slot(domain: Domain) -> usize {
+    match domain {
+        Domain::Samples => 0,
+        Domain::Groups(g) => 1 + g.index(),
+    }
+}

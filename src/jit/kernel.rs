@@ -1,0 +1,1341 @@
+//! Code generation for one row pass: the Cranelift function that runs one anchor.
+//!
+//! The function walks the pass's per-anchor values in dependency order. Batch values are
+//! loaded, per-anchor values are computed once in straight-line code, sets become index
+//! lists (or stay implicit: a whole row, a cross product), and every reduction is a loop
+//! over its set whose body evaluates the per-member expression inline. Skip conditions
+//! come first, each guarding the rest. Then the outputs are stored and the scatters add
+//! their weights into the anchor's row of each matrix adjoint. Nothing larger than a row
+//! is allocated: a triplet set is two nested loops.
+
+use super::CodegenError;
+use super::abi::{KernelArgs, Status, domain_slot};
+use super::math::MathBuilder;
+use crate::grad::{Scatter, ScatterTarget};
+use crate::ir::*;
+use crate::opt::Plan;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F64, I8, I32, I64};
+use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use std::collections::HashMap;
+use std::mem::offset_of;
+
+/// What the runtime must provide to a pass's kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassLayout {
+    pub block: Handle<Block>,
+    /// The per-anchor values the pass stores, in slot order, with their width (1, or a
+    /// histogram's number of nodes).
+    pub outputs: Vec<(Handle<Expr>, usize)>,
+    /// The column domain of each index list the kernel materialises.
+    pub lists: Vec<Domain>,
+}
+
+/// The helper functions imported into the function being built.
+#[derive(Debug, Clone, Copy)]
+pub struct Helpers {
+    pub union: FuncRef,
+    pub extreme: FuncRef,
+    pub rank: FuncRef,
+    pub sample: FuncRef,
+}
+
+/// How a set is visited.
+#[derive(Debug, Clone)]
+enum Repr {
+    /// Every column of the row.
+    Range { cols: Value, space: Space },
+    /// An index list in a buffer.
+    List {
+        ptr: Value,
+        len: Value,
+        space: Space,
+    },
+    /// Every pair of members of two sets that meets the conditions.
+    Cross {
+        left: Box<Repr>,
+        right: Box<Repr>,
+        preds: Vec<Handle<Expr>>,
+        space: Space,
+    },
+}
+
+/// Where a per-member expression is evaluated: column `j`, or the pair (p, q).
+#[derive(Debug, Clone, Copy)]
+struct At {
+    j: Value,
+    pair: Option<(Value, Value)>,
+    space: Space,
+}
+
+type Result<T> = std::result::Result<T, CodegenError>;
+
+/// Builds the kernel of one pass into `b`, whose function has the kernel signature.
+pub fn build(
+    plan: &Plan,
+    block: Handle<Block>,
+    outputs: &[Handle<Expr>],
+    effects: &[usize],
+    b: FunctionBuilder<'_>,
+    math: MathBuilder,
+    float: ClifType,
+    helpers: Helpers,
+) -> Result<PassLayout> {
+    let mut g = Gen::new(plan, block, b, math, float, helpers);
+    g.body(outputs, effects)?;
+    let layout = PassLayout {
+        block,
+        outputs: outputs
+            .iter()
+            .map(|&h| (h, width(&plan.module, h)))
+            .collect(),
+        lists: g.lists.clone(),
+    };
+    g.b.seal_all_blocks();
+    Ok(layout)
+}
+
+/// How many values an output stores per anchor.
+pub fn width(module: &Module, h: Handle<Expr>) -> usize {
+    match module.exprs[h].ty {
+        Type::Vector(n) => n as usize,
+        _ => 1,
+    }
+}
+
+struct Gen<'a, 'f> {
+    module: &'a Module,
+    plan: &'a Plan,
+    block: Handle<Block>,
+    b: FunctionBuilder<'f>,
+    math: MathBuilder,
+    float: ClifType,
+    /// The size of one float in bytes.
+    fb: i64,
+    helpers: Helpers,
+    args: Value,
+    anchor: Value,
+    lists_arg: Value,
+    values_arg: Value,
+    indices_arg: Value,
+    status: Variable,
+    /// Batch and per-anchor values computed so far (in straight-line code).
+    row: HashMap<Handle<Expr>, Value>,
+    /// Pointers to batch vectors.
+    vectors: HashMap<Handle<Expr>, Value>,
+    sets: HashMap<Handle<Set>, Repr>,
+    lists: Vec<Domain>,
+    matrix_rows: HashMap<Handle<Matrix>, Value>,
+}
+
+fn internal(what: impl Into<String>) -> CodegenError {
+    CodegenError::Unsupported(what.into())
+}
+
+impl<'a, 'f> Gen<'a, 'f> {
+    fn new(
+        plan: &'a Plan,
+        block: Handle<Block>,
+        mut b: FunctionBuilder<'f>,
+        math: MathBuilder,
+        float: ClifType,
+        helpers: Helpers,
+    ) -> Self {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let params = b.block_params(entry).to_vec();
+        let status = b.declare_var(I32);
+        let zero = b.ins().iconst(I32, 0);
+        b.def_var(status, zero);
+        Gen {
+            module: &plan.module,
+            plan,
+            block,
+            b,
+            math,
+            float,
+            fb: i64::from(float.bytes()),
+            helpers,
+            args: params[0],
+            anchor: params[1],
+            lists_arg: params[2],
+            values_arg: params[3],
+            indices_arg: params[4],
+            status,
+            row: HashMap::new(),
+            vectors: HashMap::new(),
+            sets: HashMap::new(),
+            lists: Vec::new(),
+            matrix_rows: HashMap::new(),
+        }
+    }
+
+    fn flags() -> MemFlagsData {
+        MemFlagsData::trusted()
+    }
+
+    fn fconst(&mut self, value: f64) -> Value {
+        if self.float == F32 {
+            self.b.ins().f32const(value as f32)
+        } else {
+            self.b.ins().f64const(value)
+        }
+    }
+
+    /// `ptr[index]` of a table of pointers.
+    fn load_ptr(&mut self, table: Value, index: usize) -> Value {
+        self.b
+            .ins()
+            .load(I64, Self::flags(), table, (8 * index) as i32)
+    }
+
+    fn arg_field(&mut self, offset: usize) -> Value {
+        self.b
+            .ins()
+            .load(I64, Self::flags(), self.args, offset as i32)
+    }
+
+    fn flag(&mut self, bit: u32, when: Value) {
+        let current = self.b.use_var(self.status);
+        let set = self.b.ins().bor_imm_u(current, i64::from(bit));
+        let next = self.b.ins().select(when, set, current);
+        self.b.def_var(self.status, next);
+    }
+
+    fn bool_to_float(&mut self, b: Value) -> Value {
+        let one = self.fconst(1.0);
+        let zero = self.fconst(0.0);
+        self.b.ins().select(b, one, zero)
+    }
+
+    fn from_f64(&mut self, v: Value) -> Value {
+        if self.float == F32 {
+            self.b.ins().fdemote(F32, v)
+        } else {
+            v
+        }
+    }
+
+    fn to_f64(&mut self, v: Value) -> Value {
+        if self.float == F32 {
+            self.b.ins().fpromote(F64, v)
+        } else {
+            v
+        }
+    }
+
+    fn index_to_float(&mut self, i: Value) -> Value {
+        self.b.ins().fcvt_from_uint(self.float, i)
+    }
+
+    /// How many rows a domain has (i64).
+    fn domain_len(&mut self, domain: Domain) -> Value {
+        let table = self.arg_field(offset_of!(KernelArgs, domain_len));
+        self.b
+            .ins()
+            .load(I64, Self::flags(), table, (8 * domain_slot(domain)) as i32)
+    }
+
+    /// The address of the anchor's row of matrix `m`.
+    fn matrix_row(&mut self, m: Handle<Matrix>) -> Value {
+        if let Some(&row) = self.matrix_rows.get(&m) {
+            return row;
+        }
+        let table = self.arg_field(offset_of!(KernelArgs, matrices));
+        let base = self.load_ptr(table, m.index());
+        let row = self.row_address(base, m);
+        self.matrix_rows.insert(m, row);
+        row
+    }
+
+    /// `base + anchor * cols(m) * size of float`.
+    fn row_address(&mut self, base: Value, m: Handle<Matrix>) -> Value {
+        let cols_table = self.arg_field(offset_of!(KernelArgs, matrix_cols));
+        let cols = self
+            .b
+            .ins()
+            .load(I64, Self::flags(), cols_table, (8 * m.index()) as i32);
+        let offset = self.b.ins().imul(self.anchor, cols);
+        let bytes = self.b.ins().imul_imm_u(offset, self.fb);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    // ---- the pass --------------------------------------------------------------------------
+
+    fn body(&mut self, outputs: &[Handle<Expr>], effects: &[usize]) -> Result<()> {
+        let skipped_ptr = self.arg_field(offset_of!(KernelArgs, skipped));
+        let flag_at = self.b.ins().iadd(skipped_ptr, self.anchor);
+        let skip_exit = self.b.create_block();
+        for &cond in &self.module.blocks[self.block].skips.clone() {
+            let c = self.row(cond)?;
+            let next = self.b.create_block();
+            self.b.ins().brif(c, skip_exit, &[], next, &[]);
+            self.b.switch_to_block(next);
+        }
+        let zero = self.b.ins().iconst(I8, 0);
+        self.b.ins().store(Self::flags(), zero, flag_at, 0);
+
+        let out_table = self.arg_field(offset_of!(KernelArgs, outputs));
+        for (slot, &h) in outputs.iter().enumerate() {
+            let base = self.load_ptr(out_table, slot);
+            match self.module.exprs[h].kind {
+                ExprKind::Hist {
+                    set, bins, lo, hi, ..
+                } => self.hist_output(base, set, bins, lo.0, hi.0)?,
+                _ => {
+                    let mut v = self.row(h)?;
+                    if self.module.exprs[h].ty == Type::Bool {
+                        v = self.bool_to_float(v);
+                    }
+                    let at = self.b.ins().imul_imm_u(self.anchor, self.fb);
+                    let addr = self.b.ins().iadd(base, at);
+                    self.b.ins().store(Self::flags(), v, addr, 0);
+                }
+            }
+        }
+        for &effect in effects {
+            let scatter = self.plan.scatters[effect];
+            self.scatter(&scatter)?;
+        }
+        let status = self.b.use_var(self.status);
+        self.b.ins().return_(&[status]);
+
+        self.b.switch_to_block(skip_exit);
+        let one = self.b.ins().iconst(I8, 1);
+        self.b.ins().store(Self::flags(), one, flag_at, 0);
+        let status = self.b.use_var(self.status);
+        self.b.ins().return_(&[status]);
+        Ok(())
+    }
+
+    /// Accumulates a per-anchor histogram into its output row.
+    fn hist_output(
+        &mut self,
+        base: Value,
+        set: Handle<Set>,
+        bins: u32,
+        lo: f64,
+        hi: f64,
+    ) -> Result<()> {
+        let repr = self.set_repr(set)?;
+        let value = self.module.sets[set].value;
+        self.prepare(value)?;
+        let row_bytes = i64::from(bins) * self.fb;
+        let offset = self.b.ins().imul_imm_u(self.anchor, row_bytes);
+        let row = self.b.ins().iadd(base, offset);
+        let zero = self.fconst(0.0);
+        for k in 0..bins {
+            self.b
+                .ins()
+                .store(Self::flags(), zero, row, (i64::from(k) * self.fb) as i32);
+        }
+        self.each(&repr, &mut |g, at| {
+            let s = g.member(value, at, &mut HashMap::new())?;
+            let (node, low, high) = g.hist_weights(s, bins, lo, hi);
+            let addr = g.b.ins().imul_imm_u(node, g.fb);
+            let addr = g.b.ins().iadd(row, addr);
+            for (offset, w) in [(0, low), (g.fb as i32, high)] {
+                let old = g.b.ins().load(g.float, Self::flags(), addr, offset);
+                let new = g.b.ins().fadd(old, w);
+                g.b.ins().store(Self::flags(), new, addr, offset);
+            }
+            Ok(())
+        })
+    }
+
+    /// The node (i64) and the two interpolation weights of a histogram value.
+    fn hist_weights(&mut self, value: Value, bins: u32, lo: f64, hi: f64) -> (Value, Value, Value) {
+        let step = (hi - lo) / (f64::from(bins) - 1.0);
+        let lo_v = self.fconst(lo);
+        let hi_v = self.fconst(hi);
+        let below_lo = self.b.ins().fcmp(FloatCC::LessThan, value, lo_v);
+        let s = self.b.ins().select(below_lo, lo_v, value);
+        let above_hi = self.b.ins().fcmp(FloatCC::GreaterThan, s, hi_v);
+        let s = self.b.ins().select(above_hi, hi_v, s);
+        let step_v = self.fconst(step);
+        let offset = self.b.ins().fsub(s, lo_v);
+        let scaled = self.b.ins().fdiv(offset, step_v);
+        let floored = self.b.ins().floor(scaled);
+        let node = self.b.ins().fcvt_to_uint_sat(I64, floored);
+        let last = self.b.ins().iconst(I64, i64::from(bins) - 2);
+        let node = self.b.ins().umin(node, last);
+        let node_f = self.index_to_float(node);
+        let below = self.b.ins().fmul(node_f, step_v);
+        let below = self.b.ins().fadd(lo_v, below);
+        let next = self.b.ins().iadd_imm_u(node, 1);
+        let next_f = self.index_to_float(next);
+        let above = self.b.ins().fmul(next_f, step_v);
+        let above = self.b.ins().fadd(lo_v, above);
+        let low = self.b.ins().fsub(above, s);
+        let low = self.b.ins().fdiv(low, step_v);
+        let high = self.b.ins().fsub(s, below);
+        let high = self.b.ins().fdiv(high, step_v);
+        (node, low, high)
+    }
+
+    fn scatter(&mut self, scatter: &Scatter) -> Result<()> {
+        let table = self.arg_field(offset_of!(KernelArgs, grads));
+        let base = self.load_ptr(table, scatter.matrix.index());
+        let grad_row = self.row_address(base, scatter.matrix);
+        let weight = scatter.weight;
+        let add = |g: &mut Self, col: Value, w: Value| {
+            let offset = g.b.ins().imul_imm_u(col, g.fb);
+            let addr = g.b.ins().iadd(grad_row, offset);
+            let old = g.b.ins().load(g.float, Self::flags(), addr, 0);
+            let new = g.b.ins().fadd(old, w);
+            g.b.ins().store(Self::flags(), new, addr, 0);
+        };
+        match scatter.target {
+            ScatterTarget::Members { set, .. } => {
+                let repr = self.set_repr(set)?;
+                self.prepare(weight)?;
+                self.each(&repr, &mut |g, at| {
+                    let w = g.member(weight, at, &mut HashMap::new())?;
+                    add(g, at.j, w);
+                    Ok(())
+                })
+            }
+            ScatterTarget::Cross { set, side } => {
+                let repr = self.set_repr(set)?;
+                self.prepare(weight)?;
+                self.each(&repr, &mut |g, at| {
+                    let w = g.member(weight, at, &mut HashMap::new())?;
+                    let (p, q) = at
+                        .pair
+                        .ok_or_else(|| internal("a cross scatter outside a cross set"))?;
+                    add(g, if side == Side::Left { p } else { q }, w);
+                    Ok(())
+                })
+            }
+            ScatterTarget::At { index } => {
+                let j = self.row(index)?;
+                let space = self.arg_space(index)?;
+                self.prepare(weight)?;
+                let chosen = self.b.create_block();
+                let done = self.b.create_block();
+                let none = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, j, 0);
+                self.b.ins().brif(none, done, &[], chosen, &[]);
+                self.b.switch_to_block(chosen);
+                let at = At {
+                    j,
+                    pair: None,
+                    space,
+                };
+                let w = self.member(weight, at, &mut HashMap::new())?;
+                add(self, j, w);
+                self.b.ins().jump(done, &[]);
+                self.b.switch_to_block(done);
+                Ok(())
+            }
+        }
+    }
+
+    /// The space of the set an `ArgReduce` chooses from.
+    fn arg_space(&self, index: Handle<Expr>) -> Result<Space> {
+        match self.module.exprs[index].kind {
+            ExprKind::ArgReduce { set, .. } => match self.module.sets[set].shape {
+                SetShape::Members(space) => Ok(space),
+                _ => Err(internal(
+                    "a chosen member of a set that is not of pair members",
+                )),
+            },
+            _ => Err(internal("an index that is not a chosen member")),
+        }
+    }
+
+    // ---- per-anchor values -----------------------------------------------------------------
+
+    /// Makes every batch or per-anchor value a per-member expression reads available before
+    /// a loop over members starts.
+    fn prepare(&mut self, h: Handle<Expr>) -> Result<()> {
+        let mut stack = vec![h];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(e) = stack.pop() {
+            if !seen.insert(e) {
+                continue;
+            }
+            let expr = &self.module.exprs[e];
+            match expr.level {
+                Level::Member { .. } | Level::Cross { .. } => {
+                    stack.extend(crate::ir::expr_refs(&expr.kind).into_iter().filter_map(
+                        |n| match n {
+                            Node::Expr(x) => Some(x),
+                            Node::Set(_) => None,
+                        },
+                    ));
+                }
+                _ if matches!(expr.ty, Type::Vector(_)) => {
+                    if !self.vectors.contains_key(&e) {
+                        let table = self.arg_field(offset_of!(KernelArgs, vectors));
+                        let ptr = self.load_ptr(table, e.index());
+                        self.vectors.insert(e, ptr);
+                    }
+                }
+                _ => {
+                    self.row(e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch or per-anchor value, computed once.
+    fn row(&mut self, h: Handle<Expr>) -> Result<Value> {
+        if let Some(&v) = self.row.get(&h) {
+            return Ok(v);
+        }
+        let e = self.module.exprs[h].clone();
+        let v = match e.level {
+            Level::Const => match e.kind {
+                ExprKind::Const(Real(c)) => self.fconst(c),
+                ExprKind::Bool(c) => self.b.ins().iconst(I8, i64::from(c)),
+                _ => return Err(internal(format!("constant {h}"))),
+            },
+            Level::Batch => {
+                if matches!(e.ty, Type::Vector(_)) {
+                    return Err(internal(format!("vector {h} used as a number")));
+                }
+                let table = self.arg_field(offset_of!(KernelArgs, batch));
+                let v = self
+                    .b
+                    .ins()
+                    .load(F64, Self::flags(), table, (8 * h.index()) as i32);
+                if e.ty == Type::Bool {
+                    let zero = self.b.ins().f64const(0.0);
+                    self.b.ins().fcmp(FloatCC::NotEqual, v, zero)
+                } else {
+                    self.from_f64(v)
+                }
+            }
+            Level::Row(_) => self.row_kind(h, &e)?,
+            Level::Member { .. } | Level::Cross { .. } => {
+                return Err(internal(format!("per-member {h} needed outside a loop")));
+            }
+        };
+        self.row.insert(h, v);
+        Ok(v)
+    }
+
+    fn row_kind(&mut self, h: Handle<Expr>, e: &Expr) -> Result<Value> {
+        Ok(match e.kind {
+            ExprKind::Unary { op, arg } => {
+                let a = self.row(arg)?;
+                self.unary(op, a)
+            }
+            ExprKind::Binary { op, lhs, rhs } => {
+                let a = self.row(lhs)?;
+                let b = self.row(rhs)?;
+                let bools = self.module.exprs[lhs].ty == Type::Bool;
+                self.binary(op, a, b, bools, rhs)?
+            }
+            ExprKind::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let c = self.row(cond)?;
+                let t = self.row(then)?;
+                let o = self.row(otherwise)?;
+                self.b.ins().select(c, t, o)
+            }
+            ExprKind::Stop(arg) => self.row(arg)?,
+            ExprKind::Reduce { op, set, body, .. } => self.reduce(op, set, body)?,
+            ExprKind::Rank { set, k, .. } => {
+                let (values, _, count) = self.fill(set)?;
+                let k = self.row(k)?;
+                let k = self.to_f64(k);
+                let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
+                let position = self.b.inst_results(call)[0];
+                let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
+                self.flag(Status::RANK, bad);
+                let zero = self.b.ins().iconst(I64, 0);
+                let position = self.b.ins().select(bad, zero, position);
+                let offset = self.b.ins().imul_imm_u(position, self.fb);
+                let addr = self.b.ins().iadd(values, offset);
+                self.b.ins().load(self.float, Self::flags(), addr, 0)
+            }
+            ExprKind::ArgReduce { op, set, body, .. } => self.arg_reduce(op, set, body)?,
+            ExprKind::At { value, at } => {
+                let j = self.row(at)?;
+                let space = self.arg_space(at)?;
+                self.prepare(value)?;
+                let none = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, j, 0);
+                let zero_index = self.b.ins().iconst(I64, 0);
+                let safe = self.b.ins().select(none, zero_index, j);
+                let v = self.member(
+                    value,
+                    At {
+                        j: safe,
+                        pair: None,
+                        space,
+                    },
+                    &mut HashMap::new(),
+                )?;
+                let zero = self.fconst(0.0);
+                self.b.ins().select(none, zero, v)
+            }
+            _ => return Err(internal(format!("per-anchor {h} of an unexpected kind"))),
+        })
+    }
+
+    fn unary(&mut self, op: UnaryOp, a: Value) -> Value {
+        match op {
+            UnaryOp::Neg => self.b.ins().fneg(a),
+            UnaryOp::Not => self.b.ins().bxor_imm_u(a, 1),
+            UnaryOp::Exp => self.math.exp(&mut self.b, a),
+            UnaryOp::Log => self.math.ln(&mut self.b, a),
+            UnaryOp::Log1p => self.math.log1p(&mut self.b, a),
+            UnaryOp::Softplus => self.math.softplus(&mut self.b, a),
+            UnaryOp::Sigmoid => self.math.sigmoid(&mut self.b, a),
+            UnaryOp::Sqrt => self.b.ins().sqrt(a),
+            UnaryOp::Abs => self.b.ins().fabs(a),
+            UnaryOp::Floor => self.b.ins().floor(a),
+            UnaryOp::Relu | UnaryOp::Step => {
+                let zero = self.fconst(0.0);
+                let positive = self.b.ins().fcmp(FloatCC::GreaterThan, a, zero);
+                let when = if op == UnaryOp::Relu {
+                    a
+                } else {
+                    self.fconst(1.0)
+                };
+                self.b.ins().select(positive, when, zero)
+            }
+        }
+    }
+
+    /// A binary operation; `bools` when the operands are booleans (i8); `rhs` is the
+    /// exponent's expression for `Pow`.
+    fn binary(
+        &mut self,
+        op: BinaryOp,
+        a: Value,
+        b: Value,
+        bools: bool,
+        rhs: Handle<Expr>,
+    ) -> Result<Value> {
+        Ok(match op {
+            BinaryOp::Add => self.b.ins().fadd(a, b),
+            BinaryOp::Sub => self.b.ins().fsub(a, b),
+            BinaryOp::Mul => self.b.ins().fmul(a, b),
+            BinaryOp::Div => self.b.ins().fdiv(a, b),
+            BinaryOp::Pow => {
+                let ExprKind::Const(Real(c)) = self.module.exprs[rhs].kind else {
+                    return Err(internal("a power with a variable exponent"));
+                };
+                self.power(a, c)
+            }
+            BinaryOp::Min => {
+                let smaller = self.b.ins().fcmp(FloatCC::LessThan, b, a);
+                self.b.ins().select(smaller, b, a)
+            }
+            BinaryOp::Max => {
+                let larger = self.b.ins().fcmp(FloatCC::GreaterThan, b, a);
+                self.b.ins().select(larger, b, a)
+            }
+            BinaryOp::And => self.b.ins().band(a, b),
+            BinaryOp::Or => self.b.ins().bor(a, b),
+            BinaryOp::Eq | BinaryOp::Ne if bools => {
+                let cc = if op == BinaryOp::Eq {
+                    IntCC::Equal
+                } else {
+                    IntCC::NotEqual
+                };
+                self.b.ins().icmp(cc, a, b)
+            }
+            BinaryOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, a, b),
+            BinaryOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, a, b),
+            BinaryOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, a, b),
+            BinaryOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, a, b),
+            BinaryOp::Eq => self.b.ins().fcmp(FloatCC::Equal, a, b),
+            BinaryOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, a, b),
+        })
+    }
+
+    /// `a ^ c`: repeated squaring for a small integer exponent (as `powi`), else
+    /// `exp(c ln a)`.
+    fn power(&mut self, a: Value, c: f64) -> Value {
+        if c == c.trunc() && c.abs() <= 64.0 {
+            let mut n = c.abs() as u32;
+            let mut result = self.fconst(1.0);
+            let mut base = a;
+            let mut first = true;
+            while n > 0 {
+                if n & 1 == 1 {
+                    result = if first {
+                        base
+                    } else {
+                        self.b.ins().fmul(result, base)
+                    };
+                    first = false;
+                }
+                n >>= 1;
+                if n > 0 {
+                    base = self.b.ins().fmul(base, base);
+                }
+            }
+            if c < 0.0 {
+                let one = self.fconst(1.0);
+                result = self.b.ins().fdiv(one, result);
+            }
+            result
+        } else {
+            let ln = self.math.ln(&mut self.b, a);
+            let c = self.fconst(c);
+            let scaled = self.b.ins().fmul(c, ln);
+            self.math.exp(&mut self.b, scaled)
+        }
+    }
+
+    // ---- reductions ------------------------------------------------------------------------
+
+    fn count(&mut self, repr: &Repr) -> Result<Value> {
+        Ok(match repr {
+            Repr::Range { cols, .. } => *cols,
+            Repr::List { len, .. } => *len,
+            Repr::Cross { .. } => {
+                let n = self.b.declare_var(I64);
+                let zero = self.b.ins().iconst(I64, 0);
+                self.b.def_var(n, zero);
+                self.each(repr, &mut |g, _| {
+                    let current = g.b.use_var(n);
+                    let next = g.b.ins().iadd_imm_u(current, 1);
+                    g.b.def_var(n, next);
+                    Ok(())
+                })?;
+                self.b.use_var(n)
+            }
+        })
+    }
+
+    fn reduce(&mut self, op: ReduceOp, set: Handle<Set>, body: Handle<Expr>) -> Result<Value> {
+        let repr = self.set_repr(set)?;
+        if op == ReduceOp::Count {
+            let n = self.count(&repr)?;
+            return Ok(self.index_to_float(n));
+        }
+        self.prepare(body)?;
+        let acc = self.b.declare_var(self.float);
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => {
+                let zero = self.fconst(0.0);
+                self.b.def_var(acc, zero);
+                self.each(&repr, &mut |g, at| {
+                    let v = g.member(body, at, &mut HashMap::new())?;
+                    let current = g.b.use_var(acc);
+                    let next = g.b.ins().fadd(current, v);
+                    g.b.def_var(acc, next);
+                    Ok(())
+                })?;
+                let total = self.b.use_var(acc);
+                if op == ReduceOp::Sum {
+                    return Ok(total);
+                }
+                let n = self.count(&repr)?;
+                let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+                self.flag(Status::EMPTY, empty);
+                let n = self.index_to_float(n);
+                Ok(self.b.ins().fdiv(total, n))
+            }
+            ReduceOp::Min | ReduceOp::Max => {
+                self.extremum(&repr, body, op == ReduceOp::Min, acc)?;
+                Ok(self.b.use_var(acc))
+            }
+            ReduceOp::Lse => {
+                self.extremum(&repr, body, false, acc)?;
+                let max = self.b.use_var(acc);
+                // exp(v - max) summed; a non-finite maximum (an empty set) is the result.
+                let sum = self.b.declare_var(self.float);
+                let zero = self.fconst(0.0);
+                self.b.def_var(sum, zero);
+                self.each(&repr, &mut |g, at| {
+                    let v = g.member(body, at, &mut HashMap::new())?;
+                    let shifted = g.b.ins().fsub(v, max);
+                    let e = g.math.exp(&mut g.b, shifted);
+                    let current = g.b.use_var(sum);
+                    let next = g.b.ins().fadd(current, e);
+                    g.b.def_var(sum, next);
+                    Ok(())
+                })?;
+                let total = self.b.use_var(sum);
+                let ln = self.math.ln(&mut self.b, total);
+                let lse = self.b.ins().fadd(max, ln);
+                let inf = self.fconst(f64::INFINITY);
+                let magnitude = self.b.ins().fabs(max);
+                let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
+                Ok(self.b.ins().select(finite, lse, max))
+            }
+            ReduceOp::Std => {
+                let mean = self.reduce(ReduceOp::Mean, set, body)?;
+                let zero = self.fconst(0.0);
+                self.b.def_var(acc, zero);
+                self.each(&repr, &mut |g, at| {
+                    let v = g.member(body, at, &mut HashMap::new())?;
+                    let d = g.b.ins().fsub(v, mean);
+                    let sq = g.b.ins().fmul(d, d);
+                    let current = g.b.use_var(acc);
+                    let next = g.b.ins().fadd(current, sq);
+                    g.b.def_var(acc, next);
+                    Ok(())
+                })?;
+                let squares = self.b.use_var(acc);
+                let n = self.count(&repr)?;
+                let n = self.index_to_float(n);
+                let variance = self.b.ins().fdiv(squares, n);
+                Ok(self.b.ins().sqrt(variance))
+            }
+            ReduceOp::Count => unreachable_count(),
+        }
+    }
+
+    /// The minimum (or maximum) of `body` over the members into `acc`: the first strictly
+    /// smaller value wins, and a NaN is kept (as the interpreter does).
+    fn extremum(
+        &mut self,
+        repr: &Repr,
+        body: Handle<Expr>,
+        min: bool,
+        acc: Variable,
+    ) -> Result<()> {
+        let start = self.fconst(if min {
+            f64::INFINITY
+        } else {
+            f64::NEG_INFINITY
+        });
+        self.b.def_var(acc, start);
+        self.each(repr, &mut |g, at| {
+            let v = g.member(body, at, &mut HashMap::new())?;
+            let current = g.b.use_var(acc);
+            let cc = if min {
+                FloatCC::LessThan
+            } else {
+                FloatCC::GreaterThan
+            };
+            let better = g.b.ins().fcmp(cc, v, current);
+            let nan = g.b.ins().fcmp(FloatCC::Unordered, v, v);
+            let take = g.b.ins().bor(better, nan);
+            let next = g.b.ins().select(take, v, current);
+            g.b.def_var(acc, next);
+            Ok(())
+        })
+    }
+
+    /// The column chosen by `argmin`, `argmax` or `argrank` (i64, -1 for none).
+    fn arg_reduce(&mut self, op: ArgOp, set: Handle<Set>, body: Handle<Expr>) -> Result<Value> {
+        match op {
+            ArgOp::Rank(k) => {
+                let (values, indices, count) = self.fill(set)?;
+                let k = self.row(k)?;
+                let k = self.to_f64(k);
+                let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
+                let position = self.b.inst_results(call)[0];
+                let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
+                self.flag(Status::RANK, bad);
+                let zero = self.b.ins().iconst(I64, 0);
+                let safe = self.b.ins().select(bad, zero, position);
+                let offset = self.b.ins().imul_imm_u(safe, 4);
+                let addr = self.b.ins().iadd(indices, offset);
+                let j = self.b.ins().uload32(Self::flags(), addr, 0);
+                let none = self.b.ins().iconst(I64, -1);
+                Ok(self.b.ins().select(bad, none, j))
+            }
+            ArgOp::Min | ArgOp::Max => {
+                let repr = self.set_repr(set)?;
+                self.prepare(body)?;
+                let best = self.b.declare_var(self.float);
+                let chosen = self.b.declare_var(I64);
+                let start = self.fconst(0.0);
+                self.b.def_var(best, start);
+                let none = self.b.ins().iconst(I64, -1);
+                self.b.def_var(chosen, none);
+                let min = op == ArgOp::Min;
+                self.each(&repr, &mut |g, at| {
+                    let v = g.member(body, at, &mut HashMap::new())?;
+                    let current = g.b.use_var(best);
+                    let index = g.b.use_var(chosen);
+                    let cc = if min {
+                        FloatCC::LessThan
+                    } else {
+                        FloatCC::GreaterThan
+                    };
+                    let better = g.b.ins().fcmp(cc, v, current);
+                    let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, index, 0);
+                    let take = g.b.ins().bor(better, first);
+                    let next_value = g.b.ins().select(take, v, current);
+                    let next_index = g.b.ins().select(take, at.j, index);
+                    g.b.def_var(best, next_value);
+                    g.b.def_var(chosen, next_index);
+                    Ok(())
+                })?;
+                Ok(self.b.use_var(chosen))
+            }
+        }
+    }
+
+    /// Writes the members of `set` and their values into the scratch buffers; returns the
+    /// buffers and the count.
+    fn fill(&mut self, set: Handle<Set>) -> Result<(Value, Value, Value)> {
+        let repr = self.set_repr(set)?;
+        let value = self.module.sets[set].value;
+        self.fill_repr(&repr, value)
+    }
+
+    fn fill_repr(&mut self, repr: &Repr, value: Handle<Expr>) -> Result<(Value, Value, Value)> {
+        self.prepare(value)?;
+        let n = self.b.declare_var(I64);
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.def_var(n, zero);
+        let (values, indices) = (self.values_arg, self.indices_arg);
+        self.each(repr, &mut |g, at| {
+            let v = g.member(value, at, &mut HashMap::new())?;
+            let k = g.b.use_var(n);
+            let offset = g.b.ins().imul_imm_u(k, g.fb);
+            let addr = g.b.ins().iadd(values, offset);
+            g.b.ins().store(Self::flags(), v, addr, 0);
+            let offset = g.b.ins().imul_imm_u(k, 4);
+            let addr = g.b.ins().iadd(indices, offset);
+            let j32 = g.b.ins().ireduce(I32, at.j);
+            g.b.ins().store(Self::flags(), j32, addr, 0);
+            let next = g.b.ins().iadd_imm_u(k, 1);
+            g.b.def_var(n, next);
+            Ok(())
+        })?;
+        let count = self.b.use_var(n);
+        Ok((values, indices, count))
+    }
+
+    // ---- sets ------------------------------------------------------------------------------
+
+    fn new_list(&mut self, domain: Domain) -> Value {
+        let slot = self.lists.len();
+        self.lists.push(domain);
+        self.load_ptr(self.lists_arg, slot)
+    }
+
+    fn set_repr(&mut self, set: Handle<Set>) -> Result<Repr> {
+        if let Some(repr) = self.sets.get(&set) {
+            return Ok(repr.clone());
+        }
+        let s = self.module.sets[set].clone();
+        let space = match s.shape {
+            SetShape::Members(space) | SetShape::Cross(space) => space,
+            _ => return Err(internal(format!("{set} is not a set of pair members"))),
+        };
+        let cols_domain = space
+            .cols
+            .ok_or_else(|| internal(format!("{set} has no column domain")))?;
+        let repr = match s.kind {
+            SetKind::Entries => {
+                let cols = self.domain_len(cols_domain);
+                Repr::Range { cols, space }
+            }
+            SetKind::Filter { base, predicate } => match self.set_repr(base)? {
+                Repr::Cross {
+                    left,
+                    right,
+                    mut preds,
+                    space,
+                } => {
+                    self.prepare(predicate)?;
+                    preds.push(predicate);
+                    Repr::Cross {
+                        left,
+                        right,
+                        preds,
+                        space,
+                    }
+                }
+                base_repr => {
+                    self.prepare(predicate)?;
+                    let ptr = self.new_list(cols_domain);
+                    let len = self.b.declare_var(I64);
+                    let zero = self.b.ins().iconst(I64, 0);
+                    self.b.def_var(len, zero);
+                    self.each(&base_repr, &mut |g, at| {
+                        let keep = g.member(predicate, at, &mut HashMap::new())?;
+                        let k = g.b.use_var(len);
+                        let offset = g.b.ins().imul_imm_u(k, 4);
+                        let addr = g.b.ins().iadd(ptr, offset);
+                        let j32 = g.b.ins().ireduce(I32, at.j);
+                        g.b.ins().store(Self::flags(), j32, addr, 0);
+                        let step = g.b.ins().uextend(I64, keep);
+                        let next = g.b.ins().iadd(k, step);
+                        g.b.def_var(len, next);
+                        Ok(())
+                    })?;
+                    let len = self.b.use_var(len);
+                    Repr::List { ptr, len, space }
+                }
+            },
+            SetKind::Extreme {
+                base,
+                count,
+                largest,
+            } => {
+                let base_repr = self.set_repr(base)?;
+                let (values, indices, n) = self.fill_repr(&base_repr, s.value)?;
+                let wanted = self.row(count)?;
+                let wanted = self.to_f64(wanted);
+                let ptr = self.new_list(cols_domain);
+                let largest = self.b.ins().iconst(I32, i64::from(largest));
+                let call = self.b.ins().call(
+                    self.helpers.extreme,
+                    &[values, indices, n, wanted, largest, ptr],
+                );
+                let result = self.b.inst_results(call)[0];
+                let len = self.helper_len(result, Status::COUNT);
+                Repr::List { ptr, len, space }
+            }
+            SetKind::Sample {
+                base,
+                count,
+                log_weight,
+                site,
+            } => {
+                let base_repr = self.set_repr(base)?;
+                let (values, indices, n) = self.fill_repr(&base_repr, log_weight)?;
+                let wanted = self.row(count)?;
+                let wanted = self.to_f64(wanted);
+                let ptr = self.new_list(cols_domain);
+                let seed = self.arg_field(offset_of!(KernelArgs, seed));
+                let site = self.b.ins().iconst(I32, i64::from(site));
+                let call = self.b.ins().call(
+                    self.helpers.sample,
+                    &[values, indices, n, wanted, seed, site, self.anchor, ptr],
+                );
+                let result = self.b.inst_results(call)[0];
+                let bad_count = self.b.ins().icmp_imm_s(IntCC::Equal, result, -1);
+                self.flag(Status::COUNT, bad_count);
+                let len = self.helper_len(result, Status::SAMPLE);
+                Repr::List { ptr, len, space }
+            }
+            SetKind::Union { left, right } => {
+                let (a, a_len) = self.as_list(left, cols_domain)?;
+                let (b, b_len) = self.as_list(right, cols_domain)?;
+                let ptr = self.new_list(cols_domain);
+                let call = self
+                    .b
+                    .ins()
+                    .call(self.helpers.union, &[a, a_len, b, b_len, ptr]);
+                let len = self.b.inst_results(call)[0];
+                Repr::List { ptr, len, space }
+            }
+            SetKind::Fallback { primary, fallback } => {
+                let (a, a_len) = self.as_list(primary, cols_domain)?;
+                let (b, b_len) = self.as_list(fallback, cols_domain)?;
+                let empty = self.b.ins().icmp_imm_s(IntCC::Equal, a_len, 0);
+                let ptr = self.b.ins().select(empty, b, a);
+                let len = self.b.ins().select(empty, b_len, a_len);
+                Repr::List { ptr, len, space }
+            }
+            SetKind::Cross { left, right } => {
+                let left = Box::new(self.set_repr(left)?);
+                let right = Box::new(self.set_repr(right)?);
+                Repr::Cross {
+                    left,
+                    right,
+                    preds: Vec::new(),
+                    space,
+                }
+            }
+            SetKind::Anchors | SetKind::Skipped | SetKind::VectorEntries => {
+                return Err(internal(format!(
+                    "{set} is not a set of one anchor's members"
+                )));
+            }
+        };
+        self.sets.insert(set, repr.clone());
+        Ok(repr)
+    }
+
+    /// A helper's length result: negative values flag `bit` and count as empty.
+    fn helper_len(&mut self, result: Value, bit: u32) -> Value {
+        let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, result, 0);
+        self.flag(bit, bad);
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.ins().select(bad, zero, result)
+    }
+
+    /// A set as an index list, writing out a whole row when it is one.
+    fn as_list(&mut self, set: Handle<Set>, domain: Domain) -> Result<(Value, Value)> {
+        match self.set_repr(set)? {
+            Repr::List { ptr, len, .. } => Ok((ptr, len)),
+            range @ Repr::Range { .. } => {
+                let ptr = self.new_list(domain);
+                let n = self.b.declare_var(I64);
+                let zero = self.b.ins().iconst(I64, 0);
+                self.b.def_var(n, zero);
+                self.each(&range, &mut |g, at| {
+                    let k = g.b.use_var(n);
+                    let offset = g.b.ins().imul_imm_u(k, 4);
+                    let addr = g.b.ins().iadd(ptr, offset);
+                    let j32 = g.b.ins().ireduce(I32, at.j);
+                    g.b.ins().store(Self::flags(), j32, addr, 0);
+                    let next = g.b.ins().iadd_imm_u(k, 1);
+                    g.b.def_var(n, next);
+                    Ok(())
+                })?;
+                Ok((ptr, self.b.use_var(n)))
+            }
+            Repr::Cross { .. } => Err(internal(format!("{set}: a cross set as an index list"))),
+        }
+    }
+
+    // ---- loops -----------------------------------------------------------------------------
+
+    /// Emits a loop over the members of `repr`, calling `body` in it.
+    fn each(
+        &mut self,
+        repr: &Repr,
+        body: &mut dyn FnMut(&mut Self, At) -> Result<()>,
+    ) -> Result<()> {
+        match repr {
+            Repr::Range { cols, space } => {
+                let space = *space;
+                self.counted_loop(*cols, &mut |g, i| {
+                    body(
+                        g,
+                        At {
+                            j: i,
+                            pair: None,
+                            space,
+                        },
+                    )
+                })
+            }
+            Repr::List { ptr, len, space } => {
+                let (ptr, space) = (*ptr, *space);
+                self.counted_loop(*len, &mut |g, k| {
+                    let offset = g.b.ins().imul_imm_u(k, 4);
+                    let addr = g.b.ins().iadd(ptr, offset);
+                    let j = g.b.ins().uload32(Self::flags(), addr, 0);
+                    body(
+                        g,
+                        At {
+                            j,
+                            pair: None,
+                            space,
+                        },
+                    )
+                })
+            }
+            Repr::Cross {
+                left,
+                right,
+                preds,
+                space,
+            } => {
+                let space = *space;
+                let (right, preds) = (right.clone(), preds.clone());
+                self.each(left, &mut |g, outer| {
+                    g.each(&right, &mut |g, inner| {
+                        let at = At {
+                            j: outer.j,
+                            pair: Some((outer.j, inner.j)),
+                            space,
+                        };
+                        let mut cache = HashMap::new();
+                        if preds.is_empty() {
+                            return body(g, at);
+                        }
+                        let mut all = g.b.ins().iconst(I8, 1);
+                        for &p in &preds {
+                            let v = g.member(p, at, &mut cache)?;
+                            all = g.b.ins().band(all, v);
+                        }
+                        let inside = g.b.create_block();
+                        let after = g.b.create_block();
+                        g.b.ins().brif(all, inside, &[], after, &[]);
+                        g.b.switch_to_block(inside);
+                        body(g, at)?;
+                        g.b.ins().jump(after, &[]);
+                        g.b.switch_to_block(after);
+                        Ok(())
+                    })
+                })
+            }
+        }
+    }
+
+    /// `for i in 0..n { body(i) }` with an i64 counter.
+    fn counted_loop(
+        &mut self,
+        n: Value,
+        body: &mut dyn FnMut(&mut Self, Value) -> Result<()>,
+    ) -> Result<()> {
+        let counter = self.b.declare_var(I64);
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.def_var(counter, zero);
+        let head = self.b.create_block();
+        let inner = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(head, &[]);
+        self.b.switch_to_block(head);
+        let i = self.b.use_var(counter);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, i, n);
+        self.b.ins().brif(more, inner, &[], exit, &[]);
+        self.b.switch_to_block(inner);
+        let i = self.b.use_var(counter);
+        body(self, i)?;
+        let i = self.b.use_var(counter);
+        let next = self.b.ins().iadd_imm_u(i, 1);
+        self.b.def_var(counter, next);
+        self.b.ins().jump(head, &[]);
+        self.b.switch_to_block(exit);
+        Ok(())
+    }
+
+    // ---- per-member values -----------------------------------------------------------------
+
+    fn member(
+        &mut self,
+        h: Handle<Expr>,
+        at: At,
+        cache: &mut HashMap<Handle<Expr>, Value>,
+    ) -> Result<Value> {
+        let e = self.module.exprs[h].clone();
+        if !matches!(e.level, Level::Member { .. } | Level::Cross { .. }) {
+            return self
+                .row
+                .get(&h)
+                .copied()
+                .ok_or_else(|| internal(format!("{h} was not prepared before its loop")));
+        }
+        if let Some(&v) = cache.get(&h) {
+            return Ok(v);
+        }
+        let (rows, cols) = (at.space.rows, at.space.cols);
+        let v = match e.kind {
+            ExprKind::Entry(m) => {
+                let row = self.matrix_row(m);
+                let offset = self.b.ins().imul_imm_u(at.j, self.fb);
+                let addr = self.b.ins().iadd(row, offset);
+                self.b.ins().load(self.float, Self::flags(), addr, 0)
+            }
+            ExprKind::Same => {
+                let (Some(rows), Some(cols)) = (rows, cols) else {
+                    return Err(internal("`same` without a space"));
+                };
+                let row_label = self.label(rows, self.anchor);
+                let col_label = self.label(cols, at.j);
+                self.b.ins().icmp(IntCC::Equal, row_label, col_label)
+            }
+            ExprKind::IsSelf => match (rows, cols) {
+                (Some(Domain::Samples), Some(Domain::Groups(g))) => {
+                    let own = self.group_of(g, self.anchor);
+                    self.b.ins().icmp(IntCC::Equal, own, at.j)
+                }
+                (Some(Domain::Groups(g)), Some(Domain::Samples)) => {
+                    let own = self.group_of(g, at.j);
+                    self.b.ins().icmp(IntCC::Equal, own, self.anchor)
+                }
+                _ => self.b.ins().icmp(IntCC::Equal, at.j, self.anchor),
+            },
+            ExprKind::Index(axis) => {
+                let i = if axis == Axis::Row { self.anchor } else { at.j };
+                self.index_to_float(i)
+            }
+            ExprKind::GroupSize { groups, axis } => {
+                let i = if axis == Axis::Row { self.anchor } else { at.j };
+                let table = self.arg_field(offset_of!(KernelArgs, sizes));
+                let sizes = self.load_ptr(table, groups.index());
+                let offset = self.b.ins().imul_imm_u(i, 8);
+                let addr = self.b.ins().iadd(sizes, offset);
+                let v = self.b.ins().load(F64, Self::flags(), addr, 0);
+                self.from_f64(v)
+            }
+            ExprKind::CrossSide { side, value } => {
+                let (p, q) = at
+                    .pair
+                    .ok_or_else(|| internal("`p`/`q` outside a cross set"))?;
+                let j = if side == Side::Left { p } else { q };
+                // Values at one side do not share the pair's cache.
+                self.member(
+                    value,
+                    At {
+                        j,
+                        pair: None,
+                        space: at.space,
+                    },
+                    &mut HashMap::new(),
+                )?
+            }
+            ExprKind::Unary { op, arg } => {
+                let a = self.member(arg, at, cache)?;
+                self.unary(op, a)
+            }
+            ExprKind::Binary { op, lhs, rhs } => {
+                let a = self.member(lhs, at, cache)?;
+                let b = self.member(rhs, at, cache)?;
+                let bools = self.module.exprs[lhs].ty == Type::Bool;
+                self.binary(op, a, b, bools, rhs)?
+            }
+            ExprKind::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let c = self.member(cond, at, cache)?;
+                let t = self.member(then, at, cache)?;
+                let o = self.member(otherwise, at, cache)?;
+                self.b.ins().select(c, t, o)
+            }
+            ExprKind::Stop(arg) => self.member(arg, at, cache)?,
+            ExprKind::HistSlope {
+                adjoint,
+                value,
+                bins,
+                lo,
+                hi,
+            } => {
+                let s = self.member(value, at, cache)?;
+                let adj = *self
+                    .vectors
+                    .get(&adjoint)
+                    .ok_or_else(|| internal("a histogram adjoint that was not loaded"))?;
+                let lo_v = self.fconst(lo.0);
+                let hi_v = self.fconst(hi.0);
+                let below = self.b.ins().fcmp(FloatCC::LessThan, s, lo_v);
+                let above = self.b.ins().fcmp(FloatCC::GreaterThan, s, hi_v);
+                let outside = self.b.ins().bor(below, above);
+                let (node, _, _) = self.hist_weights(s, bins, lo.0, hi.0);
+                let offset = self.b.ins().imul_imm_u(node, 8);
+                let addr = self.b.ins().iadd(adj, offset);
+                let a0 = self.b.ins().load(F64, Self::flags(), addr, 0);
+                let a1 = self.b.ins().load(F64, Self::flags(), addr, 8);
+                let (a0, a1) = (self.from_f64(a0), self.from_f64(a1));
+                let diff = self.b.ins().fsub(a1, a0);
+                let step = self.fconst((hi.0 - lo.0) / (f64::from(bins) - 1.0));
+                let slope = self.b.ins().fdiv(diff, step);
+                let zero = self.fconst(0.0);
+                self.b.ins().select(outside, zero, slope)
+            }
+            _ => return Err(internal(format!("per-member {h} of an unexpected kind"))),
+        };
+        cache.insert(h, v);
+        Ok(v)
+    }
+
+    /// The label of row `i` of a domain (i64).
+    fn label(&mut self, domain: Domain, i: Value) -> Value {
+        let table = self.arg_field(offset_of!(KernelArgs, labels));
+        let labels = self.load_ptr(table, domain_slot(domain));
+        let offset = self.b.ins().imul_imm_u(i, 8);
+        let addr = self.b.ins().iadd(labels, offset);
+        self.b.ins().load(I64, Self::flags(), addr, 0)
+    }
+
+    /// The group (i64) of sample `i` in a grouping.
+    fn group_of(&mut self, groups: Handle<Grouping>, i: Value) -> Value {
+        let table = self.arg_field(offset_of!(KernelArgs, groups));
+        let of_sample = self.load_ptr(table, groups.index());
+        let offset = self.b.ins().imul_imm_u(i, 4);
+        let addr = self.b.ins().iadd(of_sample, offset);
+        self.b.ins().uload32(Self::flags(), addr, 0)
+    }
+}
+
+fn unreachable_count() -> Result<Value> {
+    Err(internal("a count reached the reduction loop"))
+}

@@ -1,0 +1,213 @@
+//! The Cranelift backend: one native kernel per row pass of a plan.
+//!
+//! [`compile`] turns each `Rows` phase of a [`Plan`](crate::opt::Plan) into a function
+//! (see [`kernel`]) and links them, with the [`helpers`] they call, into one JIT module
+//! for the run's float type. The runtime calls a kernel once per anchor, from as many
+//! threads as it likes: kernels write only their anchor's outputs and matrix-adjoint rows.
+
+pub mod abi;
+pub mod helpers;
+pub mod kernel;
+pub mod math;
+
+use crate::interp::Precision;
+use crate::ir::Phase;
+use crate::opt::Plan;
+use abi::KernelFn;
+use cranelift_codegen::ir::types::{F32, F64, I32, I64};
+use cranelift_codegen::ir::{AbiParam, Signature};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module, default_libcall_names};
+use kernel::{Helpers, PassLayout};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodegenError {
+    #[error("cannot build a code generator for this machine: {0}")]
+    Isa(String),
+    #[error("Cranelift rejected a kernel: {0}")]
+    Module(String),
+    #[error("the compiled backend cannot run this: {0}")]
+    Unsupported(String),
+}
+
+/// A compiled row pass: the phase it runs, what it reads and writes, and its entry point.
+#[derive(Debug, Clone)]
+pub struct CompiledPass {
+    pub phase: usize,
+    pub layout: PassLayout,
+    pub code: KernelFn,
+}
+
+/// The kernels of a plan for one float type.
+pub struct Kernels {
+    pub passes: Vec<CompiledPass>,
+    /// Owns the executable memory the passes point into.
+    _module: JITModule,
+}
+
+// SAFETY: after `finalize_definitions` the module is never used again except to keep its
+// code mapped; the kernels are plain functions of their arguments, with no shared mutable
+// state (the sampling helper keeps its scratch space in thread-locals).
+unsafe impl Send for Kernels {}
+// SAFETY: as above; nothing reachable through `&Kernels` can mutate the module.
+unsafe impl Sync for Kernels {}
+
+fn cranelift_type(precision: Precision) -> cranelift_codegen::ir::Type {
+    match precision {
+        Precision::F32 => F32,
+        Precision::F64 => F64,
+    }
+}
+
+fn new_module() -> Result<JITModule, CodegenError> {
+    let isa_error = |e: &dyn std::fmt::Display| CodegenError::Isa(e.to_string());
+    let mut flags = settings::builder();
+    for (name, value) in [
+        ("opt_level", "speed"),
+        ("is_pic", "false"),
+        ("use_colocated_libcalls", "false"),
+    ] {
+        flags.set(name, value).map_err(|e| isa_error(&e))?;
+    }
+    let isa = cranelift_native::builder()
+        .map_err(|e| isa_error(&e))?
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| isa_error(&e))?;
+    let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+    for (name, address) in helpers::symbols() {
+        builder.symbol(name, address);
+    }
+    Ok(JITModule::new(builder))
+}
+
+fn signature(
+    module: &JITModule,
+    params: &[cranelift_codegen::ir::Type],
+    ret: cranelift_codegen::ir::Type,
+) -> Signature {
+    let mut sig = module.make_signature();
+    sig.params.extend(params.iter().map(|&t| AbiParam::new(t)));
+    sig.returns.push(AbiParam::new(ret));
+    sig
+}
+
+/// The kernels of every row pass of `plan`, and the Cranelift IR of each when `clif`.
+fn build(
+    plan: &Plan,
+    precision: Precision,
+    clif: bool,
+) -> Result<(Kernels, Vec<String>), CodegenError> {
+    let module_error = |e: cranelift_module::ModuleError| CodegenError::Module(e.to_string());
+    let mut module = new_module()?;
+    let float = cranelift_type(precision);
+    let suffix = if precision == Precision::F32 {
+        "f32"
+    } else {
+        "f64"
+    };
+    let imports = [
+        (
+            "losscc_union".to_string(),
+            signature(&module, &[I64, I64, I64, I64, I64], I64),
+        ),
+        (
+            format!("losscc_extreme_{suffix}"),
+            signature(&module, &[I64, I64, I64, F64, I32, I64], I64),
+        ),
+        (
+            format!("losscc_rank_{suffix}"),
+            signature(&module, &[I64, I64, F64], I64),
+        ),
+        (
+            format!("losscc_sample_{suffix}"),
+            signature(&module, &[I64, I64, I64, F64, I64, I32, I64, I64], I64),
+        ),
+    ];
+    let mut import_ids = Vec::new();
+    for (name, sig) in &imports {
+        import_ids.push(
+            module
+                .declare_function(name, Linkage::Import, sig)
+                .map_err(module_error)?,
+        );
+    }
+    let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
+    let math = math::MathBuilder::new(module.isa());
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut pending = Vec::new();
+    let mut texts = Vec::new();
+    for (phase, p) in plan.schedule.phases.iter().enumerate() {
+        let Phase::Rows {
+            block,
+            outputs,
+            effects,
+        } = p
+        else {
+            continue;
+        };
+        ctx.func.signature = kernel_sig.clone();
+        let refs: Vec<_> = import_ids
+            .iter()
+            .map(|&id| module.declare_func_in_func(id, &mut ctx.func))
+            .collect();
+        let helpers = Helpers {
+            union: refs[0],
+            extreme: refs[1],
+            rank: refs[2],
+            sample: refs[3],
+        };
+        let builder = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let layout = kernel::build(
+            plan, *block, outputs, effects, builder, math, float, helpers,
+        )?;
+        if clif {
+            texts.push(format!(
+                "; phase {phase}: rows {block}\n{}",
+                ctx.func.display()
+            ));
+        }
+        let id = module
+            .declare_function(&format!("pass{phase}"), Linkage::Local, &kernel_sig)
+            .map_err(module_error)?;
+        module.define_function(id, &mut ctx).map_err(module_error)?;
+        module.clear_context(&mut ctx);
+        pending.push((phase, layout, id));
+    }
+    module.finalize_definitions().map_err(module_error)?;
+    let passes = pending
+        .into_iter()
+        .map(|(phase, layout, id)| {
+            let address = module.get_finalized_function(id);
+            // SAFETY: `address` is the entry of a function just defined with `kernel_sig`
+            // (five pointer-sized integers in, a 32-bit integer out, the host's C calling
+            // convention), which is `KernelFn`'s signature; the module that owns the code
+            // is kept in the returned `Kernels`.
+            let code = unsafe { std::mem::transmute::<*const u8, KernelFn>(address) };
+            CompiledPass {
+                phase,
+                layout,
+                code,
+            }
+        })
+        .collect();
+    Ok((
+        Kernels {
+            passes,
+            _module: module,
+        },
+        texts,
+    ))
+}
+
+/// The kernels of every row pass of `plan`, for the given float type.
+pub fn compile(plan: &Plan, precision: Precision) -> Result<Kernels, CodegenError> {
+    build(plan, precision, false).map(|(kernels, _)| kernels)
+}
+
+/// The Cranelift IR of every row pass of `plan` (`losscc compile --emit clif`).
+pub fn emit_clif(plan: &Plan, precision: Precision) -> Result<String, CodegenError> {
+    build(plan, precision, true).map(|(_, texts)| texts.join("\n"))
+}

@@ -1,0 +1,227 @@
+//! Planning for the compiled backend: moving batch-level work over pair sets into row
+//! passes, and scheduling the result.
+//!
+//! The interpreter evaluates `sum(s where same and i < j)` at batch level by visiting every
+//! entry of the matrix. A compiled kernel visits entries one anchor row at a time, so such
+//! a reduction becomes a per-row partial in a row pass of its own (one per kind of row)
+//! and a batch-level combination of the partials: a sum of sums, a minimum of minima, the
+//! log-sum-exp of log-sum-exps, a mean as a sum over a count, a histogram as the sum of
+//! per-row histograms. The same move turns batch-level scatters into per-row ones. What
+//! cannot be split by rows (the smallest members of a set across the whole batch, say)
+//! stays at batch level, and [`Plan::row_local`] is false.
+
+use crate::grad::{Gradient, Scatter, ScatterTarget, TensorStep};
+use crate::ir::rewrite::{Hook, Rewrite};
+use crate::ir::*;
+use std::collections::HashMap;
+
+/// What the compiled backend runs: the module, its scatters, the tensor-level backward and
+/// the phases.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub module: Module,
+    pub scatters: Vec<Scatter>,
+    pub tensor_steps: Vec<TensorStep>,
+    pub schedule: Schedule,
+    /// Whether every pass over pair members runs per anchor row (no batch-level member sets).
+    pub row_local: bool,
+}
+
+/// The plan of the forward computation alone.
+pub fn forward_plan(module: &Module) -> Plan {
+    let mut decompose = Decompose::default();
+    let module = Rewrite::new(module).finish(&mut decompose);
+    finish(module, Vec::new(), Vec::new())
+}
+
+/// The plan of the forward computation and its gradient.
+pub fn gradient_plan(gradient: &Gradient) -> Plan {
+    let mut decompose = Decompose::default();
+    let mut rewrite = Rewrite::new(&gradient.module);
+    let scatters: Vec<Scatter> = gradient
+        .scatters
+        .iter()
+        .map(|s| {
+            let target = match s.target {
+                ScatterTarget::Members { set, scope } => {
+                    let new_set = rewrite.set(set, &mut decompose);
+                    let scope = match (scope, gradient.module.sets[set].shape) {
+                        (Scope::Batch, SetShape::Members(space))
+                            if splits_by_rows(&gradient.module, set) =>
+                        {
+                            Scope::Row(decompose.block_for(&mut rewrite, space))
+                        }
+                        (scope, _) => scope,
+                    };
+                    ScatterTarget::Members {
+                        set: new_set,
+                        scope,
+                    }
+                }
+                ScatterTarget::At { index } => ScatterTarget::At {
+                    index: rewrite.expr(index, &mut decompose),
+                },
+                ScatterTarget::Cross { set, side } => ScatterTarget::Cross {
+                    set: rewrite.set(set, &mut decompose),
+                    side,
+                },
+            };
+            Scatter {
+                matrix: s.matrix,
+                target,
+                weight: rewrite.expr(s.weight, &mut decompose),
+            }
+        })
+        .collect();
+    let module = rewrite.finish(&mut decompose);
+    finish(module, scatters, gradient.tensor_steps.clone())
+}
+
+fn finish(module: Module, scatters: Vec<Scatter>, tensor_steps: Vec<TensorStep>) -> Plan {
+    let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr())
+        .chain(module.stats.iter().map(|s| s.1))
+        .collect();
+    let effects: Vec<Effect> = scatters
+        .iter()
+        .map(|s| crate::grad::effect(&module, s))
+        .collect();
+    let schedule = schedule(&module, &roots, &effects);
+    let row_local = !module
+        .exprs
+        .iter()
+        .any(|(_, e)| batch_member_work(&module, e))
+        && scatters.iter().all(|s| s.block(&module).is_some());
+    Plan {
+        module,
+        scatters,
+        tensor_steps,
+        schedule,
+        row_local,
+    }
+}
+
+/// Whether an expression reduces pair members at batch level.
+fn batch_member_work(module: &Module, e: &Expr) -> bool {
+    let set = match e.kind {
+        ExprKind::Reduce {
+            set,
+            scope: Scope::Batch,
+            ..
+        }
+        | ExprKind::Rank {
+            set,
+            scope: Scope::Batch,
+            ..
+        }
+        | ExprKind::ArgReduce {
+            set,
+            scope: Scope::Batch,
+            ..
+        }
+        | ExprKind::Hist {
+            set,
+            scope: Scope::Batch,
+            ..
+        } => set,
+        _ => return false,
+    };
+    matches!(module.sets[set].shape, SetShape::Members(_))
+}
+
+/// Whether the members of a batch-level set in one row depend on that row alone: entries
+/// filtered by conditions, not ranks, samples or fallbacks across the batch.
+fn splits_by_rows(module: &Module, set: Handle<Set>) -> bool {
+    let s = &module.sets[set];
+    matches!(s.shape, SetShape::Members(_))
+        && match s.kind {
+            SetKind::Entries => true,
+            SetKind::Filter { base, .. } => splits_by_rows(module, base),
+            _ => false,
+        }
+}
+
+/// The hook that splits batch-level reductions over pair members by rows.
+#[derive(Default)]
+struct Decompose {
+    /// The row pass created for each kind of row.
+    blocks: HashMap<Domain, Handle<Block>>,
+}
+
+impl Decompose {
+    fn block_for(&mut self, rewrite: &mut Rewrite<'_>, space: Space) -> Handle<Block> {
+        let rows = space.rows.unwrap_or(Domain::Samples);
+        *self.blocks.entry(rows).or_insert_with(|| {
+            rewrite.builder.module.blocks.append(Block {
+                rows,
+                skips: Vec::new(),
+            })
+        })
+    }
+
+    /// `combine` over anchors of the per-row `partial`.
+    fn over_anchors(
+        rewrite: &mut Rewrite<'_>,
+        combine: ReduceOp,
+        partial: Handle<Expr>,
+        block: Handle<Block>,
+    ) -> Handle<Expr> {
+        let b = &mut rewrite.builder;
+        let anchors = b.add_set(SetKind::Anchors, partial, SetShape::Anchors(block), None);
+        b.reduce(combine, anchors, partial, Scope::Batch)
+    }
+}
+
+impl Hook for Decompose {
+    fn replace(&mut self, rewrite: &mut Rewrite<'_>, old: Handle<Expr>) -> Option<Handle<Expr>> {
+        let e = rewrite.old.exprs[old].clone();
+        let (set, space) = match e.kind {
+            ExprKind::Reduce {
+                set,
+                scope: Scope::Batch,
+                ..
+            }
+            | ExprKind::Hist {
+                set,
+                scope: Scope::Batch,
+                ..
+            } => match rewrite.old.sets[set].shape {
+                SetShape::Members(space) if splits_by_rows(rewrite.old, set) => (set, space),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let new_set = rewrite.set(set, self);
+        let block = self.block_for(rewrite, space);
+        let row = Scope::Row(block);
+        match e.kind {
+            ExprKind::Hist { bins, lo, hi, .. } => {
+                let partial = rewrite.builder.hist(new_set, bins, lo.0, hi.0, row);
+                Some(Self::over_anchors(rewrite, ReduceOp::Sum, partial, block))
+            }
+            ExprKind::Reduce { op, body, .. } => {
+                let body = rewrite.expr(body, self);
+                let b = &mut rewrite.builder;
+                match op {
+                    ReduceOp::Sum | ReduceOp::Min | ReduceOp::Max | ReduceOp::Lse => {
+                        let partial = b.reduce(op, new_set, body, row);
+                        Some(Self::over_anchors(rewrite, op, partial, block))
+                    }
+                    ReduceOp::Count => {
+                        let partial = b.reduce(op, new_set, body, row);
+                        Some(Self::over_anchors(rewrite, ReduceOp::Sum, partial, block))
+                    }
+                    ReduceOp::Mean => {
+                        let sum = b.reduce(ReduceOp::Sum, new_set, body, row);
+                        let one = b.constant_expr(1.0);
+                        let count = b.reduce(ReduceOp::Count, new_set, one, row);
+                        let total = Self::over_anchors(rewrite, ReduceOp::Sum, sum, block);
+                        let members = Self::over_anchors(rewrite, ReduceOp::Sum, count, block);
+                        rewrite.builder.binary(BinaryOp::Div, total, members).ok()
+                    }
+                    ReduceOp::Std => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
