@@ -736,41 +736,7 @@ impl<'m> Interp<'m> {
     }
 
     fn fold(&self, op: ReduceOp, values: &[f64], count: usize) -> f64 {
-        let r = |v: f64| self.r(v);
-        let sum = |values: &[f64]| values.iter().fold(0.0, |acc, &v| r(acc + v));
-        match op {
-            ReduceOp::Count => count as f64,
-            ReduceOp::Sum => sum(values),
-            ReduceOp::Mean => r(sum(values) / count as f64),
-            ReduceOp::Min => {
-                values.iter().fold(
-                    f64::INFINITY,
-                    |acc, &v| if v < acc || v.is_nan() { v } else { acc },
-                )
-            }
-            ReduceOp::Max => values.iter().fold(f64::NEG_INFINITY, |acc, &v| {
-                if v > acc || v.is_nan() { v } else { acc }
-            }),
-            ReduceOp::Lse => {
-                let max = values.iter().fold(f64::NEG_INFINITY, |acc, &v| acc.max(v));
-                if !max.is_finite() {
-                    max
-                } else {
-                    let total = values
-                        .iter()
-                        .fold(0.0, |acc, &v| r(acc + r((r(v - max)).exp())));
-                    r(max + r(total.ln()))
-                }
-            }
-            ReduceOp::Std => {
-                let mean = r(sum(values) / count as f64);
-                let squares = values.iter().fold(0.0, |acc, &v| {
-                    let d = r(v - mean);
-                    r(acc + r(d * d))
-                });
-                r(r(squares / count as f64).sqrt())
-            }
-        }
+        op.fold(values, count, |v| self.r(v))
     }
 
     /// The members of a set as seen from `point`, and the point its members hang off.

@@ -722,6 +722,48 @@ impl ReduceOp {
         }
     }
 
+    /// The reduction of `values` (of `count` members: a count needs no values), every
+    /// operation's result passed through `round` (the run's float type). Sums run in
+    /// member order; the minimum and maximum keep the first extreme and any NaN; the
+    /// log-sum-exp is max-shifted and is the maximum itself when that is not finite.
+    pub fn fold(self, values: &[f64], count: usize, round: impl Fn(f64) -> f64) -> f64 {
+        let r = &round;
+        let sum = |values: &[f64]| values.iter().fold(0.0, |acc, &v| r(acc + v));
+        match self {
+            ReduceOp::Count => count as f64,
+            ReduceOp::Sum => sum(values),
+            ReduceOp::Mean => r(sum(values) / count as f64),
+            ReduceOp::Min => {
+                values.iter().fold(
+                    f64::INFINITY,
+                    |acc, &v| if v < acc || v.is_nan() { v } else { acc },
+                )
+            }
+            ReduceOp::Max => values.iter().fold(f64::NEG_INFINITY, |acc, &v| {
+                if v > acc || v.is_nan() { v } else { acc }
+            }),
+            ReduceOp::Lse => {
+                let max = values.iter().fold(f64::NEG_INFINITY, |acc, &v| acc.max(v));
+                if !max.is_finite() {
+                    max
+                } else {
+                    let total = values
+                        .iter()
+                        .fold(0.0, |acc, &v| r(acc + r(r(v - max).exp())));
+                    r(max + r(total.ln()))
+                }
+            }
+            ReduceOp::Std => {
+                let mean = r(sum(values) / count as f64);
+                let squares = values.iter().fold(0.0, |acc, &v| {
+                    let d = r(v - mean);
+                    r(acc + r(d * d))
+                });
+                r(r(squares / count as f64).sqrt())
+            }
+        }
+    }
+
     /// Whether the reduction of an empty set has no value (an error at run time).
     pub fn needs_members(self) -> bool {
         matches!(self, ReduceOp::Mean | ReduceOp::Std)

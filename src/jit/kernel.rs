@@ -17,6 +17,7 @@ use crate::opt::Plan;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F64, I8, I32, I64};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, Variable};
 use std::collections::HashMap;
 use std::mem::offset_of;
@@ -81,6 +82,7 @@ pub fn build(
     math: MathBuilder,
     float: ClifType,
     helpers: Helpers,
+    target: TargetFrontendConfig,
 ) -> Result<PassLayout> {
     let mut g = Gen::new(plan, block, b, math, float, helpers);
     g.body(outputs, effects)?;
@@ -93,6 +95,7 @@ pub fn build(
         lists: g.lists.clone(),
     };
     g.b.seal_all_blocks();
+    g.b.finalize(target);
     Ok(layout)
 }
 
@@ -238,16 +241,20 @@ impl<'a, 'f> Gen<'a, 'f> {
             .load(I64, Self::flags(), table, (8 * domain_slot(domain)) as i32)
     }
 
-    /// The address of the anchor's row of matrix `m`.
-    fn matrix_row(&mut self, m: Handle<Matrix>) -> Value {
-        if let Some(&row) = self.matrix_rows.get(&m) {
-            return row;
-        }
+    /// The address of the anchor's row of matrix `m`, computed in the entry block so that
+    /// it dominates every loop.
+    fn matrix_row(&self, m: Handle<Matrix>) -> Value {
+        self.matrix_rows[&m]
+    }
+
+    /// Loads what every loop may read, in the entry block.
+    fn load_common(&mut self) {
         let table = self.arg_field(offset_of!(KernelArgs, matrices));
-        let base = self.load_ptr(table, m.index());
-        let row = self.row_address(base, m);
-        self.matrix_rows.insert(m, row);
-        row
+        for m in self.module.matrices.handles() {
+            let base = self.load_ptr(table, m.index());
+            let row = self.row_address(base, m);
+            self.matrix_rows.insert(m, row);
+        }
     }
 
     /// `base + anchor * cols(m) * size of float`.
@@ -265,6 +272,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     // ---- the pass --------------------------------------------------------------------------
 
     fn body(&mut self, outputs: &[Handle<Expr>], effects: &[usize]) -> Result<()> {
+        self.load_common();
         let skipped_ptr = self.arg_field(offset_of!(KernelArgs, skipped));
         let flag_at = self.b.ins().iadd(skipped_ptr, self.anchor);
         let skip_exit = self.b.create_block();

@@ -135,8 +135,8 @@ fn build(
     }
     let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
     let math = math::MathBuilder::new(module.isa());
+    let target = module.target_config();
     let mut ctx = module.make_context();
-    let mut fctx = FunctionBuilderContext::new();
     let mut pending = Vec::new();
     let mut texts = Vec::new();
     for (phase, p) in plan.schedule.phases.iter().enumerate() {
@@ -159,9 +159,11 @@ fn build(
             rank: refs[2],
             sample: refs[3],
         };
+        // A fresh builder context per kernel: one left dirty by a failed build must not leak.
+        let mut fctx = FunctionBuilderContext::new();
         let builder = FunctionBuilder::new(&mut ctx.func, &mut fctx);
         let layout = kernel::build(
-            plan, *block, outputs, effects, builder, math, float, helpers,
+            plan, *block, outputs, effects, builder, math, float, helpers, target,
         )?;
         if clif {
             texts.push(format!(
@@ -172,7 +174,14 @@ fn build(
         let id = module
             .declare_function(&format!("pass{phase}"), Linkage::Local, &kernel_sig)
             .map_err(module_error)?;
-        module.define_function(id, &mut ctx).map_err(module_error)?;
+        module.define_function(id, &mut ctx).map_err(|e| match e {
+            cranelift_module::ModuleError::Compilation(
+                cranelift_codegen::CodegenError::Verifier(errors),
+            ) => CodegenError::Module(cranelift_codegen::print_errors::pretty_verifier_error(
+                &ctx.func, None, errors,
+            )),
+            other => module_error(other),
+        })?;
         module.clear_context(&mut ctx);
         pending.push((phase, layout, id));
     }

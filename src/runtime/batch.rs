@@ -1,12 +1,14 @@
 //! A batch to evaluate a loss on, and the checks every backend runs before touching it.
 
+use super::real::Real;
 use crate::ir::{Grouping, Module};
 use ndarray::ArrayView2;
 
-/// Embeddings, labels and any named inputs (`--input groups=F.npy`).
+/// Embeddings (float64 unless said otherwise), labels and any named inputs
+/// (`--input groups=F.npy`).
 #[derive(Debug, Clone, Copy)]
-pub struct Batch<'a> {
-    pub x: ArrayView2<'a, f64>,
+pub struct Batch<'a, F = f64> {
+    pub x: ArrayView2<'a, F>,
     pub labels: &'a [i64],
     pub inputs: &'a [(String, Vec<i64>)],
     /// The seed of k-means, sampling and random partitions.
@@ -50,7 +52,7 @@ fn known_inputs(known: &[String]) -> String {
     }
 }
 
-impl Batch<'_> {
+impl<F: Real> Batch<'_, F> {
     pub fn rows(&self) -> usize {
         self.x.nrows()
     }
@@ -72,7 +74,11 @@ impl Batch<'_> {
         }
         for ((row, col), &value) in self.x.indexed_iter() {
             if !value.is_finite() {
-                return Err(InputError::NotFinite { row, col, value });
+                return Err(InputError::NotFinite {
+                    row,
+                    col,
+                    value: value.to_f64(),
+                });
             }
         }
         for (index, (name, values)) in self.inputs.iter().enumerate() {

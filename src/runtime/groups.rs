@@ -2,6 +2,7 @@
 
 use super::batch::Batch;
 use super::kmeans::{KMeansError, kmeans};
+use super::real::Real;
 use crate::ir::{Grouping, Handle, Module, Tensor};
 use ndarray::Array2;
 
@@ -50,9 +51,9 @@ pub enum GroupError {
 
 /// Evaluates every grouping of the module. `features` gives the values of a tensor (the
 /// k-means features), computed by the caller's backend.
-pub fn evaluate_groupings(
+pub fn evaluate_groupings<F: Real>(
     module: &Module,
-    batch: &Batch<'_>,
+    batch: &Batch<'_, F>,
     mut features: impl FnMut(Handle<Tensor>, &[GroupValues]) -> Array2<f64>,
 ) -> Result<Vec<GroupValues>, GroupError> {
     let mut values: Vec<GroupValues> = Vec::with_capacity(module.groupings.len());

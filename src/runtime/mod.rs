@@ -1,11 +1,16 @@
 //! What runs a compiled loss: validated batches, groupings, k-means, sampling, GEMM.
 
 pub mod batch;
+pub mod batch_eval;
+pub mod engine;
 pub mod error;
+pub mod gemm;
 pub mod groups;
 pub mod kmeans;
+pub mod real;
 pub mod sample;
 pub mod synthetic;
+pub mod tensors;
 
 pub use batch::{Batch, InputError};
 pub use error::RunError;

@@ -1,0 +1,465 @@
+//! Running a compiled loss: the phases of its plan, the kernels over anchor rows on worker
+//! threads, the GEMM-backed tensor work, and the interpreter as the authority when a
+//! kernel reports a condition it cannot decide alone.
+
+use super::batch::Batch;
+use super::batch_eval::{self, BatchValues, RowStore};
+use super::error::RunError;
+use super::groups::{GroupValues, evaluate_groupings};
+use super::real::Real;
+use super::tensors::{self, PairMatrix};
+use crate::grad::Gradient;
+use crate::interp::{self, Precision};
+use crate::ir::*;
+use crate::jit::abi::{KernelArgs, domain_slot};
+use crate::jit::{CompiledPass, Kernels};
+use crate::opt::Plan;
+use ndarray::{Array2, ArrayView2};
+use std::sync::OnceLock;
+
+/// How to run: worker threads, the seed of k-means and sampling, named inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    pub threads: usize,
+    pub seed: u64,
+    pub inputs: &'a [(String, Vec<i64>)],
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            threads: default_threads(),
+            seed: 0,
+            inputs: &[],
+        }
+    }
+}
+
+/// All the cores of the machine.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Which evaluator produced a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evaluator {
+    /// The compiled kernels.
+    Jit,
+    /// The interpreter, because a kernel reported a condition (an empty mean, a rank out of
+    /// range) or the plan has batch-level work the kernels do not do.
+    Interpreter,
+}
+
+/// The result of one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output<F> {
+    pub loss: f64,
+    pub stats: Vec<(String, f64)>,
+    /// `dL/dx`, when the gradient was asked for.
+    pub grad: Option<Array2<F>>,
+    pub evaluator: Evaluator,
+}
+
+/// A loss compiled for the native backend: its module, gradient, plans and (lazily, per
+/// float type) kernels.
+pub struct Compiled {
+    module: Module,
+    gradient: Gradient,
+    forward: Plan,
+    backward: Plan,
+    /// Kernels per (float type, with gradient).
+    kernels: [[OnceLock<Result<Kernels, crate::jit::CodegenError>>; 2]; 2],
+}
+
+impl Compiled {
+    pub fn new(module: Module, gradient: Gradient) -> Compiled {
+        let forward = crate::opt::forward_plan(&module);
+        let backward = crate::opt::gradient_plan(&gradient);
+        Compiled {
+            module,
+            gradient,
+            forward,
+            backward,
+            kernels: Default::default(),
+        }
+    }
+
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+
+    pub fn gradient(&self) -> &Gradient {
+        &self.gradient
+    }
+
+    pub fn plan(&self, with_gradient: bool) -> &Plan {
+        if with_gradient {
+            &self.backward
+        } else {
+            &self.forward
+        }
+    }
+
+    /// The kernels for a float type, compiled on first use.
+    pub fn kernels(&self, precision: Precision, with_gradient: bool) -> Result<&Kernels, RunError> {
+        let slot =
+            &self.kernels[usize::from(precision == Precision::F64)][usize::from(with_gradient)];
+        slot.get_or_init(|| crate::jit::compile(self.plan(with_gradient), precision))
+            .as_ref()
+            .map_err(|e| RunError::Internal {
+                what: e.to_string(),
+            })
+    }
+
+    /// Evaluates the loss (and `dL/dx` when `with_gradient`) on a batch.
+    pub fn run<F: Real>(
+        &self,
+        x: ArrayView2<F>,
+        labels: &[i64],
+        options: &Options<'_>,
+        with_gradient: bool,
+    ) -> Result<Output<F>, RunError> {
+        let batch = Batch {
+            x,
+            labels,
+            inputs: options.inputs,
+            seed: options.seed,
+        };
+        batch.validate(&self.module)?;
+        let plan = self.plan(with_gradient);
+        if plan.row_local {
+            let kernels = self.kernels(F::PRECISION, with_gradient)?;
+            if let Some(output) =
+                Run::new(plan, kernels, &batch, options.threads.max(1))?.execute(with_gradient)?
+            {
+                return Ok(output);
+            }
+        }
+        self.interpret(&batch, with_gradient)
+    }
+
+    /// The interpreter's evaluation of the same batch.
+    fn interpret<F: Real>(
+        &self,
+        batch: &Batch<'_, F>,
+        with_gradient: bool,
+    ) -> Result<Output<F>, RunError> {
+        let x = batch.x.mapv(|v| v.to_f64());
+        let batch64 = Batch {
+            x: x.view(),
+            labels: batch.labels,
+            inputs: batch.inputs,
+            seed: batch.seed,
+        };
+        let out = if with_gradient {
+            interp::evaluate_with_gradient(&self.gradient, &batch64, F::PRECISION)?
+        } else {
+            interp::evaluate(&self.module, &batch64, F::PRECISION)?
+        };
+        Ok(Output {
+            loss: out.loss,
+            stats: out.stats,
+            grad: out.grad.map(|g| g.mapv(F::from_f64)),
+            evaluator: Evaluator::Interpreter,
+        })
+    }
+}
+
+/// The state of one evaluation.
+struct Run<'r, F: Real> {
+    plan: &'r Plan,
+    kernels: &'r Kernels,
+    labels: &'r [i64],
+    seed: u64,
+    threads: usize,
+    groups: Vec<GroupValues>,
+    tensors: Vec<Array2<F>>,
+    matrices: Vec<PairMatrix<F>>,
+    /// Per matrix: its adjoint, for the matrices the plan scatters into.
+    adjoints: Vec<Option<Array2<F>>>,
+    values: BatchValues,
+    rows: RowStore,
+}
+
+impl<'r, F: Real> Run<'r, F> {
+    fn new(
+        plan: &'r Plan,
+        kernels: &'r Kernels,
+        batch: &Batch<'r, F>,
+        threads: usize,
+    ) -> Result<Self, RunError> {
+        let module = &plan.module;
+        let groups = evaluate_groupings(module, batch, |tensor, groups| {
+            match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor)) {
+                Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
+                Err(_) => Array2::zeros((0, 0)),
+            }
+        })?;
+        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None)?;
+        let matrices: Vec<PairMatrix<F>> = module
+            .matrices
+            .iter()
+            .map(|(_, m)| {
+                tensors::pair_matrix(
+                    m,
+                    &tensors[m.left.index()],
+                    &tensors[m.right.index()],
+                    threads,
+                )
+            })
+            .collect();
+        let mut adjoints: Vec<Option<Array2<F>>> = vec![None; module.matrices.len()];
+        for scatter in &plan.scatters {
+            let slot = &mut adjoints[scatter.matrix.index()];
+            if slot.is_none() {
+                *slot = Some(Array2::zeros(matrices[scatter.matrix.index()].values.dim()));
+            }
+        }
+        Ok(Run {
+            plan,
+            kernels,
+            labels: batch.labels,
+            seed: batch.seed,
+            threads,
+            groups,
+            tensors,
+            matrices,
+            adjoints,
+            values: BatchValues::new(module),
+            rows: RowStore::default(),
+        })
+    }
+
+    fn domain_len(&self, domain: Domain) -> usize {
+        match domain {
+            Domain::Samples => self.labels.len(),
+            Domain::Groups(g) => self.groups[g.index()].count(),
+        }
+    }
+
+    /// Runs the phases; `None` when a kernel reported a condition or a result is not finite,
+    /// for the interpreter to decide.
+    fn execute(mut self, with_gradient: bool) -> Result<Option<Output<F>>, RunError> {
+        let module = &self.plan.module;
+        let n = self.labels.len();
+        for (index, phase) in self.plan.schedule.phases.iter().enumerate() {
+            match phase {
+                Phase::Batch { exprs, .. } => {
+                    for &h in exprs {
+                        batch_eval::evaluate(
+                            module,
+                            h,
+                            &mut self.values,
+                            &self.rows,
+                            n,
+                            F::PRECISION,
+                        )?;
+                    }
+                }
+                Phase::Rows { .. } => {
+                    let pass = self
+                        .kernels
+                        .passes
+                        .iter()
+                        .find(|p| p.phase == index)
+                        .ok_or_else(|| RunError::Internal {
+                            what: format!("no kernel for phase {index}"),
+                        })?;
+                    let status = self.run_pass(pass);
+                    if status != 0 {
+                        if std::env::var("LOSSCC_DEBUG").is_ok() {
+                            eprintln!("phase {index}: status {status}");
+                        }
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        let loss = self.values.numbers[module.loss_expr().index()];
+        let stats: Vec<(String, f64)> = module
+            .stats
+            .iter()
+            .map(|(name, h)| (name.clone(), self.values.numbers[h.index()]))
+            .collect();
+        if !loss.is_finite() || stats.iter().any(|(_, v)| !v.is_finite()) {
+            if std::env::var("LOSSCC_DEBUG").is_ok() {
+                eprintln!("loss {loss} stats {stats:?}");
+            }
+            return Ok(None);
+        }
+        let grad = if with_gradient {
+            let adjoints = std::mem::take(&mut self.adjoints);
+            let grad = tensors::backward(
+                module,
+                &self.plan.tensor_steps,
+                &self.tensors,
+                &self.matrices,
+                adjoints,
+                &self.groups,
+                self.seed,
+                self.threads,
+            );
+            if grad.iter().any(|v| !v.is_finite()) {
+                return Ok(None);
+            }
+            Some(grad)
+        } else {
+            None
+        };
+        Ok(Some(Output {
+            loss,
+            stats,
+            grad,
+            evaluator: Evaluator::Jit,
+        }))
+    }
+
+    /// Runs one pass over every anchor of its block; returns the union of the statuses.
+    fn run_pass(&mut self, pass: &CompiledPass) -> u32 {
+        let module = &self.plan.module;
+        let rows = self.domain_len(module.blocks[pass.layout.block].rows);
+        let mut outputs: Vec<Vec<F>> = pass
+            .layout
+            .outputs
+            .iter()
+            .map(|&(_, width)| vec![F::ZERO; rows * width])
+            .collect();
+        let mut skipped = vec![0u8; rows];
+
+        // The tables the kernel reads, alive until the pass ends.
+        let matrix_ptrs: Vec<*const u8> = self
+            .matrices
+            .iter()
+            .map(|m| m.values.as_ptr() as *const u8)
+            .collect();
+        let matrix_cols: Vec<u64> = self
+            .matrices
+            .iter()
+            .map(|m| m.values.ncols() as u64)
+            .collect();
+        let vector_ptrs: Vec<*const f64> = self
+            .values
+            .vectors
+            .iter()
+            .map(|v| v.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()))
+            .collect();
+        let output_ptrs: Vec<*mut u8> = outputs
+            .iter_mut()
+            .map(|o| o.as_mut_ptr() as *mut u8)
+            .collect();
+        let grad_ptrs: Vec<*mut u8> = self
+            .adjoints
+            .iter_mut()
+            .map(|a| {
+                a.as_mut()
+                    .map_or(std::ptr::null_mut(), |a| a.as_mut_ptr() as *mut u8)
+            })
+            .collect();
+        let domains = 1 + module.groupings.len();
+        let mut labels: Vec<Vec<i64>> = vec![self.labels.to_vec()];
+        let mut lens: Vec<u64> = vec![self.labels.len() as u64];
+        for group in &self.groups {
+            labels.push(
+                group
+                    .labels
+                    .clone()
+                    .unwrap_or_else(|| vec![-1; group.count()]),
+            );
+            lens.push(group.count() as u64);
+        }
+        debug_assert_eq!(labels.len(), domains);
+        let label_ptrs: Vec<*const i64> = labels.iter().map(|l| l.as_ptr()).collect();
+        let of_sample: Vec<Vec<u32>> = self
+            .groups
+            .iter()
+            .map(|g| g.of_sample.iter().map(|&s| s as u32).collect())
+            .collect();
+        let group_ptrs: Vec<*const u32> = of_sample.iter().map(|g| g.as_ptr()).collect();
+        let sizes: Vec<Vec<f64>> = self
+            .groups
+            .iter()
+            .map(|g| g.sizes.iter().map(|&s| s as f64).collect())
+            .collect();
+        let size_ptrs: Vec<*const f64> = sizes.iter().map(|s| s.as_ptr()).collect();
+        let args = Shared(KernelArgs {
+            matrices: matrix_ptrs.as_ptr(),
+            matrix_cols: matrix_cols.as_ptr(),
+            batch: self.values.numbers.as_ptr(),
+            vectors: vector_ptrs.as_ptr(),
+            outputs: output_ptrs.as_ptr(),
+            skipped: skipped.as_mut_ptr(),
+            grads: grad_ptrs.as_ptr(),
+            labels: label_ptrs.as_ptr(),
+            domain_len: lens.as_ptr(),
+            groups: group_ptrs.as_ptr(),
+            sizes: size_ptrs.as_ptr(),
+            seed: self.seed,
+        });
+        let list_lens: Vec<usize> = pass
+            .layout
+            .lists
+            .iter()
+            .map(|&d| lens[domain_slot(d)] as usize)
+            .collect();
+        let scratch = lens.iter().copied().max().unwrap_or(0) as usize;
+        let threads = self.threads.min(rows.max(1));
+        let chunk = rows.div_ceil(threads.max(1)).max(1);
+        let code = pass.code;
+        let status = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..rows)
+                .step_by(chunk)
+                .map(|start| {
+                    let args = &args;
+                    let list_lens = &list_lens;
+                    scope.spawn(move || {
+                        let mut lists: Vec<Vec<u32>> =
+                            list_lens.iter().map(|&len| vec![0; len.max(1)]).collect();
+                        let list_ptrs: Vec<*mut u32> =
+                            lists.iter_mut().map(|l| l.as_mut_ptr()).collect();
+                        let mut values = vec![F::ZERO; scratch.max(1)];
+                        let mut indices = vec![0u32; scratch.max(1)];
+                        let mut status = 0;
+                        for anchor in start..(start + chunk).min(rows) {
+                            // SAFETY: `args` points at tables that outlive the scope, sized
+                            // for this module and batch as the kernel's layout requires;
+                            // each list and scratch buffer is as long as the domain it
+                            // holds indices of; anchors are split between threads, and a
+                            // kernel writes only its anchor's outputs, skip flag and
+                            // adjoint rows.
+                            status |= unsafe {
+                                code(
+                                    &args.0,
+                                    anchor as u64,
+                                    list_ptrs.as_ptr(),
+                                    values.as_mut_ptr() as *mut u8,
+                                    indices.as_mut_ptr(),
+                                )
+                            };
+                        }
+                        status
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or(u32::MAX))
+                .fold(0, |a, b| a | b)
+        });
+        for ((h, width), values) in pass.layout.outputs.iter().zip(outputs) {
+            self.rows.outputs.insert(
+                (pass.layout.block, *h),
+                (values.iter().map(|v| v.to_f64()).collect(), *width),
+            );
+        }
+        self.rows.skipped.insert(pass.layout.block, skipped);
+        status
+    }
+}
+
+/// Kernel arguments shared by the worker threads of a pass.
+struct Shared(KernelArgs);
+
+// SAFETY: the pointers in the arguments are only read by the kernels, except the outputs,
+// skip flags and adjoints, which each kernel writes at its own anchor only; the pass joins
+// every thread before the tables are touched again.
+unsafe impl Sync for Shared {}

@@ -1,0 +1,361 @@
+//! Tensors and pair matrices of a compiled run, forward and backward, with the GEMM doing
+//! the O(n m d) work: `A B^T` (one triangle of `X X^T`), and `(G + G^T) X` as one product.
+
+use super::error::RunError;
+use super::gemm;
+use super::groups::{GroupValues, partition_columns, permutation};
+use super::real::Real;
+use crate::grad::TensorStep;
+use crate::ir::*;
+use ndarray::{Array1, Array2, ArrayView2, Axis as NdAxis};
+
+/// The tensors of the module in order, up to and including `last` (all when `None`): the
+/// k-means features come before the groupings computed from them, and so before any tensor
+/// that needs those groupings.
+pub fn tensors<F: Real>(
+    module: &Module,
+    x: ArrayView2<F>,
+    groups: &[GroupValues],
+    seed: u64,
+    last: Option<Handle<Tensor>>,
+) -> Result<Vec<Array2<F>>, RunError> {
+    let mut values: Vec<Array2<F>> = Vec::with_capacity(module.tensors.len());
+    for (h, tensor) in module.tensors.iter() {
+        if last.is_some_and(|last| h > last) {
+            break;
+        }
+        let source = |s: &Handle<Tensor>| &values[s.index()];
+        let value = match &tensor.op {
+            TensorOp::Embedding => x.to_owned(),
+            TensorOp::Columns {
+                source: s,
+                start,
+                end,
+            } => {
+                let a = source(s);
+                if *end > a.ncols() {
+                    return Err(RunError::ColumnsOutOfRange {
+                        start: *start,
+                        end: *end,
+                        cols: a.ncols(),
+                        tensor: h,
+                    });
+                }
+                a.slice(ndarray::s![.., *start..*end]).to_owned()
+            }
+            TensorOp::Partition {
+                source: s,
+                sizes,
+                part,
+                site,
+            } => {
+                let a = source(s);
+                let sum: usize = sizes.iter().sum();
+                if sum != a.ncols() {
+                    return Err(RunError::PartitionWidth {
+                        sum,
+                        cols: a.ncols(),
+                        tensor: h,
+                    });
+                }
+                a.select(
+                    NdAxis(1),
+                    &partition_columns(&permutation(a.ncols(), seed, *site), sizes, *part),
+                )
+            }
+            TensorOp::Normalize { source: s } => {
+                let mut a = source(s).clone();
+                for (row, mut values) in a.rows_mut().into_iter().enumerate() {
+                    let norm = values.dot(&values).sqrt();
+                    if norm == F::ZERO {
+                        return Err(RunError::ZeroRow { row, tensor: h });
+                    }
+                    values.mapv_inplace(|v| v / norm);
+                }
+                a
+            }
+            TensorOp::Centres {
+                source: s,
+                groups: g,
+            } => {
+                let a = source(s);
+                let grouping = &groups[g.index()];
+                let mut sums = Array2::<F>::zeros((grouping.count(), a.ncols()));
+                for (sample, row) in a.rows().into_iter().enumerate() {
+                    sums.row_mut(grouping.of_sample[sample])
+                        .zip_mut_with(&row, |acc, &v| *acc = *acc + v);
+                }
+                for (group, mut row) in sums.rows_mut().into_iter().enumerate() {
+                    let size = F::from_f64(grouping.sizes[group] as f64);
+                    row.mapv_inplace(|v| v / size);
+                }
+                sums
+            }
+            TensorOp::Stop { source: s } => source(s).clone(),
+            TensorOp::Concat { left, right } => {
+                ndarray::concatenate(NdAxis(1), &[source(left).view(), source(right).view()])
+                    .map_err(|e| RunError::Internal {
+                        what: format!("concat: {e}"),
+                    })?
+            }
+            TensorOp::OneHot { groups: g } => {
+                let grouping = &groups[g.index()];
+                let mut a = Array2::<F>::zeros((grouping.of_sample.len(), grouping.count()));
+                for (sample, &group) in grouping.of_sample.iter().enumerate() {
+                    a[(sample, group)] = F::ONE;
+                }
+                a
+            }
+            TensorOp::Scale { source: s, factor } => {
+                let factor = F::from_f64(*factor);
+                source(s).mapv(|v| v * factor)
+            }
+        };
+        values.push(value);
+    }
+    Ok(values)
+}
+
+/// A pair matrix, and for euclidean ones the squared distances under the clamp.
+pub struct PairMatrix<F> {
+    pub values: Array2<F>,
+    pub squared: Option<Array2<F>>,
+}
+
+fn row_norms<F: Real>(a: &Array2<F>) -> Array1<F> {
+    a.rows().into_iter().map(|row| row.dot(&row)).collect()
+}
+
+/// `metric(left_i, right_j)` for every pair; a tensor against itself has an exact zero
+/// diagonal of distances.
+pub fn pair_matrix<F: Real>(
+    matrix: &Matrix,
+    a: &Array2<F>,
+    b: &Array2<F>,
+    threads: usize,
+) -> PairMatrix<F> {
+    let mut s = Array2::<F>::zeros((a.nrows(), b.nrows()));
+    if matrix.is_symmetric() {
+        gemm::gram(a.view(), s.view_mut(), threads);
+    } else {
+        gemm::abt(a.view(), b.view(), s.view_mut(), threads);
+    }
+    if let Metric::Dot = matrix.metric {
+        return PairMatrix {
+            values: s,
+            squared: None,
+        };
+    }
+    let (na, nb) = (row_norms(a), row_norms(b));
+    let two = F::from_f64(2.0);
+    let symmetric = matrix.is_symmetric();
+    for ((i, j), v) in s.indexed_iter_mut() {
+        *v = if symmetric && i == j {
+            F::ZERO
+        } else {
+            na[i] + nb[j] - two * *v
+        };
+    }
+    match matrix.metric {
+        Metric::Euclid { eps } => {
+            let eps = F::from_f64(eps);
+            let values = s.mapv(|q| if q > eps { q.sqrt() } else { eps.sqrt() });
+            PairMatrix {
+                values,
+                squared: Some(s),
+            }
+        }
+        _ => PairMatrix {
+            values: s,
+            squared: None,
+        },
+    }
+}
+
+/// `dL/dx` from the matrices' adjoints, through the tensor steps.
+pub fn backward<F: Real>(
+    module: &Module,
+    steps: &[TensorStep],
+    tensors: &[Array2<F>],
+    matrices: &[PairMatrix<F>],
+    adjoints: Vec<Option<Array2<F>>>,
+    groups: &[GroupValues],
+    seed: u64,
+    threads: usize,
+) -> Array2<F> {
+    let mut grads: Vec<Array2<F>> = tensors.iter().map(|t| Array2::zeros(t.dim())).collect();
+    let mut adjoints = adjoints;
+    for step in steps {
+        match *step {
+            TensorStep::Metric(m) => {
+                let Some(g) = adjoints[m.index()].take() else {
+                    continue;
+                };
+                metric_backward(
+                    &module.matrices[m],
+                    g,
+                    &matrices[m.index()],
+                    tensors,
+                    &mut grads,
+                    threads,
+                );
+            }
+            TensorStep::Tensor(t) => {
+                let g = std::mem::replace(&mut grads[t.index()], Array2::zeros((0, 0)));
+                tensor_backward(
+                    &module.tensors[t].op,
+                    t,
+                    g,
+                    tensors,
+                    &mut grads,
+                    groups,
+                    seed,
+                );
+            }
+        }
+    }
+    let embedding = module
+        .tensors
+        .iter()
+        .find(|(_, t)| t.op == TensorOp::Embedding)
+        .map_or(0, |(h, _)| h.index());
+    grads.swap_remove(embedding)
+}
+
+/// From a matrix's adjoint to its tensors'. For the distances, `dQ = dD / (2 D)` where the
+/// clamp does not hold, then `dA_i += 2 (rowsum_i(dQ) a_i - (dQ B)_i)` and symmetrically for B.
+fn metric_backward<F: Real>(
+    matrix: &Matrix,
+    mut g: Array2<F>,
+    value: &PairMatrix<F>,
+    tensors: &[Array2<F>],
+    grads: &mut [Array2<F>],
+    threads: usize,
+) {
+    let (left, right) = (matrix.left.index(), matrix.right.index());
+    let two = F::from_f64(2.0);
+    let scale = match matrix.metric {
+        Metric::Dot => F::ONE,
+        Metric::SqEuclid => two,
+        Metric::Euclid { eps } => {
+            let eps = F::from_f64(eps);
+            if let Some(squared) = &value.squared {
+                ndarray::Zip::from(&mut g)
+                    .and(squared)
+                    .and(&value.values)
+                    .for_each(|w, &q, &d| {
+                        *w = if q > eps { *w / (two * d) } else { F::ZERO };
+                    });
+            }
+            two
+        }
+    };
+    if matrix.metric != Metric::Dot {
+        // The |a_i|^2 and |b_j|^2 terms: the row and column sums of the adjoint.
+        let rows = g.sum_axis(NdAxis(1));
+        let cols = g.sum_axis(NdAxis(0));
+        let (a, b) = (&tensors[left], &tensors[right]);
+        for (i, mut row) in grads[left].rows_mut().into_iter().enumerate() {
+            row.zip_mut_with(&a.row(i), |acc, &v| *acc = *acc + scale * rows[i] * v);
+        }
+        for (j, mut row) in grads[right].rows_mut().into_iter().enumerate() {
+            row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + scale * cols[j] * v);
+        }
+        // And the cross term -2 a_i . b_j.
+        g.mapv_inplace(|w| -w);
+    }
+    let g = g.mapv(|w| {
+        w * if matrix.metric == Metric::Dot {
+            F::ONE
+        } else {
+            scale
+        }
+    });
+    if left == right {
+        gemm::sym_acc(
+            g.view(),
+            tensors[left].view(),
+            grads[left].view_mut(),
+            threads,
+        );
+    } else {
+        gemm::ab_acc(
+            g.view(),
+            tensors[right].view(),
+            grads[left].view_mut(),
+            threads,
+        );
+        gemm::atb_acc(
+            g.view(),
+            tensors[left].view(),
+            grads[right].view_mut(),
+            threads,
+        );
+    }
+}
+
+/// From a derived tensor's adjoint to its source's.
+fn tensor_backward<F: Real>(
+    op: &TensorOp,
+    t: Handle<Tensor>,
+    g: Array2<F>,
+    tensors: &[Array2<F>],
+    grads: &mut [Array2<F>],
+    groups: &[GroupValues],
+    seed: u64,
+) {
+    match op {
+        TensorOp::Columns { source, start, end } => {
+            let mut target = grads[source.index()].slice_mut(ndarray::s![.., *start..*end]);
+            target.zip_mut_with(&g, |acc, &v| *acc = *acc + v);
+        }
+        TensorOp::Partition {
+            source,
+            sizes,
+            part,
+            site,
+        } => {
+            let cols = tensors[source.index()].ncols();
+            let columns = partition_columns(&permutation(cols, seed, *site), sizes, *part);
+            let target = &mut grads[source.index()];
+            for (k, &c) in columns.iter().enumerate() {
+                target
+                    .column_mut(c)
+                    .zip_mut_with(&g.column(k), |acc, &v| *acc = *acc + v);
+            }
+        }
+        TensorOp::Normalize { source } => {
+            let (y, x) = (&tensors[t.index()], &tensors[source.index()]);
+            let target = &mut grads[source.index()];
+            for i in 0..g.nrows() {
+                let norm = x.row(i).dot(&x.row(i)).sqrt();
+                let along = g.row(i).dot(&y.row(i));
+                let mut row = target.row_mut(i);
+                for k in 0..g.ncols() {
+                    row[k] = row[k] + (g[(i, k)] - along * y[(i, k)]) / norm;
+                }
+            }
+        }
+        TensorOp::Centres {
+            source,
+            groups: grouping,
+        } => {
+            let grouping = &groups[grouping.index()];
+            let target = &mut grads[source.index()];
+            for (sample, &group) in grouping.of_sample.iter().enumerate() {
+                let size = F::from_f64(grouping.sizes[group] as f64);
+                target
+                    .row_mut(sample)
+                    .zip_mut_with(&g.row(group), |acc, &v| *acc = *acc + v / size);
+            }
+        }
+        TensorOp::Scale { source, factor } => {
+            let factor = F::from_f64(*factor);
+            grads[source.index()].zip_mut_with(&g, |acc, &v| *acc = *acc + factor * v);
+        }
+        TensorOp::Embedding
+        | TensorOp::Stop { .. }
+        | TensorOp::Concat { .. }
+        | TensorOp::OneHot { .. } => {}
+    }
+}
