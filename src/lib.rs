@@ -2,6 +2,19 @@
 //! (The essay on the pipeline is written once the pipeline exists.)
 
 pub mod diagnostic;
+
+/// The shipped loss family, embedded: (name, spec text).
+pub mod library {
+    include!(concat!(env!("OUT_DIR"), "/library.rs"));
+
+    /// The text of a shipped loss.
+    pub fn find(name: &str) -> Option<&'static str> {
+        LIBRARY
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, text)| *text)
+    }
+}
 pub mod grad;
 pub mod interp;
 pub mod ir;
@@ -34,6 +47,27 @@ impl FrontError {
     }
 }
 
+pub use runtime::engine::{Loss, Options, Output};
+
+/// An error of compiling or running a loss, as a library user sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A mistake in a spec, with its diagnostic rendered against the spec's text.
+    #[error("{rendered}")]
+    Spec { error: FrontError, rendered: String },
+    #[error(transparent)]
+    Grad(#[from] grad::GradError),
+    #[error(transparent)]
+    Run(#[from] runtime::RunError),
+}
+
+impl Error {
+    pub fn spec(sources: &Sources, error: FrontError) -> Error {
+        let rendered = render(sources, &error);
+        Error::Spec { error, rendered }
+    }
+}
+
 /// A loaded spec: its sources (for diagnostics) and its parsed files.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -48,6 +82,19 @@ impl Spec {
         match syntax::load_program(path, &mut sources) {
             Ok(program) => Ok(Spec { sources, program }),
             Err(e) => Err((sources, e.into())),
+        }
+    }
+
+    /// Parses a spec given as text; `use` finds the shipped losses.
+    pub fn from_source(name: &str, source: &str) -> Result<Spec, Error> {
+        let mut sources = Sources::new();
+        let stem = name.strip_suffix(".loss").unwrap_or(name);
+        let loaded = syntax::load_source(name, stem, source.to_string(), &mut sources, |used| {
+            library::find(used).map(|text| (format!("losses/{used}.loss"), text.to_string()))
+        });
+        match loaded {
+            Ok(program) => Ok(Spec { sources, program }),
+            Err(e) => Err(Error::spec(&sources, e.into())),
         }
     }
 

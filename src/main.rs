@@ -1,8 +1,9 @@
 //! The `losscc` command line: check, inspect, format, run and benchmark loss specs.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use losscc::Spec;
 use losscc::ir::{ParamValue, Params};
+use losscc::runtime::engine::{Evaluator, default_threads};
+use losscc::{Loss, Options, Spec};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,32 @@ enum Command {
     Fmt { file: PathBuf },
     /// Evaluate a loss (and its gradient) on a batch; prints one JSON object.
     Run(RunArgs),
+    /// Time compilation, forward and forward+backward on a seeded synthetic batch; prints
+    /// one JSON object with medians in milliseconds.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    file: PathBuf,
+    #[arg(long)]
+    n: usize,
+    #[arg(long)]
+    d: usize,
+    /// Members per class.
+    #[arg(long = "per-class")]
+    per_class: usize,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long, value_enum, default_value = "jit")]
+    backend: Backend,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Override a parameter, as for `run`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -61,7 +88,7 @@ struct RunArgs {
     /// Supply a named input: `--input groups=G.npy` (integers, one per row).
     #[arg(long = "input", value_name = "NAME=FILE")]
     input: Vec<String>,
-    #[arg(long, value_enum, default_value = "interp")]
+    #[arg(long, value_enum, default_value = "jit")]
     backend: Backend,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
@@ -82,10 +109,28 @@ enum Backend {
     Interp,
 }
 
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Jit => "jit",
+            Backend::Interp => "interp",
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Dtype {
     F32,
     F64,
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F64 => "f64",
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -93,6 +138,7 @@ enum Emit {
     Ast,
     Ir,
     Grad,
+    Clif,
 }
 
 fn main() -> ExitCode {
@@ -103,6 +149,7 @@ fn main() -> ExitCode {
         Command::List { dir } => list(&dir),
         Command::Fmt { file } => fmt(&file),
         Command::Run(args) => run(&args),
+        Command::Bench(args) => bench(&args),
     };
     match result {
         Ok(text) => {
@@ -154,6 +201,13 @@ fn compile(file: &Path, emit: Emit, set: &[String]) -> Outcome {
     let spec = load(file)?;
     match emit {
         Emit::Ast => Ok(format!("{:#?}\n", spec.program.main_file().ast)),
+        Emit::Clif => {
+            let overrides = parse_overrides(set)?;
+            let loss = Loss::from_spec(&spec, &overrides).map_err(|e| format!("{e}"))?;
+            let plan = loss.plan(true);
+            losscc::jit::emit_clif(plan, losscc::interp::Precision::F32)
+                .map_err(|e| format!("error: {e}\n"))
+        }
         Emit::Ir | Emit::Grad => {
             let overrides = parse_overrides(set)?;
             let module = spec.lower(&overrides).map_err(|e| spec.render(&e))?;
@@ -255,10 +309,8 @@ fn fmt(file: &Path) -> Outcome {
 const DEMO: (usize, usize, usize) = (128, 512, 4);
 
 fn run(args: &RunArgs) -> Outcome {
-    use losscc::interp::{Precision, evaluate_with_gradient};
     let spec = load(&args.file)?;
     let overrides = parse_overrides(&args.set)?;
-    let module = spec.lower(&overrides).map_err(|e| spec.render(&e))?;
     let (x, labels) = match (&args.x, &args.labels) {
         (Some(x), Some(labels)) => (read_embeddings(x)?, read_integers(labels, "labels")?),
         _ => {
@@ -283,43 +335,146 @@ fn run(args: &RunArgs) -> Outcome {
             ))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let precision = match args.dtype {
-        Dtype::F32 => Precision::F32,
-        Dtype::F64 => Precision::F64,
-    };
-    if args.backend == Backend::Jit {
-        return Err("error: the JIT backend is not built yet; use --backend interp".into());
-    }
-    let gradient = losscc::grad::differentiate(&module).map_err(|e| format!("error: {e}"))?;
-    let batch = losscc::runtime::Batch {
-        x: x.view(),
-        labels: &labels,
-        inputs: &inputs,
+    let loss = Loss::from_spec(&spec, &overrides).map_err(|e| format!("{e}"))?;
+    let options = Options {
+        threads: args.threads.unwrap_or_else(default_threads),
         seed: args.seed,
+        inputs: &inputs,
     };
-    let output = evaluate_with_gradient(&gradient, &batch, precision).map_err(|e| {
-        match e.to_diagnostic(&gradient.module) {
-            Some(d) => spec.sources.render(&d),
-            None => format!("error[{}]: {e}", e.code()),
+    let (value, stats, grad) = match args.dtype {
+        Dtype::F32 => {
+            let out = evaluate(
+                &loss,
+                x.mapv(|v| v as f32).view(),
+                &labels,
+                &options,
+                args.backend,
+                &spec,
+            )?;
+            (out.loss, out.stats, out.grad.map(|g| g.mapv(f64::from)))
         }
-    })?;
-    if let (Some(path), Some(grad)) = (&args.grad_out, &output.grad) {
+        Dtype::F64 => {
+            let out = evaluate(&loss, x.view(), &labels, &options, args.backend, &spec)?;
+            (out.loss, out.stats, out.grad)
+        }
+    };
+    if let (Some(path), Some(grad)) = (&args.grad_out, &grad) {
         let written = match args.dtype {
             Dtype::F32 => ndarray_npy::write_npy(path, &grad.mapv(|v| v as f32)),
             Dtype::F64 => ndarray_npy::write_npy(path, grad),
         };
         written.map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
     }
-    let stats: serde_json::Map<String, serde_json::Value> = output
-        .stats
+    let stats: serde_json::Map<String, serde_json::Value> = stats
         .iter()
         .map(|(name, value)| (name.clone(), serde_json::json!(value)))
         .collect();
     let json = serde_json::json!({
-        "loss": output.loss,
+        "loss": value,
         "stats": stats,
-        "backend": match args.backend { Backend::Jit => "jit", Backend::Interp => "interp" },
-        "dtype": match args.dtype { Dtype::F32 => "f32", Dtype::F64 => "f64" },
+        "backend": args.backend.name(),
+        "dtype": args.dtype.name(),
+    });
+    Ok(format!("{json}\n"))
+}
+
+/// The loss and gradient on one backend, errors rendered against the spec.
+fn evaluate<F: losscc::runtime::real::Real>(
+    loss: &Loss,
+    x: ndarray::ArrayView2<F>,
+    labels: &[i64],
+    options: &Options<'_>,
+    backend: Backend,
+    spec: &Spec,
+) -> Result<losscc::Output<F>, String> {
+    let result = match backend {
+        Backend::Jit => loss.run(x, labels, options, true),
+        Backend::Interp => loss.interpret(x, labels, options, true),
+    };
+    let output = result.map_err(|e| match e.to_diagnostic(loss.module()) {
+        Some(d) => spec.sources.render(&d),
+        None => format!("error[{}]: {e}", e.code()),
+    })?;
+    if backend == Backend::Jit && output.evaluator == Evaluator::Interpreter {
+        eprintln!(
+            "losscc: this batch was evaluated by the interpreter (see `losscc compile --emit ir`)"
+        );
+    }
+    Ok(output)
+}
+
+fn bench(args: &BenchArgs) -> Outcome {
+    match args.dtype {
+        Dtype::F32 => bench_typed::<f32>(args),
+        Dtype::F64 => bench_typed::<f64>(args),
+    }
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn bench_typed<F: losscc::runtime::real::Real>(args: &BenchArgs) -> Outcome {
+    use std::time::Instant;
+    let threads = args.threads.unwrap_or_else(default_threads);
+    let overrides = parse_overrides(&args.set)?;
+    let started = Instant::now();
+    let spec = load(&args.file)?;
+    let loss = Loss::from_spec(&spec, &overrides).map_err(|e| format!("{e}"))?;
+    if args.backend == Backend::Jit {
+        loss.prepare(F::PRECISION)
+            .map_err(|e| format!("error: {e}"))?;
+    }
+    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    let (x, labels) =
+        losscc::runtime::synthetic::clustered_batch(args.n, args.d, args.per_class, 0);
+    let x = x.mapv(F::from_f64);
+    let options = Options {
+        threads,
+        seed: 0,
+        inputs: &[],
+    };
+    let time = |with_gradient: bool| -> Result<(f64, f64, Evaluator), String> {
+        let mut samples = Vec::with_capacity(args.iters);
+        let mut last = None;
+        for iteration in 0..args.iters + 2 {
+            let start = Instant::now();
+            let out = match args.backend {
+                Backend::Jit => loss.run(x.view(), &labels, &options, with_gradient),
+                Backend::Interp => loss.interpret(x.view(), &labels, &options, with_gradient),
+            }
+            .map_err(|e| format!("error: {e}"))?;
+            if iteration >= 2 {
+                samples.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            last = Some((out.loss, out.evaluator));
+        }
+        let (value, evaluator) = last.unwrap_or((f64::NAN, Evaluator::Jit));
+        Ok((median(samples), value, evaluator))
+    };
+    let (forward_ms, _, _) = time(false)?;
+    let (forward_backward_ms, value, evaluator) = time(true)?;
+    let gemm_ms = median(
+        (0..args.iters.max(1))
+            .map(|_| loss.gemm_time::<F>(x.view(), &labels, threads))
+            .collect(),
+    );
+    let json = serde_json::json!({
+        "compile_ms": compile_ms,
+        "forward_ms": forward_ms,
+        "forward_backward_ms": forward_backward_ms,
+        "gemm_ms": gemm_ms,
+        "n": args.n,
+        "d": args.d,
+        "per_class": args.per_class,
+        "threads": threads,
+        "iters": args.iters,
+        "backend": args.backend.name(),
+        "dtype": args.dtype.name(),
+        "evaluator": match evaluator { Evaluator::Jit => "jit", Evaluator::Interpreter => "interpreter" },
+        "loss": value,
     });
     Ok(format!("{json}\n"))
 }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use losscc::interp::{Precision, evaluate_with_gradient};
 use losscc::runtime::Batch;
-use losscc::runtime::engine::{Compiled, Evaluator, Options};
+use losscc::runtime::engine::{Evaluator, Loss, Options};
 
 #[test]
 fn jit_matches_interpreter_on_a_batch() {
@@ -21,7 +21,7 @@ fn jit_matches_interpreter_on_a_batch() {
             seed: 9,
         };
         let reference = evaluate_with_gradient(&gradient, &batch, Precision::F64);
-        let compiled = Compiled::new(module, gradient);
+        let compiled = Loss::new(module, gradient);
         let options = Options {
             threads: 2,
             seed: 9,

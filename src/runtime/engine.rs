@@ -60,9 +60,32 @@ pub struct Output<F> {
     pub evaluator: Evaluator,
 }
 
-/// A loss compiled for the native backend: its module, gradient, plans and (lazily, per
-/// float type) kernels.
-pub struct Compiled {
+/// A compiled loss: its module and gradient, the plans of the native backend and (built
+/// on first use, per float type) its kernels. Compile once, call per training step; a
+/// `Loss` is `Send + Sync`, so one can serve several threads.
+///
+/// ```
+/// use losscc::Loss;
+/// use ndarray::Array2;
+///
+/// let loss = Loss::compile(
+///     "loss contrastive(margin = 0.5) {
+///          d = euclid(x)
+///          per anchor {
+///              term = mean(d where same and !self) + mean(d where !same, relu(margin - v))
+///          }
+///          loss = mean(term)
+///      }",
+///     &vec![],
+/// )?;
+/// let x = Array2::from_shape_fn((8, 4), |(i, k)| ((i * 7 + k * 3) % 5) as f32 / 5.0);
+/// let labels = [0, 0, 1, 1, 2, 2, 3, 3];
+/// let out = loss.forward_backward(x.view(), &labels)?;
+/// assert!(out.loss.is_finite());
+/// assert_eq!(out.grad.unwrap().dim(), (8, 4));
+/// # Ok::<(), losscc::Error>(())
+/// ```
+pub struct Loss {
     module: Module,
     gradient: Gradient,
     forward: Plan,
@@ -71,17 +94,64 @@ pub struct Compiled {
     kernels: [[OnceLock<Result<Kernels, crate::jit::CodegenError>>; 2]; 2],
 }
 
-impl Compiled {
-    pub fn new(module: Module, gradient: Gradient) -> Compiled {
+impl Loss {
+    /// Compiles a spec given as text; `use` finds the shipped losses.
+    pub fn compile(source: &str, params: &crate::ir::Params) -> Result<Loss, crate::Error> {
+        let spec = crate::Spec::from_source("<spec>", source)?;
+        Loss::from_spec(&spec, params)
+    }
+
+    /// Compiles the spec at `path` (its `use`s found beside it).
+    pub fn load(path: &std::path::Path, params: &crate::ir::Params) -> Result<Loss, crate::Error> {
+        let spec = crate::Spec::load(path)
+            .map_err(|(sources, error)| crate::Error::spec(&sources, error))?;
+        Loss::from_spec(&spec, params)
+    }
+
+    /// Compiles a loaded spec with parameter overrides.
+    pub fn from_spec(spec: &crate::Spec, params: &crate::ir::Params) -> Result<Loss, crate::Error> {
+        let module = spec
+            .lower(params)
+            .map_err(|error| crate::Error::spec(&spec.sources, error))?;
+        let gradient = crate::grad::differentiate(&module)?;
+        Ok(Loss::new(module, gradient))
+    }
+
+    /// A loss from a module and its gradient.
+    pub fn new(module: Module, gradient: Gradient) -> Loss {
         let forward = crate::opt::forward_plan(&module);
         let backward = crate::opt::gradient_plan(&gradient);
-        Compiled {
+        Loss {
             module,
             gradient,
             forward,
             backward,
             kernels: Default::default(),
         }
+    }
+
+    /// The loss and stats, with the default options.
+    pub fn forward<F: Real>(
+        &self,
+        x: ArrayView2<F>,
+        labels: &[i64],
+    ) -> Result<Output<F>, RunError> {
+        self.run(x, labels, &Options::default(), false)
+    }
+
+    /// The loss, stats and `dL/dx`, with the default options.
+    pub fn forward_backward<F: Real>(
+        &self,
+        x: ArrayView2<F>,
+        labels: &[i64],
+    ) -> Result<Output<F>, RunError> {
+        self.run(x, labels, &Options::default(), true)
+    }
+
+    /// Builds the kernels for a float type now rather than at the first call.
+    pub fn prepare(&self, precision: Precision) -> Result<(), RunError> {
+        self.kernels(precision, false)?;
+        self.kernels(precision, true).map(|_| ())
     }
 
     pub fn module(&self) -> &Module {
@@ -135,11 +205,56 @@ impl Compiled {
                 return Ok(output);
             }
         }
-        self.interpret(&batch, with_gradient)
+        self.interpret_batch(&batch, with_gradient)
+    }
+
+    /// The interpreter's evaluation of a batch (`--backend interp`).
+    pub fn interpret<F: Real>(
+        &self,
+        x: ArrayView2<F>,
+        labels: &[i64],
+        options: &Options<'_>,
+        with_gradient: bool,
+    ) -> Result<Output<F>, RunError> {
+        let batch = Batch {
+            x,
+            labels,
+            inputs: options.inputs,
+            seed: options.seed,
+        };
+        self.interpret_batch(&batch, with_gradient)
+    }
+
+    /// The time of the GEMM work of one forward+backward alone, in milliseconds: every
+    /// pair matrix's product and its backward products, on this batch's tensors.
+    pub fn gemm_time<F: Real>(&self, x: ArrayView2<F>, labels: &[i64], threads: usize) -> f64 {
+        let batch = Batch {
+            x,
+            labels,
+            inputs: &[],
+            seed: 0,
+        };
+        let module = &self.backward.module;
+        let Ok(groups) = evaluate_groupings(module, &batch, |_, _| Array2::zeros((0, 0))) else {
+            return f64::NAN;
+        };
+        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None) else {
+            return f64::NAN;
+        };
+        let start = std::time::Instant::now();
+        for (_, m) in module.matrices.iter() {
+            tensors::gemm_work(
+                m,
+                &tensors[m.left.index()],
+                &tensors[m.right.index()],
+                threads,
+            );
+        }
+        start.elapsed().as_secs_f64() * 1e3
     }
 
     /// The interpreter's evaluation of the same batch.
-    fn interpret<F: Real>(
+    fn interpret_batch<F: Real>(
         &self,
         batch: &Batch<'_, F>,
         with_gradient: bool,

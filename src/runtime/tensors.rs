@@ -172,6 +172,22 @@ pub fn pair_matrix<F: Real>(
     }
 }
 
+/// The GEMM work of one matrix in a forward+backward, on stand-in adjoints: what
+/// `losscc bench` reports as `gemm_ms`.
+pub fn gemm_work<F: Real>(matrix: &Matrix, a: &Array2<F>, b: &Array2<F>, threads: usize) {
+    let mut s = Array2::<F>::zeros((a.nrows(), b.nrows()));
+    let mut da = Array2::<F>::zeros(a.dim());
+    if matrix.is_symmetric() {
+        gemm::gram(a.view(), s.view_mut(), threads);
+        gemm::sym_acc(s.view(), a.view(), da.view_mut(), threads);
+    } else {
+        let mut db = Array2::<F>::zeros(b.dim());
+        gemm::abt(a.view(), b.view(), s.view_mut(), threads);
+        gemm::ab_acc(s.view(), b.view(), da.view_mut(), threads);
+        gemm::atb_acc(s.view(), a.view(), db.view_mut(), threads);
+    }
+}
+
 /// `dL/dx` from the matrices' adjoints, through the tensor steps.
 pub fn backward<F: Real>(
     module: &Module,
