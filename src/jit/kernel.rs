@@ -42,6 +42,16 @@ pub struct Helpers {
     pub sample: FuncRef,
 }
 
+/// What the code is generated for: the machine's math routines and configuration, the
+/// float type, and the imported helpers.
+#[derive(Clone, Copy)]
+pub struct Machine {
+    pub math: MathBuilder,
+    pub float: ClifType,
+    pub helpers: Helpers,
+    pub target: TargetFrontendConfig,
+}
+
 /// How a set is visited.
 #[derive(Debug, Clone)]
 enum Repr {
@@ -79,12 +89,10 @@ pub fn build(
     outputs: &[Handle<Expr>],
     effects: &[usize],
     b: FunctionBuilder<'_>,
-    math: MathBuilder,
-    float: ClifType,
-    helpers: Helpers,
-    target: TargetFrontendConfig,
+    machine: &Machine,
 ) -> Result<PassLayout> {
-    let mut g = Gen::new(plan, block, b, math, float, helpers);
+    let target = machine.target;
+    let mut g = Gen::new(plan, block, b, machine.math, machine.float, machine.helpers);
     g.body(outputs, effects)?;
     let layout = PassLayout {
         block,
@@ -213,7 +221,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.ins().select(b, one, zero)
     }
 
-    fn from_f64(&mut self, v: Value) -> Value {
+    fn narrow(&mut self, v: Value) -> Value {
         if self.float == F32 {
             self.b.ins().fdemote(F32, v)
         } else {
@@ -221,7 +229,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
-    fn to_f64(&mut self, v: Value) -> Value {
+    fn widen(&mut self, v: Value) -> Value {
         if self.float == F32 {
             self.b.ins().fpromote(F64, v)
         } else {
@@ -514,7 +522,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let zero = self.b.ins().f64const(0.0);
                     self.b.ins().fcmp(FloatCC::NotEqual, v, zero)
                 } else {
-                    self.from_f64(v)
+                    self.narrow(v)
                 }
             }
             Level::Row(_) => self.row_kind(h, &e)?,
@@ -553,7 +561,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             ExprKind::Rank { set, k, .. } => {
                 let (values, _, count) = self.fill(set)?;
                 let k = self.row(k)?;
-                let k = self.to_f64(k);
+                let k = self.widen(k);
                 let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
                 let position = self.b.inst_results(call)[0];
                 let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
@@ -835,7 +843,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             ArgOp::Rank(k) => {
                 let (values, indices, count) = self.fill(set)?;
                 let k = self.row(k)?;
-                let k = self.to_f64(k);
+                let k = self.widen(k);
                 let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
                 let position = self.b.inst_results(call)[0];
                 let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
@@ -984,7 +992,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let base_repr = self.set_repr(base)?;
                 let (values, indices, n) = self.fill_repr(&base_repr, s.value)?;
                 let wanted = self.row(count)?;
-                let wanted = self.to_f64(wanted);
+                let wanted = self.widen(wanted);
                 let ptr = self.new_list(cols_domain);
                 let largest = self.b.ins().iconst(I32, i64::from(largest));
                 let call = self.b.ins().call(
@@ -1004,7 +1012,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let base_repr = self.set_repr(base)?;
                 let (values, indices, n) = self.fill_repr(&base_repr, log_weight)?;
                 let wanted = self.row(count)?;
-                let wanted = self.to_f64(wanted);
+                let wanted = self.widen(wanted);
                 let ptr = self.new_list(cols_domain);
                 let seed = self.arg_field(offset_of!(KernelArgs, seed));
                 let site = self.b.ins().iconst(I32, i64::from(site));
@@ -1251,7 +1259,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let offset = self.b.ins().imul_imm_u(i, 8);
                 let addr = self.b.ins().iadd(sizes, offset);
                 let v = self.b.ins().load(F64, Self::flags(), addr, 0);
-                self.from_f64(v)
+                self.narrow(v)
             }
             ExprKind::CrossSide { side, value } => {
                 let (p, q) = at
@@ -1312,7 +1320,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let addr = self.b.ins().iadd(adj, offset);
                 let a0 = self.b.ins().load(F64, Self::flags(), addr, 0);
                 let a1 = self.b.ins().load(F64, Self::flags(), addr, 8);
-                let (a0, a1) = (self.from_f64(a0), self.from_f64(a1));
+                let (a0, a1) = (self.narrow(a0), self.narrow(a1));
                 let diff = self.b.ins().fsub(a1, a0);
                 let step = self.fconst((hi.0 - lo.0) / (f64::from(bins) - 1.0));
                 let slope = self.b.ins().fdiv(diff, step);

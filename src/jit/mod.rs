@@ -162,9 +162,13 @@ fn build(
         // A fresh builder context per kernel: one left dirty by a failed build must not leak.
         let mut fctx = FunctionBuilderContext::new();
         let builder = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        let layout = kernel::build(
-            plan, *block, outputs, effects, builder, math, float, helpers, target,
-        )?;
+        let machine = kernel::Machine {
+            math,
+            float,
+            helpers,
+            target,
+        };
+        let layout = kernel::build(plan, *block, outputs, effects, builder, &machine)?;
         if clif {
             texts.push(format!(
                 "; phase {phase}: rows {block}\n{}",

@@ -10,10 +10,17 @@ use std::collections::HashMap;
 /// The per-anchor values the row passes stored, as f64, and which anchors were skipped.
 #[derive(Debug, Default)]
 pub struct RowStore {
-    /// (block, expression) -> `width` values per anchor.
-    pub outputs: HashMap<(Handle<Block>, Handle<Expr>), (Vec<f64>, usize)>,
+    /// (block, expression) -> its values, `width` per anchor.
+    pub outputs: HashMap<(Handle<Block>, Handle<Expr>), Stored>,
     /// Per block: 1 for each skipped anchor.
     pub skipped: HashMap<Handle<Block>, Vec<u8>>,
+}
+
+/// The per-anchor values of one expression, `width` per anchor.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub values: Vec<f64>,
+    pub width: usize,
 }
 
 /// Batch values by expression index; vectors apart.
@@ -209,7 +216,7 @@ impl Evaluator<'_> {
                 .rows
                 .outputs
                 .get(&(block, h))
-                .map(|(values, _)| values.clone())
+                .map(|stored| stored.values.clone())
                 .ok_or_else(|| internal(format!("{h} of {block} was not stored by its pass"))),
         }
     }
@@ -225,7 +232,7 @@ impl Evaluator<'_> {
             SetShape::Anchors(_) => {
                 let (block, anchors) = self.anchors(set)?;
                 if let Type::Vector(width) = self.module.exprs[h].ty {
-                    let (stored, _) = self
+                    let stored = &self
                         .rows
                         .outputs
                         .get(&(block, body))
@@ -233,7 +240,7 @@ impl Evaluator<'_> {
                     let mut total = vec![0.0; width as usize];
                     for a in anchors {
                         for (k, acc) in total.iter_mut().enumerate() {
-                            *acc = self.r(*acc + stored[a * width as usize + k]);
+                            *acc = self.r(*acc + stored.values[a * width as usize + k]);
                         }
                     }
                     return Ok(Value::Vector(total));

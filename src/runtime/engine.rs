@@ -3,7 +3,7 @@
 //! kernel reports a condition it cannot decide alone.
 
 use super::batch::Batch;
-use super::batch_eval::{self, BatchValues, RowStore};
+use super::batch_eval::{self, BatchValues, RowStore, Stored};
 use super::error::RunError;
 use super::groups::{GroupValues, evaluate_groupings};
 use super::real::Real;
@@ -404,16 +404,14 @@ impl<'r, F: Real> Run<'r, F> {
         }
         let grad = if with_gradient {
             let adjoints = std::mem::take(&mut self.adjoints);
-            let grad = tensors::backward(
+            let forward = tensors::Forward {
                 module,
-                &self.plan.tensor_steps,
-                &self.tensors,
-                &self.matrices,
-                adjoints,
-                &self.groups,
-                self.seed,
-                self.threads,
-            );
+                tensors: &self.tensors,
+                matrices: &self.matrices,
+                groups: &self.groups,
+                seed: self.seed,
+            };
+            let grad = tensors::backward(&forward, &self.plan.tensor_steps, adjoints, self.threads);
             if grad.iter().any(|v| !v.is_finite()) {
                 return Ok(None);
             }
@@ -561,9 +559,13 @@ impl<'r, F: Real> Run<'r, F> {
                 .fold(0, |a, b| a | b)
         });
         for ((h, width), values) in pass.layout.outputs.iter().zip(outputs) {
+            let values = values.iter().map(|v| v.to_f64()).collect();
             self.rows.outputs.insert(
                 (pass.layout.block, *h),
-                (values.iter().map(|v| v.to_f64()).collect(), *width),
+                Stored {
+                    values,
+                    width: *width,
+                },
             );
         }
         self.rows.skipped.insert(pass.layout.block, skipped);

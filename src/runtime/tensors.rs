@@ -188,17 +188,30 @@ pub fn gemm_work<F: Real>(matrix: &Matrix, a: &Array2<F>, b: &Array2<F>, threads
     }
 }
 
+/// What the forward computation left for the backward one.
+#[derive(Clone, Copy)]
+pub struct Forward<'a, F> {
+    pub module: &'a Module,
+    pub tensors: &'a [Array2<F>],
+    pub matrices: &'a [PairMatrix<F>],
+    pub groups: &'a [GroupValues],
+    pub seed: u64,
+}
+
 /// `dL/dx` from the matrices' adjoints, through the tensor steps.
 pub fn backward<F: Real>(
-    module: &Module,
+    forward: &Forward<'_, F>,
     steps: &[TensorStep],
-    tensors: &[Array2<F>],
-    matrices: &[PairMatrix<F>],
     adjoints: Vec<Option<Array2<F>>>,
-    groups: &[GroupValues],
-    seed: u64,
     threads: usize,
 ) -> Array2<F> {
+    let Forward {
+        module,
+        tensors,
+        matrices,
+        groups,
+        seed,
+    } = *forward;
     let mut grads: Vec<Array2<F>> = tensors.iter().map(|t| Array2::zeros(t.dim())).collect();
     let mut adjoints = adjoints;
     for step in steps {

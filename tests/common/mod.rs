@@ -62,6 +62,12 @@ pub fn small_params(name: &str, n: usize, d: usize) -> Params {
     }
 }
 
+/// The module of a shipped spec, or `None` when lowering rejects the parameters.
+pub fn try_lower(name: &str, params: &Params) -> Option<Module> {
+    let spec = Spec::load(&losses_dir().join(format!("{name}.loss"))).ok()?;
+    spec.lower(params).ok()
+}
+
 pub fn lower(name: &str, params: &Params) -> Module {
     let spec = Spec::load(&losses_dir().join(format!("{name}.loss")))
         .unwrap_or_else(|(s, e)| panic!("{}", losscc::render(&s, &e)));
