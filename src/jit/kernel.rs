@@ -138,6 +138,12 @@ struct Gen<'a, 'f> {
     sets: HashMap<Handle<Set>, Repr>,
     lists: Vec<Domain>,
     matrix_rows: HashMap<Handle<Matrix>, Value>,
+    /// Per domain: its labels (loaded in the entry block).
+    labels: HashMap<Domain, Value>,
+    /// Per grouping: its group-of-sample and group-size tables.
+    group_tables: HashMap<Handle<Grouping>, (Value, Value)>,
+    /// The anchor's label in its block's row domain.
+    anchor_label: Option<Value>,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -180,6 +186,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             sets: HashMap::new(),
             lists: Vec::new(),
             matrix_rows: HashMap::new(),
+            labels: HashMap::new(),
+            group_tables: HashMap::new(),
+            anchor_label: None,
         }
     }
 
@@ -255,7 +264,9 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.matrix_rows[&m]
     }
 
-    /// Loads what every loop may read, in the entry block.
+    /// Loads what every loop may read, in the entry block, so that loops do not reload
+    /// it and every later block sees it: each matrix's row for the anchor, each domain's
+    /// labels and the anchor's own label, each grouping's tables.
     fn load_common(&mut self) {
         let table = self.arg_field(offset_of!(KernelArgs, matrices));
         for m in self.module.matrices.handles() {
@@ -263,6 +274,22 @@ impl<'a, 'f> Gen<'a, 'f> {
             let row = self.row_address(base, m);
             self.matrix_rows.insert(m, row);
         }
+        let labels = self.arg_field(offset_of!(KernelArgs, labels));
+        let groups = self.arg_field(offset_of!(KernelArgs, groups));
+        let sizes = self.arg_field(offset_of!(KernelArgs, sizes));
+        let domains = std::iter::once(Domain::Samples).chain(self.module.groupings.handles().map(Domain::Groups));
+        for domain in domains {
+            let ptr = self.load_ptr(labels, domain_slot(domain));
+            self.labels.insert(domain, ptr);
+        }
+        for g in self.module.groupings.handles() {
+            let of_sample = self.load_ptr(groups, g.index());
+            let size = self.load_ptr(sizes, g.index());
+            self.group_tables.insert(g, (of_sample, size));
+        }
+        let rows = self.module.blocks[self.block].rows;
+        let own = self.label(rows, self.anchor);
+        self.anchor_label = Some(own);
     }
 
     /// `base + anchor * cols(m) * size of float`.
@@ -1230,10 +1257,11 @@ impl<'a, 'f> Gen<'a, 'f> {
                 self.b.ins().load(self.float, Self::flags(), addr, 0)
             }
             ExprKind::Same => {
-                let (Some(rows), Some(cols)) = (rows, cols) else {
+                // The rows of a member's space are the block's anchors.
+                let (Some(_), Some(cols)) = (rows, cols) else {
                     return Err(internal("`same` without a space"));
                 };
-                let row_label = self.label(rows, self.anchor);
+                let row_label = self.anchor_label.ok_or_else(|| internal("the anchor's label was not loaded"))?;
                 let col_label = self.label(cols, at.j);
                 self.b.ins().icmp(IntCC::Equal, row_label, col_label)
             }
@@ -1254,8 +1282,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             ExprKind::GroupSize { groups, axis } => {
                 let i = if axis == Axis::Row { self.anchor } else { at.j };
-                let table = self.arg_field(offset_of!(KernelArgs, sizes));
-                let sizes = self.load_ptr(table, groups.index());
+                let sizes = self.group_tables[&groups].1;
                 let offset = self.b.ins().imul_imm_u(i, 8);
                 let addr = self.b.ins().iadd(sizes, offset);
                 let v = self.b.ins().load(F64, Self::flags(), addr, 0);
@@ -1335,8 +1362,7 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// The label of row `i` of a domain (i64).
     fn label(&mut self, domain: Domain, i: Value) -> Value {
-        let table = self.arg_field(offset_of!(KernelArgs, labels));
-        let labels = self.load_ptr(table, domain_slot(domain));
+        let labels = self.labels[&domain];
         let offset = self.b.ins().imul_imm_u(i, 8);
         let addr = self.b.ins().iadd(labels, offset);
         self.b.ins().load(I64, Self::flags(), addr, 0)
@@ -1344,8 +1370,7 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// The group (i64) of sample `i` in a grouping.
     fn group_of(&mut self, groups: Handle<Grouping>, i: Value) -> Value {
-        let table = self.arg_field(offset_of!(KernelArgs, groups));
-        let of_sample = self.load_ptr(table, groups.index());
+        let of_sample = self.group_tables[&groups].0;
         let offset = self.b.ins().imul_imm_u(i, 4);
         let addr = self.b.ins().iadd(of_sample, offset);
         self.b.ins().uload32(Self::flags(), addr, 0)
