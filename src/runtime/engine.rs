@@ -7,7 +7,7 @@ use super::batch_eval::{self, BatchValues, RowStore, Stored};
 use super::error::RunError;
 use super::groups::{GroupValues, evaluate_groupings};
 use super::real::Real;
-use super::tensors::{self, PairMatrix};
+use super::tensors;
 use crate::grad::Gradient;
 use crate::interp::{self, Precision};
 use crate::ir::*;
@@ -15,7 +15,8 @@ use crate::jit::abi::{KernelArgs, domain_slot};
 use crate::jit::{CompiledPass, Kernels};
 use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2};
-use std::sync::OnceLock;
+use std::any::Any;
+use std::sync::{Mutex, OnceLock};
 
 /// How to run: worker threads, the seed of k-means and sampling, named inputs.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +93,21 @@ pub struct Loss {
     backward: Plan,
     /// Kernels per (float type, with gradient).
     kernels: [[OnceLock<Result<Kernels, crate::jit::CodegenError>>; 2]; 2],
+    /// Matrices and adjoints kept between calls, so that a training loop does not allocate
+    /// (and page in) n x m floats every step.
+    workspaces: Mutex<Vec<Box<dyn Any + Send>>>,
+}
+
+/// The large buffers of a run, reused by the next.
+struct Workspace<F> {
+    matrices: Vec<Array2<F>>,
+    adjoints: Vec<Array2<F>>,
+}
+
+impl<F> Default for Workspace<F> {
+    fn default() -> Self {
+        Workspace { matrices: Vec::new(), adjoints: Vec::new() }
+    }
 }
 
 impl Loss {
@@ -127,6 +143,7 @@ impl Loss {
             forward,
             backward,
             kernels: Default::default(),
+            workspaces: Mutex::new(Vec::new()),
         }
     }
 
@@ -199,13 +216,36 @@ impl Loss {
         let plan = self.plan(with_gradient);
         if plan.row_local {
             let kernels = self.kernels(F::PRECISION, with_gradient)?;
-            if let Some(output) =
-                Run::new(plan, kernels, &batch, options.threads.max(1))?.execute(with_gradient)?
-            {
+            let mut workspace = self.take_workspace::<F>();
+            let outcome = Run::new(plan, kernels, &batch, options.threads.max(1), &mut workspace)
+                .and_then(|mut run| {
+                    let outcome = run.execute(with_gradient);
+                    run.release(&mut workspace);
+                    outcome
+                });
+            self.keep_workspace(workspace);
+            if let Some(output) = outcome? {
                 return Ok(output);
             }
         }
         self.interpret_batch(&batch, with_gradient)
+    }
+
+    /// The buffers a previous call left for this float type, or new ones.
+    fn take_workspace<F: Real>(&self) -> Workspace<F> {
+        let mut pool = self.workspaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match pool.iter().position(|w| w.is::<Workspace<F>>()) {
+            Some(at) => pool.swap_remove(at).downcast::<Workspace<F>>().map_or_else(|_| Workspace::default(), |w| *w),
+            None => Workspace::default(),
+        }
+    }
+
+    fn keep_workspace<F: Real>(&self, workspace: Workspace<F>) {
+        let mut pool = self.workspaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One per float type and thread that called at the same time, at most a few.
+        if pool.len() < 4 {
+            pool.push(Box::new(workspace));
+        }
     }
 
     /// The interpreter's evaluation of a batch (`--backend interp`).
@@ -289,7 +329,7 @@ struct Run<'r, F: Real> {
     threads: usize,
     groups: Vec<GroupValues>,
     tensors: Vec<Array2<F>>,
-    matrices: Vec<PairMatrix<F>>,
+    matrices: Vec<Array2<F>>,
     /// Per matrix: its adjoint, for the matrices the plan scatters into.
     adjoints: Vec<Option<Array2<F>>>,
     values: BatchValues,
@@ -302,6 +342,7 @@ impl<'r, F: Real> Run<'r, F> {
         kernels: &'r Kernels,
         batch: &Batch<'r, F>,
         threads: usize,
+        workspace: &mut Workspace<F>,
     ) -> Result<Self, RunError> {
         let module = &plan.module;
         let groups = evaluate_groupings(module, batch, |tensor, groups| {
@@ -310,24 +351,31 @@ impl<'r, F: Real> Run<'r, F> {
                 Err(_) => Array2::zeros((0, 0)),
             }
         })?;
+        let profile = std::env::var("LOSSCC_PROFILE").is_ok();
+        let t0 = std::time::Instant::now();
         let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None)?;
-        let matrices: Vec<PairMatrix<F>> = module
-            .matrices
-            .iter()
-            .map(|(_, m)| {
-                tensors::pair_matrix(
-                    m,
-                    &tensors[m.left.index()],
-                    &tensors[m.right.index()],
-                    threads,
-                )
-            })
-            .collect();
+        if profile { eprintln!("tensors {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
+        let t0 = std::time::Instant::now();
+        let mut matrices = std::mem::take(&mut workspace.matrices);
+        matrices.resize_with(module.matrices.len(), || Array2::zeros((0, 0)));
+        for ((_, m), values) in module.matrices.iter().zip(matrices.iter_mut()) {
+            tensors::pair_matrix(m, &tensors[m.left.index()], &tensors[m.right.index()], threads, values);
+        }
+        if profile { eprintln!("matrices {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
+        let mut spare = std::mem::take(&mut workspace.adjoints);
         let mut adjoints: Vec<Option<Array2<F>>> = vec![None; module.matrices.len()];
         for scatter in &plan.scatters {
-            let slot = &mut adjoints[scatter.matrix.index()];
-            if slot.is_none() {
-                *slot = Some(Array2::zeros(matrices[scatter.matrix.index()].values.dim()));
+            let m = scatter.matrix.index();
+            if adjoints[m].is_none() {
+                let dim = matrices[m].dim();
+                adjoints[m] = Some(match spare.iter().position(|a| a.dim() == dim) {
+                    Some(at) => {
+                        let mut reused = spare.swap_remove(at);
+                        reused.fill(F::ZERO);
+                        reused
+                    }
+                    None => Array2::zeros(dim),
+                });
             }
         }
         Ok(Run {
@@ -354,7 +402,13 @@ impl<'r, F: Real> Run<'r, F> {
 
     /// Runs the phases; `None` when a kernel reported a condition or a result is not finite,
     /// for the interpreter to decide.
-    fn execute(mut self, with_gradient: bool) -> Result<Option<Output<F>>, RunError> {
+    /// Gives the large buffers back for the next call.
+    fn release(&mut self, workspace: &mut Workspace<F>) {
+        workspace.matrices = std::mem::take(&mut self.matrices);
+        workspace.adjoints = self.adjoints.iter_mut().filter_map(Option::take).collect();
+    }
+
+    fn execute(&mut self, with_gradient: bool) -> Result<Option<Output<F>>, RunError> {
         let module = &self.plan.module;
         let n = self.labels.len();
         for (index, phase) in self.plan.schedule.phases.iter().enumerate() {
@@ -380,7 +434,9 @@ impl<'r, F: Real> Run<'r, F> {
                         .ok_or_else(|| RunError::Internal {
                             what: format!("no kernel for phase {index}"),
                         })?;
+                    let t0 = std::time::Instant::now();
                     let status = self.run_pass(pass);
+                    if std::env::var("LOSSCC_PROFILE").is_ok() { eprintln!("pass {index} {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
                     if status != 0 {
                         if std::env::var("LOSSCC_DEBUG").is_ok() {
                             eprintln!("phase {index}: status {status}");
@@ -403,7 +459,6 @@ impl<'r, F: Real> Run<'r, F> {
             return Ok(None);
         }
         let grad = if with_gradient {
-            let adjoints = std::mem::take(&mut self.adjoints);
             let forward = tensors::Forward {
                 module,
                 tensors: &self.tensors,
@@ -411,7 +466,9 @@ impl<'r, F: Real> Run<'r, F> {
                 groups: &self.groups,
                 seed: self.seed,
             };
-            let grad = tensors::backward(&forward, &self.plan.tensor_steps, adjoints, self.threads);
+            let t0 = std::time::Instant::now();
+            let grad = tensors::backward(&forward, &self.plan.tensor_steps, &mut self.adjoints, self.threads);
+            if std::env::var("LOSSCC_PROFILE").is_ok() { eprintln!("backward {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
             if grad.iter().any(|v| !v.is_finite()) {
                 return Ok(None);
             }
@@ -443,12 +500,12 @@ impl<'r, F: Real> Run<'r, F> {
         let matrix_ptrs: Vec<*const u8> = self
             .matrices
             .iter()
-            .map(|m| m.values.as_ptr() as *const u8)
+            .map(|m| m.as_ptr() as *const u8)
             .collect();
         let matrix_cols: Vec<u64> = self
             .matrices
             .iter()
-            .map(|m| m.values.ncols() as u64)
+            .map(|m| m.ncols() as u64)
             .collect();
         let vector_ptrs: Vec<*const f64> = self
             .values

@@ -1,6 +1,6 @@
 //! Matrix products for the pair matrices and their backward, through the `gemm` crate.
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 fn parallelism(threads: usize) -> gemm::Parallelism {
     if threads > 1 {
@@ -90,14 +90,21 @@ pub fn atb_acc<T: super::real::Real>(
     product(g.t(), a, out, true, T::ONE, threads);
 }
 
-/// `out += (g + g^T) x`, as one product.
-pub fn sym_acc<T: super::real::Real>(
-    g: ArrayView2<T>,
-    x: ArrayView2<T>,
-    out: ArrayViewMut2<T>,
-    threads: usize,
-) {
-    let mut both: Array2<T> = g.to_owned();
-    both.zip_mut_with(&g.t(), |acc, &v| *acc = *acc + v);
-    product(both.view(), x, out, true, T::ONE, threads);
+/// `g <- g + g^T` in place, in tiles so that both triangles stay in cache: the adjoint of
+/// `x x^T` with respect to `x` is then one product, `(g + g^T) x`.
+pub fn symmetrize<T: super::real::Real>(mut g: ArrayViewMut2<T>) {
+    const TILE: usize = 64;
+    let n = g.nrows().min(g.ncols());
+    for bi in (0..n).step_by(TILE) {
+        for bj in (bi..n).step_by(TILE) {
+            for i in bi..(bi + TILE).min(n) {
+                let start = if bi == bj { i } else { bj };
+                for j in start..(bj + TILE).min(n) {
+                    let both = g[(i, j)] + g[(j, i)];
+                    g[(i, j)] = both;
+                    g[(j, i)] = both;
+                }
+            }
+        }
+    }
 }

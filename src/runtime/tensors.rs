@@ -116,59 +116,49 @@ pub fn tensors<F: Real>(
     Ok(values)
 }
 
-/// A pair matrix, and for euclidean ones the squared distances under the clamp.
-pub struct PairMatrix<F> {
-    pub values: Array2<F>,
-    pub squared: Option<Array2<F>>,
-}
-
 fn row_norms<F: Real>(a: &Array2<F>) -> Array1<F> {
     a.rows().into_iter().map(|row| row.dot(&row)).collect()
 }
 
-/// `metric(left_i, right_j)` for every pair; a tensor against itself has an exact zero
-/// diagonal of distances.
-pub fn pair_matrix<F: Real>(
-    matrix: &Matrix,
-    a: &Array2<F>,
-    b: &Array2<F>,
-    threads: usize,
-) -> PairMatrix<F> {
-    let mut s = Array2::<F>::zeros((a.nrows(), b.nrows()));
+/// `metric(left_i, right_j)` for every pair, computed in `values` (reused between calls,
+/// reallocated when its shape is wrong); a tensor against itself has an exact zero diagonal
+/// of distances.
+pub fn pair_matrix<F: Real>(matrix: &Matrix, a: &Array2<F>, b: &Array2<F>, threads: usize, values: &mut Array2<F>) {
+    if values.dim() != (a.nrows(), b.nrows()) {
+        *values = Array2::zeros((a.nrows(), b.nrows()));
+    }
     if matrix.is_symmetric() {
-        gemm::gram(a.view(), s.view_mut(), threads);
+        gemm::gram(a.view(), values.view_mut(), threads);
     } else {
-        gemm::abt(a.view(), b.view(), s.view_mut(), threads);
+        gemm::abt(a.view(), b.view(), values.view_mut(), threads);
     }
-    if let Metric::Dot = matrix.metric {
-        return PairMatrix {
-            values: s,
-            squared: None,
-        };
-    }
+    let eps = match matrix.metric {
+        Metric::Dot => return,
+        Metric::SqEuclid => None,
+        Metric::Euclid { eps } => Some(F::from_f64(eps)),
+    };
     let (na, nb) = (row_norms(a), row_norms(b));
     let two = F::from_f64(2.0);
+    let floor = eps.map(|e| e.sqrt());
     let symmetric = matrix.is_symmetric();
-    for ((i, j), v) in s.indexed_iter_mut() {
-        *v = if symmetric && i == j {
-            F::ZERO
-        } else {
-            na[i] + nb[j] - two * *v
-        };
-    }
-    match matrix.metric {
-        Metric::Euclid { eps } => {
-            let eps = F::from_f64(eps);
-            let values = s.mapv(|q| if q > eps { q.sqrt() } else { eps.sqrt() });
-            PairMatrix {
-                values,
-                squared: Some(s),
-            }
+    for (i, mut row) in values.rows_mut().into_iter().enumerate() {
+        let ni = na[i];
+        row.zip_mut_with(&nb, |v, &nj| {
+            let q = ni + nj - two * *v;
+            *v = match (eps, floor) {
+                (Some(eps), Some(floor)) => {
+                    if q > eps {
+                        q.sqrt()
+                    } else {
+                        floor
+                    }
+                }
+                _ => q,
+            };
+        });
+        if symmetric {
+            row[i] = floor.unwrap_or(F::ZERO);
         }
-        _ => PairMatrix {
-            values: s,
-            squared: None,
-        },
     }
 }
 
@@ -179,7 +169,7 @@ pub fn gemm_work<F: Real>(matrix: &Matrix, a: &Array2<F>, b: &Array2<F>, threads
     let mut da = Array2::<F>::zeros(a.dim());
     if matrix.is_symmetric() {
         gemm::gram(a.view(), s.view_mut(), threads);
-        gemm::sym_acc(s.view(), a.view(), da.view_mut(), threads);
+        gemm::ab_acc(s.view(), a.view(), da.view_mut(), threads);
     } else {
         let mut db = Array2::<F>::zeros(b.dim());
         gemm::abt(a.view(), b.view(), s.view_mut(), threads);
@@ -193,7 +183,7 @@ pub fn gemm_work<F: Real>(matrix: &Matrix, a: &Array2<F>, b: &Array2<F>, threads
 pub struct Forward<'a, F> {
     pub module: &'a Module,
     pub tensors: &'a [Array2<F>],
-    pub matrices: &'a [PairMatrix<F>],
+    pub matrices: &'a [Array2<F>],
     pub groups: &'a [GroupValues],
     pub seed: u64,
 }
@@ -202,7 +192,7 @@ pub struct Forward<'a, F> {
 pub fn backward<F: Real>(
     forward: &Forward<'_, F>,
     steps: &[TensorStep],
-    adjoints: Vec<Option<Array2<F>>>,
+    adjoints: &mut [Option<Array2<F>>],
     threads: usize,
 ) -> Array2<F> {
     let Forward {
@@ -213,11 +203,10 @@ pub fn backward<F: Real>(
         seed,
     } = *forward;
     let mut grads: Vec<Array2<F>> = tensors.iter().map(|t| Array2::zeros(t.dim())).collect();
-    let mut adjoints = adjoints;
     for step in steps {
         match *step {
             TensorStep::Metric(m) => {
-                let Some(g) = adjoints[m.index()].take() else {
+                let Some(g) = adjoints[m.index()].as_mut() else {
                     continue;
                 };
                 metric_backward(
@@ -255,71 +244,55 @@ pub fn backward<F: Real>(
 /// clamp does not hold, then `dA_i += 2 (rowsum_i(dQ) a_i - (dQ B)_i)` and symmetrically for B.
 fn metric_backward<F: Real>(
     matrix: &Matrix,
-    mut g: Array2<F>,
-    value: &PairMatrix<F>,
+    g: &mut Array2<F>,
+    value: &Array2<F>,
     tensors: &[Array2<F>],
     grads: &mut [Array2<F>],
     threads: usize,
 ) {
     let (left, right) = (matrix.left.index(), matrix.right.index());
     let two = F::from_f64(2.0);
-    let scale = match matrix.metric {
-        Metric::Dot => F::ONE,
-        Metric::SqEuclid => two,
-        Metric::Euclid { eps } => {
-            let eps = F::from_f64(eps);
-            if let Some(squared) = &value.squared {
-                ndarray::Zip::from(&mut g)
-                    .and(squared)
-                    .and(&value.values)
-                    .for_each(|w, &q, &d| {
-                        *w = if q > eps { *w / (two * d) } else { F::ZERO };
-                    });
-            }
-            two
-        }
+    let floor = match matrix.metric {
+        Metric::Dot => None,
+        Metric::SqEuclid => Some(None),
+        Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
-    if matrix.metric != Metric::Dot {
-        // The |a_i|^2 and |b_j|^2 terms: the row and column sums of the adjoint.
-        let rows = g.sum_axis(NdAxis(1));
-        let cols = g.sum_axis(NdAxis(0));
+    if let Some(floor) = floor {
+        // dQ = dD / (2 D) where the clamp does not hold (D above its floor); the |a_i|^2
+        // and |b_j|^2 terms take the row and column sums of dQ, the cross term -2 a_i . b_j
+        // takes -2 dQ, which replaces g in place.
+        let mut rows = Array1::<F>::zeros(g.nrows());
+        let mut cols = Array1::<F>::zeros(g.ncols());
+        for ((i, mut row), d_row) in g.rows_mut().into_iter().enumerate().zip(value.rows()) {
+            let mut sum = F::ZERO;
+            ndarray::Zip::from(&mut row).and(&d_row).and(&mut cols).for_each(|w, &d, col| {
+                let dq = match floor {
+                    Some(floor) if d > floor => *w / (two * d),
+                    Some(_) => F::ZERO,
+                    None => *w,
+                };
+                sum = sum + dq;
+                *col = *col + dq;
+                *w = -two * dq;
+            });
+            rows[i] = sum;
+        }
         let (a, b) = (&tensors[left], &tensors[right]);
         for (i, mut row) in grads[left].rows_mut().into_iter().enumerate() {
-            row.zip_mut_with(&a.row(i), |acc, &v| *acc = *acc + scale * rows[i] * v);
+            let scale = two * rows[i];
+            row.zip_mut_with(&a.row(i), |acc, &v| *acc = *acc + scale * v);
         }
         for (j, mut row) in grads[right].rows_mut().into_iter().enumerate() {
-            row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + scale * cols[j] * v);
+            let scale = two * cols[j];
+            row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + scale * v);
         }
-        // And the cross term -2 a_i . b_j.
-        g.mapv_inplace(|w| -w);
     }
-    let g = g.mapv(|w| {
-        w * if matrix.metric == Metric::Dot {
-            F::ONE
-        } else {
-            scale
-        }
-    });
     if left == right {
-        gemm::sym_acc(
-            g.view(),
-            tensors[left].view(),
-            grads[left].view_mut(),
-            threads,
-        );
+        gemm::symmetrize(g.view_mut());
+        gemm::ab_acc(g.view(), tensors[left].view(), grads[left].view_mut(), threads);
     } else {
-        gemm::ab_acc(
-            g.view(),
-            tensors[right].view(),
-            grads[left].view_mut(),
-            threads,
-        );
-        gemm::atb_acc(
-            g.view(),
-            tensors[left].view(),
-            grads[right].view_mut(),
-            threads,
-        );
+        gemm::ab_acc(g.view(), tensors[right].view(), grads[left].view_mut(), threads);
+        gemm::atb_acc(g.view(), tensors[left].view(), grads[right].view_mut(), threads);
     }
 }
 
