@@ -22,6 +22,8 @@ use cranelift_frontend::{FunctionBuilder, Variable};
 use std::collections::HashMap;
 use std::mem::offset_of;
 
+mod vector;
+
 /// What the runtime must provide to a pass's kernel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PassLayout {
@@ -277,7 +279,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         let labels = self.arg_field(offset_of!(KernelArgs, labels));
         let groups = self.arg_field(offset_of!(KernelArgs, groups));
         let sizes = self.arg_field(offset_of!(KernelArgs, sizes));
-        let domains = std::iter::once(Domain::Samples).chain(self.module.groupings.handles().map(Domain::Groups));
+        let domains = std::iter::once(Domain::Samples)
+            .chain(self.module.groupings.handles().map(Domain::Groups));
         for domain in domains {
             let ptr = self.load_ptr(labels, domain_slot(domain));
             self.labels.insert(domain, ptr);
@@ -434,6 +437,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             ScatterTarget::Members { set, .. } => {
                 let repr = self.set_repr(set)?;
                 self.prepare(weight)?;
+                if !matches!(repr, Repr::Cross { .. }) && self.vectorizable(weight) {
+                    return self.vector_scatter(&repr, weight, grad_row);
+                }
                 self.each(&repr, &mut |g, at| {
                     let w = g.member(weight, at, &mut HashMap::new())?;
                     add(g, at.j, w);
@@ -759,6 +765,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             return Ok(self.index_to_float(n));
         }
         self.prepare(body)?;
+        if !matches!(repr, Repr::Cross { .. }) && self.vectorizable(body) {
+            return self.reduce_on_lanes(op, &repr, body);
+        }
         let acc = self.b.declare_var(self.float);
         match op {
             ReduceOp::Sum | ReduceOp::Mean => {
@@ -827,6 +836,74 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let n = self.index_to_float(n);
                 let variance = self.b.ins().fdiv(squares, n);
                 Ok(self.b.ins().sqrt(variance))
+            }
+            ReduceOp::Count => unreachable_count(),
+        }
+    }
+
+    /// A reduction of a vectorisable body over a row or an index list.
+    fn reduce_on_lanes(&mut self, op: ReduceOp, repr: &Repr, body: Handle<Expr>) -> Result<Value> {
+        let identity = |_: &mut Self, v: Value| v;
+        let add = |g: &mut Self, a: Value, v: Value| g.b.ins().fadd(a, v);
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Std => {
+                let total = self.vector_reduce(repr, body, 0.0, &identity, &add)?;
+                if op == ReduceOp::Sum {
+                    return Ok(total);
+                }
+                let n = self.count(repr)?;
+                let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+                self.flag(Status::EMPTY, empty);
+                let count = self.index_to_float(n);
+                let mean = self.b.ins().fdiv(total, count);
+                if op == ReduceOp::Mean {
+                    return Ok(mean);
+                }
+                let square_gap = |g: &mut Self, v: Value| {
+                    let m = if g.b.func.dfg.value_type(v).is_vector() {
+                        g.splat(mean)
+                    } else {
+                        mean
+                    };
+                    let d = g.b.ins().fsub(v, m);
+                    g.b.ins().fmul(d, d)
+                };
+                let squares = self.vector_reduce(repr, body, 0.0, &square_gap, &add)?;
+                let variance = self.b.ins().fdiv(squares, count);
+                Ok(self.b.ins().sqrt(variance))
+            }
+            ReduceOp::Min | ReduceOp::Max => {
+                let min = op == ReduceOp::Min;
+                let start = if min {
+                    f64::INFINITY
+                } else {
+                    f64::NEG_INFINITY
+                };
+                self.vector_reduce(repr, body, start, &identity, &|g, a, v| {
+                    g.extreme_of(a, v, min)
+                })
+            }
+            ReduceOp::Lse => {
+                let max =
+                    self.vector_reduce(repr, body, f64::NEG_INFINITY, &identity, &|g, a, v| {
+                        g.extreme_of(a, v, false)
+                    })?;
+                let shifted_exp = |g: &mut Self, v: Value| {
+                    let m = if g.b.func.dfg.value_type(v).is_vector() {
+                        g.splat(max)
+                    } else {
+                        max
+                    };
+                    let d = g.b.ins().fsub(v, m);
+                    g.math.exp(&mut g.b, d)
+                };
+                let total = self.vector_reduce(repr, body, 0.0, &shifted_exp, &add)?;
+                let ln = self.math.ln(&mut self.b, total);
+                let lse = self.b.ins().fadd(max, ln);
+                let inf = self.fconst(f64::INFINITY);
+                let magnitude = self.b.ins().fabs(max);
+                let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
+                Ok(self.b.ins().select(finite, lse, max))
             }
             ReduceOp::Count => unreachable_count(),
         }
@@ -1207,9 +1284,21 @@ impl<'a, 'f> Gen<'a, 'f> {
         n: Value,
         body: &mut dyn FnMut(&mut Self, Value) -> Result<()>,
     ) -> Result<()> {
-        let counter = self.b.declare_var(I64);
         let zero = self.b.ins().iconst(I64, 0);
-        self.b.def_var(counter, zero);
+        self.range_loop(zero, n, 1, body)
+    }
+
+    /// `for i in (start..end).step_by(step) { body(i) }` with an i64 counter.
+    fn range_loop(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self, Value) -> Result<()>,
+    ) -> Result<()> {
+        let n = end;
+        let counter = self.b.declare_var(I64);
+        self.b.def_var(counter, start);
         let head = self.b.create_block();
         let inner = self.b.create_block();
         let exit = self.b.create_block();
@@ -1222,7 +1311,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let i = self.b.use_var(counter);
         body(self, i)?;
         let i = self.b.use_var(counter);
-        let next = self.b.ins().iadd_imm_u(i, 1);
+        let next = self.b.ins().iadd_imm_u(i, step);
         self.b.def_var(counter, next);
         self.b.ins().jump(head, &[]);
         self.b.switch_to_block(exit);
@@ -1261,7 +1350,9 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let (Some(_), Some(cols)) = (rows, cols) else {
                     return Err(internal("`same` without a space"));
                 };
-                let row_label = self.anchor_label.ok_or_else(|| internal("the anchor's label was not loaded"))?;
+                let row_label = self
+                    .anchor_label
+                    .ok_or_else(|| internal("the anchor's label was not loaded"))?;
                 let col_label = self.label(cols, at.j);
                 self.b.ins().icmp(IntCC::Equal, row_label, col_label)
             }

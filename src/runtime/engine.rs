@@ -106,7 +106,10 @@ struct Workspace<F> {
 
 impl<F> Default for Workspace<F> {
     fn default() -> Self {
-        Workspace { matrices: Vec::new(), adjoints: Vec::new() }
+        Workspace {
+            matrices: Vec::new(),
+            adjoints: Vec::new(),
+        }
     }
 }
 
@@ -217,12 +220,18 @@ impl Loss {
         if plan.row_local {
             let kernels = self.kernels(F::PRECISION, with_gradient)?;
             let mut workspace = self.take_workspace::<F>();
-            let outcome = Run::new(plan, kernels, &batch, options.threads.max(1), &mut workspace)
-                .and_then(|mut run| {
-                    let outcome = run.execute(with_gradient);
-                    run.release(&mut workspace);
-                    outcome
-                });
+            let outcome = Run::new(
+                plan,
+                kernels,
+                &batch,
+                options.threads.max(1),
+                &mut workspace,
+            )
+            .and_then(|mut run| {
+                let outcome = run.execute(with_gradient);
+                run.release(&mut workspace);
+                outcome
+            });
             self.keep_workspace(workspace);
             if let Some(output) = outcome? {
                 return Ok(output);
@@ -233,15 +242,24 @@ impl Loss {
 
     /// The buffers a previous call left for this float type, or new ones.
     fn take_workspace<F: Real>(&self) -> Workspace<F> {
-        let mut pool = self.workspaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pool = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match pool.iter().position(|w| w.is::<Workspace<F>>()) {
-            Some(at) => pool.swap_remove(at).downcast::<Workspace<F>>().map_or_else(|_| Workspace::default(), |w| *w),
+            Some(at) => pool
+                .swap_remove(at)
+                .downcast::<Workspace<F>>()
+                .map_or_else(|_| Workspace::default(), |w| *w),
             None => Workspace::default(),
         }
     }
 
     fn keep_workspace<F: Real>(&self, workspace: Workspace<F>) {
-        let mut pool = self.workspaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pool = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // One per float type and thread that called at the same time, at most a few.
         if pool.len() < 4 {
             pool.push(Box::new(workspace));
@@ -354,14 +372,24 @@ impl<'r, F: Real> Run<'r, F> {
         let profile = std::env::var("LOSSCC_PROFILE").is_ok();
         let t0 = std::time::Instant::now();
         let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None)?;
-        if profile { eprintln!("tensors {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
+        if profile {
+            eprintln!("tensors {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
         let t0 = std::time::Instant::now();
         let mut matrices = std::mem::take(&mut workspace.matrices);
         matrices.resize_with(module.matrices.len(), || Array2::zeros((0, 0)));
         for ((_, m), values) in module.matrices.iter().zip(matrices.iter_mut()) {
-            tensors::pair_matrix(m, &tensors[m.left.index()], &tensors[m.right.index()], threads, values);
+            tensors::pair_matrix(
+                m,
+                &tensors[m.left.index()],
+                &tensors[m.right.index()],
+                threads,
+                values,
+            );
         }
-        if profile { eprintln!("matrices {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
+        if profile {
+            eprintln!("matrices {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
         let mut spare = std::mem::take(&mut workspace.adjoints);
         let mut adjoints: Vec<Option<Array2<F>>> = vec![None; module.matrices.len()];
         for scatter in &plan.scatters {
@@ -436,7 +464,9 @@ impl<'r, F: Real> Run<'r, F> {
                         })?;
                     let t0 = std::time::Instant::now();
                     let status = self.run_pass(pass);
-                    if std::env::var("LOSSCC_PROFILE").is_ok() { eprintln!("pass {index} {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
+                    if std::env::var("LOSSCC_PROFILE").is_ok() {
+                        eprintln!("pass {index} {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+                    }
                     if status != 0 {
                         if std::env::var("LOSSCC_DEBUG").is_ok() {
                             eprintln!("phase {index}: status {status}");
@@ -467,8 +497,15 @@ impl<'r, F: Real> Run<'r, F> {
                 seed: self.seed,
             };
             let t0 = std::time::Instant::now();
-            let grad = tensors::backward(&forward, &self.plan.tensor_steps, &mut self.adjoints, self.threads);
-            if std::env::var("LOSSCC_PROFILE").is_ok() { eprintln!("backward {:.2} ms", t0.elapsed().as_secs_f64() * 1e3); }
+            let grad = tensors::backward(
+                &forward,
+                &self.plan.tensor_steps,
+                &mut self.adjoints,
+                self.threads,
+            );
+            if std::env::var("LOSSCC_PROFILE").is_ok() {
+                eprintln!("backward {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+            }
             if grad.iter().any(|v| !v.is_finite()) {
                 return Ok(None);
             }
@@ -502,11 +539,7 @@ impl<'r, F: Real> Run<'r, F> {
             .iter()
             .map(|m| m.as_ptr() as *const u8)
             .collect();
-        let matrix_cols: Vec<u64> = self
-            .matrices
-            .iter()
-            .map(|m| m.ncols() as u64)
-            .collect();
+        let matrix_cols: Vec<u64> = self.matrices.iter().map(|m| m.ncols() as u64).collect();
         let vector_ptrs: Vec<*const f64> = self
             .values
             .vectors

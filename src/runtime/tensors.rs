@@ -123,7 +123,13 @@ fn row_norms<F: Real>(a: &Array2<F>) -> Array1<F> {
 /// `metric(left_i, right_j)` for every pair, computed in `values` (reused between calls,
 /// reallocated when its shape is wrong); a tensor against itself has an exact zero diagonal
 /// of distances.
-pub fn pair_matrix<F: Real>(matrix: &Matrix, a: &Array2<F>, b: &Array2<F>, threads: usize, values: &mut Array2<F>) {
+pub fn pair_matrix<F: Real>(
+    matrix: &Matrix,
+    a: &Array2<F>,
+    b: &Array2<F>,
+    threads: usize,
+    values: &mut Array2<F>,
+) {
     if values.dim() != (a.nrows(), b.nrows()) {
         *values = Array2::zeros((a.nrows(), b.nrows()));
     }
@@ -265,16 +271,19 @@ fn metric_backward<F: Real>(
         let mut cols = Array1::<F>::zeros(g.ncols());
         for ((i, mut row), d_row) in g.rows_mut().into_iter().enumerate().zip(value.rows()) {
             let mut sum = F::ZERO;
-            ndarray::Zip::from(&mut row).and(&d_row).and(&mut cols).for_each(|w, &d, col| {
-                let dq = match floor {
-                    Some(floor) if d > floor => *w / (two * d),
-                    Some(_) => F::ZERO,
-                    None => *w,
-                };
-                sum = sum + dq;
-                *col = *col + dq;
-                *w = -two * dq;
-            });
+            ndarray::Zip::from(&mut row)
+                .and(&d_row)
+                .and(&mut cols)
+                .for_each(|w, &d, col| {
+                    let dq = match floor {
+                        Some(floor) if d > floor => *w / (two * d),
+                        Some(_) => F::ZERO,
+                        None => *w,
+                    };
+                    sum = sum + dq;
+                    *col = *col + dq;
+                    *w = -two * dq;
+                });
             rows[i] = sum;
         }
         let (a, b) = (&tensors[left], &tensors[right]);
@@ -289,10 +298,25 @@ fn metric_backward<F: Real>(
     }
     if left == right {
         gemm::symmetrize(g.view_mut());
-        gemm::ab_acc(g.view(), tensors[left].view(), grads[left].view_mut(), threads);
+        gemm::ab_acc(
+            g.view(),
+            tensors[left].view(),
+            grads[left].view_mut(),
+            threads,
+        );
     } else {
-        gemm::ab_acc(g.view(), tensors[right].view(), grads[left].view_mut(), threads);
-        gemm::atb_acc(g.view(), tensors[left].view(), grads[right].view_mut(), threads);
+        gemm::ab_acc(
+            g.view(),
+            tensors[right].view(),
+            grads[left].view_mut(),
+            threads,
+        );
+        gemm::atb_acc(
+            g.view(),
+            tensors[left].view(),
+            grads[right].view_mut(),
+            threads,
+        );
     }
 }
 

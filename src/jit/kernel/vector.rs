@@ -1,0 +1,405 @@
+//! Loops over members a vector at a time: four f32 (two f64) members per iteration, the
+//! member expression evaluated in SIMD lanes (the transcendental functions with the
+//! vector polynomials of `jit::math`), the rest of the set in a scalar tail.
+//!
+//! Only expressions made of arithmetic, comparisons, selections and the math functions on
+//! matrix entries and per-anchor values are vectorised; a member expression that reads
+//! labels, indices or group sizes keeps the scalar loop.
+
+use super::{At, Gen, Repr, Result, internal};
+use crate::ir::*;
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I64};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type as ClifType, Value};
+use std::collections::HashMap;
+
+/// Where a vector of members is evaluated: the position of its first member in the set,
+/// each lane's column, and whether the columns are consecutive (a whole row).
+pub(super) struct VAt {
+    first: Value,
+    cols: Vec<Value>,
+    contiguous: bool,
+}
+
+impl Gen<'_, '_> {
+    pub(super) fn lanes(&self) -> usize {
+        if self.float == F32 { 4 } else { 2 }
+    }
+
+    fn vector_type(&self) -> ClifType {
+        if self.float == F32 { F32X4 } else { F64X2 }
+    }
+
+    fn vector_flags() -> MemFlagsData {
+        // Rows are aligned to one float, not to a vector.
+        MemFlagsData::new().with_notrap()
+    }
+
+    /// Whether `h`, evaluated per member, can be evaluated on lanes.
+    pub(super) fn vectorizable(&self, h: Handle<Expr>) -> bool {
+        let e = &self.module.exprs[h];
+        if !matches!(e.level, Level::Member { .. } | Level::Cross { .. }) {
+            // Per-anchor and batch values are splatted: numbers only.
+            return e.ty == Type::Num;
+        }
+        match &e.kind {
+            ExprKind::Entry(_) => true,
+            ExprKind::Unary { op, arg } => !matches!(op, UnaryOp::Not) && self.vectorizable(*arg),
+            ExprKind::Binary { op, lhs, rhs } => {
+                !matches!(op, BinaryOp::And | BinaryOp::Or)
+                    && self.module.exprs[*lhs].ty == Type::Num
+                    && self.vectorizable(*lhs)
+                    && self.vectorizable(*rhs)
+            }
+            ExprKind::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
+                self.vectorizable(*cond)
+                    && self.vectorizable(*then)
+                    && self.vectorizable(*otherwise)
+            }
+            ExprKind::Stop(arg) => self.vectorizable(*arg),
+            _ => false,
+        }
+    }
+
+    pub(super) fn splat(&mut self, scalar: Value) -> Value {
+        let ty = self.vector_type();
+        self.b.ins().splat(ty, scalar)
+    }
+
+    fn vconst(&mut self, value: f64) -> Value {
+        let c = self.fconst(value);
+        self.splat(c)
+    }
+
+    /// `mask ? a : b` lane by lane, `mask` an integer vector of all-ones or zero lanes.
+    fn vselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
+        let ty = self.vector_type();
+        let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
+        self.b.ins().bitselect(mask, a, b)
+    }
+
+    /// The value of a per-member expression on every lane.
+    fn vmember(
+        &mut self,
+        h: Handle<Expr>,
+        at: &VAt,
+        cache: &mut HashMap<Handle<Expr>, Value>,
+    ) -> Result<Value> {
+        if let Some(&v) = cache.get(&h) {
+            return Ok(v);
+        }
+        let e = self.module.exprs[h].clone();
+        if !matches!(e.level, Level::Member { .. } | Level::Cross { .. }) {
+            let scalar = *self
+                .row
+                .get(&h)
+                .ok_or_else(|| internal(format!("{h} was not prepared before its loop")))?;
+            let v = self.splat(scalar);
+            cache.insert(h, v);
+            return Ok(v);
+        }
+        let v = match e.kind {
+            ExprKind::Entry(m) => {
+                let row = self.matrix_rows[&m];
+                let ty = self.vector_type();
+                if at.contiguous {
+                    let offset = self.b.ins().imul_imm_u(at.first, self.fb);
+                    let addr = self.b.ins().iadd(row, offset);
+                    self.b.ins().load(ty, Self::vector_flags(), addr, 0)
+                } else {
+                    let mut vector = None;
+                    for (lane, &j) in at.cols.iter().enumerate() {
+                        let offset = self.b.ins().imul_imm_u(j, self.fb);
+                        let addr = self.b.ins().iadd(row, offset);
+                        let x = self.b.ins().load(self.float, Self::flags(), addr, 0);
+                        vector = Some(match vector {
+                            None => self.b.ins().scalar_to_vector(ty, x),
+                            Some(v) => self.b.ins().insertlane(v, x, lane as u8),
+                        });
+                    }
+                    vector.ok_or_else(|| internal("a vector of no lanes"))?
+                }
+            }
+            ExprKind::Unary { op, arg } => {
+                let a = self.vmember(arg, at, cache)?;
+                match op {
+                    UnaryOp::Neg => self.b.ins().fneg(a),
+                    UnaryOp::Exp => self.math.exp(&mut self.b, a),
+                    UnaryOp::Log => self.math.ln(&mut self.b, a),
+                    UnaryOp::Log1p => self.math.log1p(&mut self.b, a),
+                    UnaryOp::Softplus => self.math.softplus(&mut self.b, a),
+                    UnaryOp::Sigmoid => self.math.sigmoid(&mut self.b, a),
+                    UnaryOp::Sqrt => self.b.ins().sqrt(a),
+                    UnaryOp::Abs => self.b.ins().fabs(a),
+                    UnaryOp::Floor => self.b.ins().floor(a),
+                    UnaryOp::Relu | UnaryOp::Step => {
+                        let zero = self.vconst(0.0);
+                        let positive = self.b.ins().fcmp(FloatCC::GreaterThan, a, zero);
+                        let when = if op == UnaryOp::Relu {
+                            a
+                        } else {
+                            self.vconst(1.0)
+                        };
+                        self.vselect(positive, when, zero)
+                    }
+                    UnaryOp::Not => return Err(internal("a negated condition in a vector loop")),
+                }
+            }
+            ExprKind::Binary { op, lhs, rhs } => {
+                let a = self.vmember(lhs, at, cache)?;
+                let b = self.vmember(rhs, at, cache)?;
+                match op {
+                    BinaryOp::Add => self.b.ins().fadd(a, b),
+                    BinaryOp::Sub => self.b.ins().fsub(a, b),
+                    BinaryOp::Mul => self.b.ins().fmul(a, b),
+                    BinaryOp::Div => self.b.ins().fdiv(a, b),
+                    BinaryOp::Pow => {
+                        let ExprKind::Const(Real(c)) = self.module.exprs[rhs].kind else {
+                            return Err(internal("a power with a variable exponent"));
+                        };
+                        self.vpower(a, c)
+                    }
+                    BinaryOp::Min | BinaryOp::Max => {
+                        let cc = if op == BinaryOp::Min {
+                            FloatCC::LessThan
+                        } else {
+                            FloatCC::GreaterThan
+                        };
+                        let right = self.b.ins().fcmp(cc, b, a);
+                        self.vselect(right, b, a)
+                    }
+                    BinaryOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, a, b),
+                    BinaryOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, a, b),
+                    BinaryOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, a, b),
+                    BinaryOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, a, b),
+                    BinaryOp::Eq => self.b.ins().fcmp(FloatCC::Equal, a, b),
+                    BinaryOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, a, b),
+                    BinaryOp::And | BinaryOp::Or => {
+                        return Err(internal("a conjunction in a vector loop"));
+                    }
+                }
+            }
+            ExprKind::Select {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let c = self.vmember(cond, at, cache)?;
+                let t = self.vmember(then, at, cache)?;
+                let o = self.vmember(otherwise, at, cache)?;
+                self.vselect(c, t, o)
+            }
+            ExprKind::Stop(arg) => self.vmember(arg, at, cache)?,
+            _ => return Err(internal(format!("{h} cannot be evaluated on lanes"))),
+        };
+        cache.insert(h, v);
+        Ok(v)
+    }
+
+    /// `a ^ c` on lanes, as the scalar `power` does it.
+    fn vpower(&mut self, a: Value, c: f64) -> Value {
+        if c == c.trunc() && c.abs() <= 64.0 {
+            let mut n = c.abs() as u32;
+            let mut result = None;
+            let mut base = a;
+            while n > 0 {
+                if n & 1 == 1 {
+                    result = Some(match result {
+                        None => base,
+                        Some(r) => self.b.ins().fmul(r, base),
+                    });
+                }
+                n >>= 1;
+                if n > 0 {
+                    base = self.b.ins().fmul(base, base);
+                }
+            }
+            let mut result = match result {
+                Some(r) => r,
+                None => self.vconst(1.0),
+            };
+            if c < 0.0 {
+                let one = self.vconst(1.0);
+                result = self.b.ins().fdiv(one, result);
+            }
+            result
+        } else {
+            let ln = self.math.ln(&mut self.b, a);
+            let c = self.vconst(c);
+            let scaled = self.b.ins().fmul(c, ln);
+            self.math.exp(&mut self.b, scaled)
+        }
+    }
+
+    /// A loop over the members of a whole row or an index list, `lanes` at a time, then the
+    /// remaining members one at a time.
+    pub(super) fn each_vector(
+        &mut self,
+        repr: &Repr,
+        vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
+        scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
+    ) -> Result<()> {
+        let lanes = self.lanes();
+        let (n, list, space) = match repr {
+            Repr::Range { cols, space } => (*cols, None, *space),
+            Repr::List { ptr, len, space } => (*len, Some(*ptr), *space),
+            Repr::Cross { .. } => return Err(internal("a cross set in a vector loop")),
+        };
+        let full = self.b.ins().band_imm_s(n, -(lanes as i64));
+        let zero = self.b.ins().iconst(I64, 0);
+        self.range_loop(zero, full, lanes as i64, &mut |g, k| {
+            let mut cols = Vec::with_capacity(lanes);
+            for lane in 0..lanes {
+                let position = g.b.ins().iadd_imm_u(k, lane as i64);
+                cols.push(match list {
+                    Some(ptr) => {
+                        let offset = g.b.ins().imul_imm_u(position, 4);
+                        let addr = g.b.ins().iadd(ptr, offset);
+                        g.b.ins().uload32(Self::flags(), addr, 0)
+                    }
+                    None => position,
+                });
+            }
+            vector(
+                g,
+                &VAt {
+                    first: k,
+                    cols,
+                    contiguous: list.is_none(),
+                },
+            )
+        })?;
+        self.range_loop(full, n, 1, &mut |g, k| {
+            let j = match list {
+                Some(ptr) => {
+                    let offset = g.b.ins().imul_imm_u(k, 4);
+                    let addr = g.b.ins().iadd(ptr, offset);
+                    g.b.ins().uload32(Self::flags(), addr, 0)
+                }
+                None => k,
+            };
+            scalar(
+                g,
+                At {
+                    j,
+                    pair: None,
+                    space,
+                },
+            )
+        })
+    }
+
+    /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
+    /// tail; returns the reduced scalar. `map` and `combine` take values of either width.
+    pub(super) fn vector_reduce(
+        &mut self,
+        repr: &Repr,
+        body: Handle<Expr>,
+        start: f64,
+        map: &dyn Fn(&mut Self, Value) -> Value,
+        combine: &dyn Fn(&mut Self, Value, Value) -> Value,
+    ) -> Result<Value> {
+        let vty = self.vector_type();
+        let vacc = self.b.declare_var(vty);
+        let init = self.vconst(start);
+        self.b.def_var(vacc, init);
+        let acc = self.b.declare_var(self.float);
+        let init = self.fconst(start);
+        self.b.def_var(acc, init);
+        self.each_vector(
+            repr,
+            &mut |g, at| {
+                let v = g.vmember(body, at, &mut HashMap::new())?;
+                let v = map(g, v);
+                let current = g.b.use_var(vacc);
+                let next = combine(g, current, v);
+                g.b.def_var(vacc, next);
+                Ok(())
+            },
+            &mut |g, at| {
+                let v = g.member(body, at, &mut HashMap::new())?;
+                let v = map(g, v);
+                let current = g.b.use_var(acc);
+                let next = combine(g, current, v);
+                g.b.def_var(acc, next);
+                Ok(())
+            },
+        )?;
+        // Lanes first, in order, then the tail.
+        let lanes = self.b.use_var(vacc);
+        let mut total = None;
+        for lane in 0..self.lanes() {
+            let x = self.b.ins().extractlane(lanes, lane as u8);
+            total = Some(match total {
+                None => x,
+                Some(t) => combine(self, t, x),
+            });
+        }
+        let tail = self.b.use_var(acc);
+        let total = total.ok_or_else(|| internal("a vector of no lanes"))?;
+        Ok(combine(self, total, tail))
+    }
+
+    /// Adds `weight` at every member of `repr` into the adjoint row `grad_row`.
+    pub(super) fn vector_scatter(
+        &mut self,
+        repr: &Repr,
+        weight: Handle<Expr>,
+        grad_row: Value,
+    ) -> Result<()> {
+        let vty = self.vector_type();
+        let add = |g: &mut Self, col: Value, w: Value| {
+            let offset = g.b.ins().imul_imm_u(col, g.fb);
+            let addr = g.b.ins().iadd(grad_row, offset);
+            let old = g.b.ins().load(g.float, Self::flags(), addr, 0);
+            let new = g.b.ins().fadd(old, w);
+            g.b.ins().store(Self::flags(), new, addr, 0);
+        };
+        self.each_vector(
+            repr,
+            &mut |g, at| {
+                let w = g.vmember(weight, at, &mut HashMap::new())?;
+                if at.contiguous {
+                    let offset = g.b.ins().imul_imm_u(at.first, g.fb);
+                    let addr = g.b.ins().iadd(grad_row, offset);
+                    let old = g.b.ins().load(vty, Self::vector_flags(), addr, 0);
+                    let new = g.b.ins().fadd(old, w);
+                    g.b.ins().store(Self::vector_flags(), new, addr, 0);
+                } else {
+                    for (lane, &col) in at.cols.iter().enumerate() {
+                        let x = g.b.ins().extractlane(w, lane as u8);
+                        add(g, col, x);
+                    }
+                }
+                Ok(())
+            },
+            &mut |g, at| {
+                let w = g.member(weight, at, &mut HashMap::new())?;
+                add(g, at.j, w);
+                Ok(())
+            },
+        )
+    }
+
+    /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
+    /// loops, lane by lane.
+    pub(super) fn extreme_of(&mut self, acc: Value, v: Value, min: bool) -> Value {
+        let cc = if min {
+            FloatCC::LessThan
+        } else {
+            FloatCC::GreaterThan
+        };
+        let better = self.b.ins().fcmp(cc, v, acc);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, v, v);
+        let take = self.b.ins().bor(better, nan);
+        if self.b.func.dfg.value_type(v).is_vector() {
+            self.vselect(take, v, acc)
+        } else {
+            self.b.ins().select(take, v, acc)
+        }
+    }
+}
