@@ -1,110 +1,757 @@
-//! Matrix products for the pair matrices and their backward, through the `gemm` crate.
+//! Dense GEMM kernels for the runtime: pair matrices `S = A Bᵀ`, `S = X Xᵀ`
+//! and their backward products, in `f32` or `f64` (any [`Real`]).
+//!
+//! Every product is computed by the `gemm` crate (0.19, the kernel behind
+//! faer), always called single-threaded (`Parallelism::None`) on output row
+//! panels. The panel layout depends only on the problem shape, never on the
+//! thread count, and each output element is written by exactly one panel task,
+//! so results are bitwise identical for any `threads` value. (`gemm` documents
+//! no such guarantee for its own `Parallelism::Rayon(n)`, so it is not used.)
+//! `threads` is the number of workers: with `threads > 1`, panels go to
+//! `threads` tasks on the current rayon pool (the global one unless called
+//! inside `ThreadPool::install`); `0` and `1` mean the calling thread only.
+//! Products below about 0.7 ms of single-core work ignore `threads` and run on
+//! the calling thread (waking pool threads costs more than it saves).
+//!
+//! Inputs may be views with any strides (non-contiguous, transposed, negative):
+//! `gemm` reads them in place. Outputs may have any strides too, except that
+//! [`gram`] goes through a temporary when its output is not in standard layout.
+//! Shapes are checked with `assert!`; empty and single-row shapes are fine.
+//!
+//! Symmetric backward: `dX += (G + Gᵀ) X` is one GEMM, either fused
+//! ([`sym_acc`], which never materialises `G + Gᵀ`) or as [`symmetrize`] in
+//! place followed by [`ab_acc`].
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use super::real::Real;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
+use std::sync::Mutex;
 
-fn parallelism(threads: usize) -> gemm::Parallelism {
-    if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    }
-}
+/// Below this much work (flops × `size_of::<T>()`; 2^28 = 67 Mflop in f32,
+/// about 0.7 ms on one Zen 4 core) a product runs as a single task on the
+/// calling thread: waking pool threads costs 0.1–0.2 ms on the target VM.
+const MIN_PARALLEL_WORK: usize = 1 << 28;
+/// Target flops per row-panel task.
+const TASK_FLOPS: usize = 1 << 25;
+/// Upper bound on the number of row panels of one product.
+const MAX_PANELS: usize = 4;
+/// Row-panel height cap for [`sym_acc`] (keeps the `g + gᵀ` block in L2).
+const SYM_PANEL_MAX: usize = 256;
+/// The mirror step of [`gram`] only uses a second thread from this size on.
+const MIRROR_PAR_MIN: usize = 1024;
+/// Row panels are multiples of this (keeps gemm micro-tiles full).
+const ROW_ALIGN: usize = 16;
+/// Row-panel height bounds for the triangle of [`gram`]; the redundant work
+/// on diagonal blocks is about `panel / n` of the triangle.
+const TRI_PANEL_MIN: usize = 64;
+const TRI_PANEL_MAX: usize = 256;
+/// Depth chunk of [`sym_acc`]: `g + gᵀ` is formed `panel × SYM_KB` at a time,
+/// so it stays in cache between being formed and being multiplied.
+const SYM_KB: usize = 256;
 
-/// `out = alpha * lhs * rhs + (out if accumulate)`, for any strides.
-fn product<T: Copy + 'static>(
-    lhs: ArrayView2<T>,
-    rhs: ArrayView2<T>,
-    mut out: ArrayViewMut2<T>,
+/// `dst (= or +=) lhs · rhs`, single-threaded. `lhs`: r×k, `rhs`: k×c, `dst`: r×c.
+fn kernel<T: Real>(
+    mut dst: ArrayViewMut2<'_, T>,
+    lhs: ArrayView2<'_, T>,
+    rhs: ArrayView2<'_, T>,
     accumulate: bool,
-    one: T,
-    threads: usize,
 ) {
-    let (m, k) = lhs.dim();
-    let n = rhs.ncols();
-    if m == 0 || n == 0 {
+    let (r, c) = dst.dim();
+    let k = lhs.ncols();
+    debug_assert_eq!(lhs.nrows(), r);
+    debug_assert_eq!(rhs.dim(), (k, c));
+    if r == 0 || c == 0 || (k == 0 && accumulate) {
         return;
     }
-    let (lr, lc) = (lhs.strides()[0], lhs.strides()[1]);
-    let (rr, rc) = (rhs.strides()[0], rhs.strides()[1]);
-    let (or, oc) = (out.strides()[0], out.strides()[1]);
-    // SAFETY: the pointers and strides come from live ndarray views of shapes (m, k),
-    // (k, n) and (m, n), which is exactly what `gemm` reads and writes; `out` is borrowed
-    // mutably and cannot alias the inputs.
+    let [dst_rs, dst_cs] = [dst.strides()[0], dst.strides()[1]];
+    let [lhs_rs, lhs_cs] = [lhs.strides()[0], lhs.strides()[1]];
+    let [rhs_rs, rhs_cs] = [rhs.strides()[0], rhs.strides()[1]];
+    // SAFETY: `Real` is implemented for f32 and f64 only, both supported by
+    // `gemm::gemm` (which dispatches on the `TypeId` of `T` and would panic,
+    // not misbehave, on any other type). Each pointer/stride pair comes from a live ndarray view of exactly the
+    // shape passed (r×c, r×k, k×c), so every element gemm touches lies inside
+    // the view (ndarray points `as_ptr` at element [0, 0] even for negative
+    // strides, which gemm accepts). `dst` is borrowed mutably and exclusively,
+    // so it cannot alias `lhs`/`rhs`. With `read_dst == false` gemm never
+    // reads `dst`; with `true` it computes dst := 1·dst + 1·lhs·rhs.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
+        ::gemm::gemm(
+            r,
+            c,
             k,
-            out.as_mut_ptr(),
-            oc,
-            or,
+            dst.as_mut_ptr(),
+            dst_cs,
+            dst_rs,
             accumulate,
             lhs.as_ptr(),
-            lc,
-            lr,
+            lhs_cs,
+            lhs_rs,
             rhs.as_ptr(),
-            rc,
-            rr,
-            one,
-            one,
+            rhs_cs,
+            rhs_rs,
+            T::ONE,
+            T::ONE,
             false,
             false,
             false,
-            parallelism(threads),
+            ::gemm::Parallelism::None,
         );
     }
 }
 
-/// `out = a b^T`.
-pub fn abt<T: super::real::Real>(
-    a: ArrayView2<T>,
-    b: ArrayView2<T>,
-    out: ArrayViewMut2<T>,
+/// Runs `f` on every item, using up to `threads` workers of the current rayon
+/// pool. Items are taken in order from a shared queue (dynamic balancing);
+/// which worker runs an item never affects its result.
+fn run_tasks<I: Send, F: Fn(I) + Sync>(items: Vec<I>, threads: usize, f: F) {
+    let workers = threads.min(items.len());
+    if workers <= 1 {
+        items.into_iter().for_each(f);
+        return;
+    }
+    let queue = Mutex::new(items.into_iter());
+    let work = || {
+        loop {
+            // A poisoned lock only means another task panicked; rayon
+            // re-raises that panic when the scope ends.
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+            match next {
+                Some(item) => f(item),
+                None => break,
+            }
+        }
+    };
+    rayon::scope(|sc| {
+        for _ in 1..workers {
+            sc.spawn(|_| work());
+        }
+        work();
+    });
+}
+
+/// Whether `flops` of `T` work is worth handing to other threads.
+fn worth_parallel<T>(flops: usize) -> bool {
+    flops.saturating_mul(size_of::<T>()) >= MIN_PARALLEL_WORK
+}
+
+/// Height of the row panels of an `rows × cols` product with depth `depth`.
+/// Depends on the shape only (never on the thread count).
+fn panel_rows<T>(rows: usize, cols: usize, depth: usize) -> usize {
+    let flops = 2_usize
+        .saturating_mul(rows)
+        .saturating_mul(cols)
+        .saturating_mul(depth);
+    if !worth_parallel::<T>(flops) || rows <= ROW_ALIGN {
+        return rows.max(1);
+    }
+    let panels = flops.div_ceil(TASK_FLOPS).clamp(2, MAX_PANELS);
+    rows.div_ceil(panels).next_multiple_of(ROW_ALIGN)
+}
+
+/// `out (= or +=) lhs · rhs` split into fixed row panels.
+fn panelled<T: Real>(
+    lhs: ArrayView2<'_, T>,
+    rhs: ArrayView2<'_, T>,
+    mut out: ArrayViewMut2<'_, T>,
+    accumulate: bool,
     threads: usize,
 ) {
-    product(a, b.t(), out, false, T::ONE, threads);
+    let (rows, cols) = out.dim();
+    let p = panel_rows::<T>(rows, cols, lhs.ncols());
+    let tasks: Vec<_> = out
+        .axis_chunks_iter_mut(Axis(0), p)
+        .zip(lhs.axis_chunks_iter(Axis(0), p))
+        .collect();
+    run_tasks(tasks, threads, |(o, l)| kernel(o, l, rhs, accumulate));
 }
 
-/// `out = x x^T`.
-pub fn gram<T: super::real::Real>(x: ArrayView2<T>, out: ArrayViewMut2<T>, threads: usize) {
-    product(x, x.t(), out, false, T::ONE, threads);
-}
-
-/// `out += g b`.
-pub fn ab_acc<T: super::real::Real>(
-    g: ArrayView2<T>,
-    b: ArrayView2<T>,
-    out: ArrayViewMut2<T>,
+/// `out = a · bᵀ`. `a`: n×d, `b`: m×d, `out`: n×m (previous contents ignored).
+pub fn abt<T: Real>(
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    out: ArrayViewMut2<'_, T>,
     threads: usize,
 ) {
-    product(g, b, out, true, T::ONE, threads);
+    assert_eq!(
+        a.ncols(),
+        b.ncols(),
+        "abt: a is {:?}, b is {:?}",
+        a.dim(),
+        b.dim()
+    );
+    assert_eq!(
+        out.dim(),
+        (a.nrows(), b.nrows()),
+        "abt: out has the wrong shape"
+    );
+    panelled(a, b.t(), out, false, threads);
 }
 
-/// `out += g^T a`.
-pub fn atb_acc<T: super::real::Real>(
-    g: ArrayView2<T>,
-    a: ArrayView2<T>,
-    out: ArrayViewMut2<T>,
+/// `out += g · b`. `g`: n×m, `b`: m×d, `out`: n×d.
+pub fn ab_acc<T: Real>(
+    g: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    out: ArrayViewMut2<'_, T>,
     threads: usize,
 ) {
-    product(g.t(), a, out, true, T::ONE, threads);
+    assert_eq!(
+        g.ncols(),
+        b.nrows(),
+        "ab_acc: g is {:?}, b is {:?}",
+        g.dim(),
+        b.dim()
+    );
+    assert_eq!(
+        out.dim(),
+        (g.nrows(), b.ncols()),
+        "ab_acc: out has the wrong shape"
+    );
+    panelled(g, b, out, true, threads);
 }
 
-/// `g <- g + g^T` in place, in tiles so that both triangles stay in cache: the adjoint of
-/// `x x^T` with respect to `x` is then one product, `(g + g^T) x`.
-pub fn symmetrize<T: super::real::Real>(mut g: ArrayViewMut2<T>) {
-    const TILE: usize = 64;
+/// `out += gᵀ · a`. `g`: n×m, `a`: n×d, `out`: m×d.
+pub fn atb_acc<T: Real>(
+    g: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    out: ArrayViewMut2<'_, T>,
+    threads: usize,
+) {
+    assert_eq!(
+        g.nrows(),
+        a.nrows(),
+        "atb_acc: g is {:?}, a is {:?}",
+        g.dim(),
+        a.dim()
+    );
+    assert_eq!(
+        out.dim(),
+        (g.ncols(), a.ncols()),
+        "atb_acc: out has the wrong shape"
+    );
+    panelled(g.t(), a, out, true, threads);
+}
+
+/// `out = x · xᵀ` (`x`: n×d, `out`: n×n, previous contents ignored).
+///
+/// Only the lower triangle (in row panels, each including its diagonal
+/// block) is computed; the upper triangle is then copied from it, so `out` is
+/// exactly symmetric.
+pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, threads: usize) {
+    let n = x.nrows();
+    assert_eq!(out.dim(), (n, n), "gram: out must be {n}x{n}");
+    if n == 0 {
+        return;
+    }
+    if !out.is_standard_layout() {
+        let mut tmp = vec![T::ZERO; n * n];
+        let view = ArrayViewMut2::from_shape((n, n), &mut tmp[..]).expect("n*n buffer");
+        gram(x, view, threads);
+        out.assign(&ArrayView2::from_shape((n, n), &tmp[..]).expect("n*n buffer"));
+        return;
+    }
+    let p = (n / 8)
+        .next_multiple_of(ROW_ALIGN)
+        .clamp(TRI_PANEL_MIN, TRI_PANEL_MAX);
+    let mut tasks: Vec<_> = out
+        .axis_chunks_iter_mut(Axis(0), p)
+        .zip(x.axis_chunks_iter(Axis(0), p))
+        .enumerate()
+        .map(|(i, (o, xr))| {
+            let end = (i * p + xr.nrows()).min(n);
+            (o.slice_move(s![.., ..end]), xr, x.slice_move(s![..end, ..]))
+        })
+        .collect();
+    tasks.reverse(); // largest panels first: better balance
+    let d = x.ncols();
+    let threads = if worth_parallel::<T>(n.saturating_mul(n).saturating_mul(d)) {
+        threads
+    } else {
+        1
+    };
+    run_tasks(tasks, threads, |(o, xr, xc)| kernel(o, xr, xc.t(), false));
+    let data = out.as_slice_mut().expect("standard layout checked above");
+    let mirror_threads = if n >= MIRROR_PAR_MIN { threads } else { 1 };
+    mirror_lower(data, n, 0, n, mirror_threads);
+}
+
+/// `out += (g + gᵀ) · x` as one GEMM. `g`: n×n, `x`: n×d, `out`: n×d.
+///
+/// `g + gᵀ` is never stored whole: each row panel forms it `panel × 256`
+/// columns at a time in `scratch` (resized as needed; reuse it across calls)
+/// and multiplies that block right away, while it is still in cache. The
+/// depth is thus summed in fixed chunks of 256, whatever `threads` is.
+pub fn sym_acc<T: Real>(
+    g: ArrayView2<'_, T>,
+    x: ArrayView2<'_, T>,
+    mut out: ArrayViewMut2<'_, T>,
+    scratch: &mut Vec<T>,
+    threads: usize,
+) {
+    let (n, d) = x.dim();
+    assert_eq!(g.dim(), (n, n), "sym_acc: g must be {n}x{n}");
+    assert_eq!(out.dim(), (n, d), "sym_acc: out must be {n}x{d}");
+    if n == 0 || d == 0 {
+        return;
+    }
+    let g = g.as_standard_layout(); // copies only if `g` is not row-major contiguous
+    let gs = g.as_slice().expect("standard layout");
+    let p = panel_rows::<T>(n, d, n).min(SYM_PANEL_MAX);
+    let threads = if worth_parallel::<T>(2_usize.saturating_mul(n * n).saturating_mul(d)) {
+        threads
+    } else {
+        1
+    };
+    let kb = SYM_KB.min(n);
+    scratch.clear();
+    scratch.resize(n.div_ceil(p) * p * kb, T::ZERO);
+    let tasks: Vec<_> = out
+        .axis_chunks_iter_mut(Axis(0), p)
+        .zip(scratch.chunks_mut(p * kb))
+        .enumerate()
+        .collect();
+    run_tasks(tasks, threads, |(i, (mut o, h))| {
+        let (r0, rows) = (i * p, o.nrows());
+        for k0 in (0..n).step_by(kb) {
+            let kw = kb.min(n - k0);
+            let h = &mut h[..rows * kw];
+            // h[a, b] = g[r0 + a, k0 + b] + g[k0 + b, r0 + a]
+            transpose_into(
+                h,
+                kw,
+                &gs[k0 * n + r0..],
+                n,
+                Some((&gs[r0 * n + k0..], n)),
+                rows,
+                kw,
+            );
+            let hv = ArrayView2::from_shape((rows, kw), &*h).expect("block of scratch");
+            kernel(o.view_mut(), hv, x.slice(s![k0..k0 + kw, ..]), true);
+        }
+    });
+}
+
+/// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
+/// that `dX += (G + Gᵀ) X` is then one [`ab_acc`]. The result is exactly
+/// symmetric. Single-threaded; [`sym_acc`] fuses the same work into the
+/// product instead.
+pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>) {
     let n = g.nrows().min(g.ncols());
-    for bi in (0..n).step_by(TILE) {
-        for bj in (bi..n).step_by(TILE) {
-            for i in bi..(bi + TILE).min(n) {
-                let start = if bi == bj { i } else { bj };
-                for j in start..(bj + TILE).min(n) {
-                    let both = g[(i, j)] + g[(j, i)];
-                    g[(i, j)] = both;
-                    g[(j, i)] = both;
+    let ld = g.ncols();
+    match g.as_slice_mut() {
+        Some(data) => symmetrize_block(data, ld, 0, n),
+        None => {
+            for i in 0..n {
+                for j in i..n {
+                    let v = g[(i, j)] + g[(j, i)];
+                    g[(i, j)] = v;
+                    g[(j, i)] = v;
                 }
             }
         }
+    }
+}
+
+/// [`symmetrize`] of the `len × len` diagonal block whose top-left corner is
+/// at column `c0` of the first row of `rows` (row-major, row length `ld`).
+fn symmetrize_block<T: Real>(rows: &mut [T], ld: usize, c0: usize, len: usize) {
+    const M: usize = 8;
+    if len <= 64 {
+        for i in 0..len {
+            for j in i..len {
+                let v = rows[i * ld + c0 + j] + rows[j * ld + c0 + i];
+                rows[i * ld + c0 + j] = v;
+                rows[j * ld + c0 + i] = v;
+            }
+        }
+        return;
+    }
+    let h = (len / 2).next_multiple_of(M);
+    let w = len - h;
+    let (top, bottom) = rows.split_at_mut(h * ld);
+    symmetrize_block(top, ld, c0, h);
+    symmetrize_block(bottom, ld, c0 + h, w);
+    // Off-diagonal quadrants: top[i][c0 + h + j] and bottom[j][c0 + i], in
+    // 8×8 tiles (both read and written row-wise through a small buffer).
+    let pair = |top: &mut [T], bottom: &mut [T], i: usize, j: usize| {
+        let v = top[i * ld + c0 + h + j] + bottom[j * ld + c0 + i];
+        top[i * ld + c0 + h + j] = v;
+        bottom[j * ld + c0 + i] = v;
+    };
+    let mut i = 0;
+    while i + M <= h {
+        let mut j = 0;
+        while j + M <= w {
+            let mut t = [[T::ZERO; M]; M];
+            for (b, col) in t.iter_mut().enumerate() {
+                col.copy_from_slice(&bottom[(j + b) * ld + c0 + i..][..M]);
+            }
+            for a in 0..M {
+                let d = &mut top[(i + a) * ld + c0 + h + j..][..M];
+                for b in 0..M {
+                    let v = d[b] + t[b][a];
+                    d[b] = v;
+                    t[b][a] = v;
+                }
+            }
+            for (b, col) in t.iter().enumerate() {
+                bottom[(j + b) * ld + c0 + i..][..M].copy_from_slice(col);
+            }
+            j += M;
+        }
+        for a in i..i + M {
+            for b in j..w {
+                pair(top, bottom, a, b);
+            }
+        }
+        i += M;
+    }
+    for a in i..h {
+        for b in 0..w {
+            pair(top, bottom, a, b);
+        }
+    }
+}
+
+/// `dst[i·dld + j] = src[j·sld + i] (+ add[i·ald + j])` for `i < rows`, `j < cols`.
+///
+/// Cache-blocked: 64×64 blocks of 8×8 register tiles; every source row
+/// segment is read contiguously.
+fn transpose_into<T: Real>(
+    dst: &mut [T],
+    dld: usize,
+    src: &[T],
+    sld: usize,
+    add: Option<(&[T], usize)>,
+    rows: usize,
+    cols: usize,
+) {
+    const B: usize = 64;
+    const M: usize = 8;
+    let scalar = |dst: &mut [T], i: std::ops::Range<usize>, j: std::ops::Range<usize>| {
+        for a in i {
+            for b in j.clone() {
+                let t = src[b * sld + a];
+                dst[a * dld + b] = match add {
+                    Some((add, ald)) => add[a * ald + b] + t,
+                    None => t,
+                };
+            }
+        }
+    };
+    for i0 in (0..rows).step_by(B) {
+        let i1 = (i0 + B).min(rows);
+        for j0 in (0..cols).step_by(B) {
+            let j1 = (j0 + B).min(cols);
+            let mut i = i0;
+            while i + M <= i1 {
+                let mut j = j0;
+                while j + M <= j1 {
+                    let mut t = [[T::ZERO; M]; M];
+                    for (b, col) in t.iter_mut().enumerate() {
+                        col.copy_from_slice(&src[(j + b) * sld + i..][..M]);
+                    }
+                    for a in 0..M {
+                        let d: &mut [T] = &mut dst[(i + a) * dld + j..][..M];
+                        match add {
+                            Some((add, ald)) => {
+                                let s = &add[(i + a) * ald + j..][..M];
+                                for b in 0..M {
+                                    d[b] = s[b] + t[b][a];
+                                }
+                            }
+                            None => {
+                                for b in 0..M {
+                                    d[b] = t[b][a];
+                                }
+                            }
+                        }
+                    }
+                    j += M;
+                }
+                scalar(dst, i..i + M, j..j1);
+                i += M;
+            }
+            scalar(dst, i..i1, j0..j1);
+        }
+    }
+}
+
+/// Copies the strictly lower triangle of the `len × len` diagonal block whose
+/// top-left corner is at column `c0` of the first row of `rows` (a row-major
+/// matrix with row length `ld`) onto its upper triangle.
+fn mirror_lower<T: Real>(rows: &mut [T], ld: usize, c0: usize, len: usize, threads: usize) {
+    if len <= 64 {
+        for i in 0..len {
+            for j in i + 1..len {
+                rows[i * ld + c0 + j] = rows[j * ld + c0 + i];
+            }
+        }
+        return;
+    }
+    let h = (len / 2).next_multiple_of(8);
+    let w = len - h;
+    let (top, bottom) = rows.split_at_mut(h * ld);
+    // The two diagonal halves are disjoint; then the off-diagonal quadrant
+    // top[.., c0+h..] is written from bottom[.., c0..c0+h], read-only.
+    let par = threads > 1 && len > 256;
+    if par {
+        rayon::join(
+            || mirror_lower(top, ld, c0, h, threads),
+            || mirror_lower(bottom, ld, c0 + h, w, threads),
+        );
+    } else {
+        mirror_lower(top, ld, c0, h, 1);
+        mirror_lower(bottom, ld, c0 + h, w, 1);
+    }
+    let src = &bottom[c0..];
+    if par {
+        let half = (h / 2).next_multiple_of(8);
+        let (t1, t2) = top.split_at_mut(half * ld);
+        rayon::join(
+            || transpose_into(&mut t1[c0 + h..], ld, src, ld, None, half, w),
+            || transpose_into(&mut t2[c0 + h..], ld, &src[half..], ld, None, h - half, w),
+        );
+    } else {
+        transpose_into(&mut top[c0 + h..], ld, src, ld, None, h, w);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, ShapeBuilder};
+
+    /// Unit roundoff of `T`.
+    fn eps<T: Real>() -> f64 {
+        if size_of::<T>() == 4 { 6e-8 } else { 1.2e-16 }
+    }
+
+    /// Deterministic pseudo-random matrix with entries in [-1, 1).
+    fn rand_mat<T: Real>(r: usize, c: usize, seed: u64) -> Array2<T> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        Array2::from_shape_fn((r, c), |_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            T::from_f64((s >> 11) as f64 / (1_u64 << 53) as f64 * 2.0 - 1.0)
+        })
+    }
+
+    fn naive(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
+        let (n, k) = a.dim();
+        let m = b.ncols();
+        Array2::from_shape_fn((n, m), |(i, j)| (0..k).map(|l| a[[i, l]] * b[[l, j]]).sum())
+    }
+
+    fn to64<T: Real>(a: &Array2<T>) -> Array2<f64> {
+        a.mapv(T::to_f64)
+    }
+
+    /// |got - want| <= 4·depth·eps·(1 + |want|) elementwise (entries of the
+    /// inputs are in [-1, 1], so this is a loose standard GEMM error bound).
+    fn close<T: Real>(got: &Array2<T>, want: &Array2<f64>, depth: usize, what: &str) {
+        assert_eq!(got.dim(), want.dim(), "{what}: shape");
+        let tol = 4.0 * (depth as f64 + 2.0) * eps::<T>();
+        for ((i, j), &w) in want.indexed_iter() {
+            let g = got[[i, j]].to_f64();
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}: [{i},{j}] got {g}, want {w}"
+            );
+        }
+    }
+
+    /// Exact bit patterns (f32 -> f64 widening is exact and injective).
+    fn bits<T: Real>(a: &Array2<T>) -> Vec<u64> {
+        a.iter().map(|v| v.to_f64().to_bits()).collect()
+    }
+
+    /// All five routines on one shape, against the f64 naive product, and
+    /// bitwise identical for 1, 2 and 3 threads.
+    fn check_case<T: Real>(n: usize, m: usize, d: usize, seed: u64) {
+        let a: Array2<T> = rand_mat(n, d, seed);
+        let b: Array2<T> = rand_mat(m, d, seed + 1);
+        let g: Array2<T> = rand_mat(n, m, seed + 2);
+        let gs: Array2<T> = rand_mat(n, n, seed + 3);
+        let init_a: Array2<T> = rand_mat(n, d, seed + 4);
+        let init_b: Array2<T> = rand_mat(m, d, seed + 5);
+        let (a64, b64, g64, gs64) = (to64(&a), to64(&b), to64(&g), to64(&gs));
+        let want_abt = naive(&a64, &b64.t().to_owned());
+        let want_gram = naive(&a64, &a64.t().to_owned());
+        let want_ab = to64(&init_a) + naive(&g64, &b64);
+        let want_atb = to64(&init_b) + naive(&g64.t().to_owned(), &a64);
+        let want_sym = to64(&init_a) + naive(&(&gs64 + &gs64.t()), &a64);
+
+        let mut scratch = Vec::new();
+        let mut first: Option<[Array2<T>; 5]> = None;
+        for threads in [1, 2, 3] {
+            let ctx = format!("n={n} m={m} d={d} threads={threads}");
+            // Outputs start as NaN where they are overwritten.
+            let mut s = Array2::from_elem((n, m), T::from_f64(f64::NAN));
+            abt(a.view(), b.view(), s.view_mut(), threads);
+            close(&s, &want_abt, d, &format!("abt {ctx}"));
+            let mut k = Array2::from_elem((n, n), T::from_f64(f64::NAN));
+            gram(a.view(), k.view_mut(), threads);
+            close(&k, &want_gram, d, &format!("gram {ctx}"));
+            assert_eq!(
+                bits(&k),
+                bits(&k.t().to_owned()),
+                "gram not exactly symmetric, {ctx}"
+            );
+            let mut da = init_a.clone();
+            ab_acc(g.view(), b.view(), da.view_mut(), threads);
+            close(&da, &want_ab, m, &format!("ab_acc {ctx}"));
+            let mut db = init_b.clone();
+            atb_acc(g.view(), a.view(), db.view_mut(), threads);
+            close(&db, &want_atb, n, &format!("atb_acc {ctx}"));
+            let mut dx = init_a.clone();
+            sym_acc(gs.view(), a.view(), dx.view_mut(), &mut scratch, threads);
+            close(&dx, &want_sym, 2 * n, &format!("sym_acc {ctx}"));
+
+            let now = [s, k, da, db, dx];
+            match &first {
+                None => first = Some(now),
+                Some(f) => {
+                    for (name, (x, y)) in ["abt", "gram", "ab_acc", "atb_acc", "sym_acc"]
+                        .iter()
+                        .zip(f.iter().zip(&now))
+                    {
+                        assert!(
+                            bits(x) == bits(y),
+                            "{name}: threads={threads} differs from threads=1 ({ctx})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Small and degenerate shapes (0, 1, odd sizes): these run as single
+    /// tasks or a few panels.
+    fn small_shapes<T: Real>() {
+        let mut seed = 10;
+        for &n in &[0, 1, 2, 3, 7, 17, 33, 64, 100, 130, 257] {
+            for &d in &[0, 1, 3, 16, 37, 128] {
+                for m in [0, 1, (n * 3 / 2 + 5) % 263] {
+                    seed += 10;
+                    check_case::<T>(n, m, d, seed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_shapes_f32() {
+        small_shapes::<f32>();
+    }
+
+    #[test]
+    fn small_shapes_f64() {
+        small_shapes::<f64>();
+    }
+
+    /// Shapes above the parallel threshold, with ragged last panels, so that
+    /// 2 and 3 threads really run concurrently.
+    #[test]
+    fn threaded_shapes() {
+        check_case::<f32>(777, 531, 129, 1);
+        check_case::<f64>(777, 531, 129, 2);
+        check_case::<f64>(301, 1029, 300, 3);
+    }
+
+    /// Large enough for the parallel mirror of `gram` (n >= 1024).
+    #[test]
+    fn large_gram_thread_invariance() {
+        let (n, d) = (1100, 70);
+        let x: Array2<f32> = rand_mat(n, d, 7);
+        let run = |t: usize| {
+            let mut k = Array2::zeros((n, n));
+            gram(x.view(), k.view_mut(), t);
+            k
+        };
+        let k1 = run(1);
+        assert!(bits(&k1) == bits(&k1.t().to_owned()), "not symmetric");
+        let x64 = to64(&x);
+        close(&k1, &naive(&x64, &x64.t().to_owned()), d, "large gram");
+        for t in [2, 3] {
+            assert!(bits(&k1) == bits(&run(t)), "threads={t}");
+        }
+    }
+
+    #[test]
+    fn symmetrize_matches_g_plus_gt() {
+        for &(r, c) in &[
+            (0, 0),
+            (1, 1),
+            (5, 3),
+            (3, 5),
+            (64, 64),
+            (65, 65),
+            (200, 203),
+            (517, 517),
+        ] {
+            let g: Array2<f64> = rand_mat(r, c, 9);
+            let n = r.min(c);
+            let mut want = g.clone();
+            let sq = g.slice(s![..n, ..n]);
+            want.slice_mut(s![..n, ..n]).assign(&(&sq + &sq.t()));
+            let mut got = g.clone();
+            symmetrize(got.view_mut());
+            assert!(bits(&got) == bits(&want), "{r}x{c}");
+            let mut got_f = Array2::<f64>::zeros((r, c).f());
+            got_f.assign(&g);
+            symmetrize(got_f.view_mut());
+            assert!(bits(&got_f) == bits(&want), "{r}x{c} column-major");
+        }
+    }
+
+    /// Non-contiguous, transposed, column-major and reversed views.
+    #[test]
+    fn strided_views() {
+        let (n, m, d) = (37, 29, 11);
+        let big_a: Array2<f64> = rand_mat(2 * n, 3 * d, 1);
+        let a = big_a.slice(s![..;2, 1..;3]); // n×d, non-contiguous
+        let b_cm: Array2<f64> = rand_mat(d, m, 2).reversed_axes(); // m×d, column-major
+        let b = b_cm.slice(s![..;-1, ..]); // negative stride
+        let g_t: Array2<f64> = rand_mat(m, n, 3);
+        let g = g_t.t(); // n×m transposed view
+        let gs_big: Array2<f64> = rand_mat(2 * n, n, 4);
+        let gs = gs_big.slice(s![1..;2, ..]); // n×n, strided
+        let (a64, b64, g64, gs64) = (a.to_owned(), b.to_owned(), g.to_owned(), gs.to_owned());
+
+        let mut out_big = Array2::<f64>::zeros((n, 2 * m).f());
+        abt(a, b, out_big.slice_mut(s![.., ..;2]), 2);
+        close(
+            &out_big.slice(s![.., ..;2]).to_owned(),
+            &naive(&a64, &b64.t().to_owned()),
+            d,
+            "abt strided",
+        );
+
+        let mut k = Array2::<f64>::zeros((n, n).f());
+        gram(a, k.view_mut(), 2);
+        close(&k, &naive(&a64, &a64.t().to_owned()), d, "gram strided");
+        assert!(bits(&k) == bits(&k.t().to_owned()));
+
+        let mut da = Array2::<f64>::zeros((d, n)).reversed_axes();
+        ab_acc(g, b, da.view_mut(), 2);
+        close(&da, &naive(&g64, &b64), m, "ab_acc strided");
+
+        let mut db = Array2::<f64>::ones((2 * m, d));
+        atb_acc(g, a, db.slice_mut(s![..;-2, ..]), 2);
+        let want = naive(&g64.t().to_owned(), &a64).mapv(|v| v + 1.0);
+        close(
+            &db.slice(s![..;-2, ..]).to_owned(),
+            &want,
+            n,
+            "atb_acc strided",
+        );
+
+        let mut dx = Array2::<f64>::zeros((n, d).f());
+        sym_acc(gs, a, dx.view_mut(), &mut Vec::new(), 2);
+        close(
+            &dx,
+            &naive(&(&gs64 + &gs64.t()), &a64),
+            2 * n,
+            "sym_acc strided",
+        );
     }
 }
