@@ -30,9 +30,12 @@ pub struct KernelArgs {
     pub grads: *const *mut u8,
     /// Per domain slot ([`domain_slot`]): the label of each row of the domain.
     pub labels: *const *const i64,
+    /// Per domain slot: the class id of each row (i32; -2 for rows without a class),
+    /// followed by padding for vector loads.
+    pub ids: *const *const i32,
     /// Per domain slot: how many rows the domain has.
     pub domain_len: *const u64,
-    /// Per grouping: the group of each sample.
+    /// Per grouping: the group of each sample, followed by padding for vector loads.
     pub groups: *const *const u32,
     /// Per grouping: the size of each group (f64).
     pub sizes: *const *const f64,

@@ -65,6 +65,13 @@ enum Repr {
         len: Value,
         space: Space,
     },
+    /// The columns of the row for which every condition holds, tested where the set is
+    /// read: a dense set is read contiguously, a vector at a time, under a lane mask.
+    Masked {
+        cols: Value,
+        preds: Vec<Handle<Expr>>,
+        space: Space,
+    },
     /// Every pair of members of two sets that meets the conditions.
     Cross {
         left: Box<Repr>,
@@ -140,6 +147,12 @@ struct Gen<'a, 'f> {
     sets: HashMap<Handle<Set>, Repr>,
     lists: Vec<Domain>,
     matrix_rows: HashMap<Handle<Matrix>, Value>,
+    /// Masked sets written out as index lists, for the helpers that need one.
+    lists_of: HashMap<Handle<Set>, (Value, Value)>,
+    /// Per domain: its class ids (i32, padded for vector loads; loaded in the entry block).
+    ids: HashMap<Domain, Value>,
+    /// The anchor's class id in its block's row domain.
+    anchor_id: Option<Value>,
     /// Per domain: its labels (loaded in the entry block).
     labels: HashMap<Domain, Value>,
     /// Per grouping: its group-of-sample and group-size tables.
@@ -188,6 +201,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             sets: HashMap::new(),
             lists: Vec::new(),
             matrix_rows: HashMap::new(),
+            lists_of: HashMap::new(),
+            ids: HashMap::new(),
+            anchor_id: None,
             labels: HashMap::new(),
             group_tables: HashMap::new(),
             anchor_label: None,
@@ -281,9 +297,12 @@ impl<'a, 'f> Gen<'a, 'f> {
         let sizes = self.arg_field(offset_of!(KernelArgs, sizes));
         let domains = std::iter::once(Domain::Samples)
             .chain(self.module.groupings.handles().map(Domain::Groups));
+        let ids = self.arg_field(offset_of!(KernelArgs, ids));
         for domain in domains {
             let ptr = self.load_ptr(labels, domain_slot(domain));
             self.labels.insert(domain, ptr);
+            let ptr = self.load_ptr(ids, domain_slot(domain));
+            self.ids.insert(domain, ptr);
         }
         for g in self.module.groupings.handles() {
             let of_sample = self.load_ptr(groups, g.index());
@@ -293,6 +312,10 @@ impl<'a, 'f> Gen<'a, 'f> {
         let rows = self.module.blocks[self.block].rows;
         let own = self.label(rows, self.anchor);
         self.anchor_label = Some(own);
+        let offset = self.b.ins().imul_imm_u(self.anchor, 4);
+        let addr = self.b.ins().iadd(self.ids[&rows], offset);
+        let id = self.b.ins().load(I32, Self::flags(), addr, 0);
+        self.anchor_id = Some(id);
     }
 
     /// `base + anchor * cols(m) * size of float`.
@@ -437,7 +460,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             ScatterTarget::Members { set, .. } => {
                 let repr = self.set_repr(set)?;
                 self.prepare(weight)?;
-                if !matches!(repr, Repr::Cross { .. }) && self.vectorizable(weight) {
+                if self.lanes_can_read(&repr, weight) {
                     return self.vector_scatter(&repr, weight, grad_row);
                 }
                 self.each(&repr, &mut |g, at| {
@@ -743,6 +766,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         Ok(match repr {
             Repr::Range { cols, .. } => *cols,
             Repr::List { len, .. } => *len,
+            Repr::Masked { .. } => self.count_masked(repr)?,
             Repr::Cross { .. } => {
                 let n = self.b.declare_var(I64);
                 let zero = self.b.ins().iconst(I64, 0);
@@ -765,7 +789,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             return Ok(self.index_to_float(n));
         }
         self.prepare(body)?;
-        if !matches!(repr, Repr::Cross { .. }) && self.vectorizable(body) {
+        if self.lanes_can_read(&repr, body) {
             return self.reduce_on_lanes(op, &repr, body);
         }
         let acc = self.b.declare_var(self.float);
@@ -1066,6 +1090,21 @@ impl<'a, 'f> Gen<'a, 'f> {
                         space,
                     }
                 }
+                Repr::Range { cols, .. } if self.dense_filter(predicate) => {
+                    self.prepare(predicate)?;
+                    Repr::Masked {
+                        cols,
+                        preds: vec![predicate],
+                        space,
+                    }
+                }
+                Repr::Masked {
+                    cols, mut preds, ..
+                } if self.dense_filter(predicate) => {
+                    self.prepare(predicate)?;
+                    preds.push(predicate);
+                    Repr::Masked { cols, preds, space }
+                }
                 base_repr => {
                     self.prepare(predicate)?;
                     let ptr = self.new_list(cols_domain);
@@ -1169,12 +1208,57 @@ impl<'a, 'f> Gen<'a, 'f> {
         Ok(repr)
     }
 
+    /// Whether a filter keeps most of a row, so that its set is better read under a mask
+    /// than written out: its condition can be evaluated on lanes and is not one that picks
+    /// a few members (`same`, `self`, an index equality) as a conjunct.
+    fn dense_filter(&self, predicate: Handle<Expr>) -> bool {
+        fn picks_few(module: &Module, h: Handle<Expr>) -> bool {
+            match module.exprs[h].kind {
+                ExprKind::Same | ExprKind::IsSelf => true,
+                ExprKind::Binary {
+                    op: BinaryOp::And,
+                    lhs,
+                    rhs,
+                } => picks_few(module, lhs) || picks_few(module, rhs),
+                ExprKind::Binary {
+                    op: BinaryOp::Eq,
+                    lhs,
+                    rhs,
+                } => {
+                    matches!(module.exprs[lhs].kind, ExprKind::Index(_))
+                        || matches!(module.exprs[rhs].kind, ExprKind::Index(_))
+                }
+                _ => false,
+            }
+        }
+        self.vectorizable(predicate, true) && !picks_few(self.module, predicate)
+    }
+
     /// A helper's length result: negative values flag `bit` and count as empty.
     fn helper_len(&mut self, result: Value, bit: u32) -> Value {
         let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, result, 0);
         self.flag(bit, bad);
         let zero = self.b.ins().iconst(I64, 0);
         self.b.ins().select(bad, zero, result)
+    }
+
+    /// The members of a set, written out as an index list.
+    fn compact(&mut self, repr: &Repr, domain: Domain) -> Result<(Value, Value)> {
+        let ptr = self.new_list(domain);
+        let n = self.b.declare_var(I64);
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.def_var(n, zero);
+        self.each(repr, &mut |g, at| {
+            let k = g.b.use_var(n);
+            let offset = g.b.ins().imul_imm_u(k, 4);
+            let addr = g.b.ins().iadd(ptr, offset);
+            let j32 = g.b.ins().ireduce(I32, at.j);
+            g.b.ins().store(Self::flags(), j32, addr, 0);
+            let next = g.b.ins().iadd_imm_u(k, 1);
+            g.b.def_var(n, next);
+            Ok(())
+        })?;
+        Ok((ptr, self.b.use_var(n)))
     }
 
     /// A set as an index list, writing out a whole row when it is one.
@@ -1197,6 +1281,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                     Ok(())
                 })?;
                 Ok((ptr, self.b.use_var(n)))
+            }
+            masked @ Repr::Masked { .. } => {
+                if let Some(&list) = self.lists_of.get(&set) {
+                    return Ok(list);
+                }
+                let list = self.compact(&masked, domain)?;
+                self.lists_of.insert(set, list);
+                Ok(list)
             }
             Repr::Cross { .. } => Err(internal(format!("{set}: a cross set as an index list"))),
         }
@@ -1240,6 +1332,17 @@ impl<'a, 'f> Gen<'a, 'f> {
                     )
                 })
             }
+            Repr::Masked { cols, preds, space } => {
+                let (space, preds) = (*space, preds.clone());
+                self.counted_loop(*cols, &mut |g, j| {
+                    let at = At {
+                        j,
+                        pair: None,
+                        space,
+                    };
+                    g.when_all(&preds, at, &mut |g| body(g, at))
+                })
+            }
             Repr::Cross {
                 left,
                 right,
@@ -1255,27 +1358,37 @@ impl<'a, 'f> Gen<'a, 'f> {
                             pair: Some((outer.j, inner.j)),
                             space,
                         };
-                        let mut cache = HashMap::new();
-                        if preds.is_empty() {
-                            return body(g, at);
-                        }
-                        let mut all = g.b.ins().iconst(I8, 1);
-                        for &p in &preds {
-                            let v = g.member(p, at, &mut cache)?;
-                            all = g.b.ins().band(all, v);
-                        }
-                        let inside = g.b.create_block();
-                        let after = g.b.create_block();
-                        g.b.ins().brif(all, inside, &[], after, &[]);
-                        g.b.switch_to_block(inside);
-                        body(g, at)?;
-                        g.b.ins().jump(after, &[]);
-                        g.b.switch_to_block(after);
-                        Ok(())
+                        g.when_all(&preds, at, &mut |g| body(g, at))
                     })
                 })
             }
         }
+    }
+
+    /// Runs `body` at `at` only when every condition holds there.
+    fn when_all(
+        &mut self,
+        preds: &[Handle<Expr>],
+        at: At,
+        body: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        if preds.is_empty() {
+            return body(self);
+        }
+        let mut cache = HashMap::new();
+        let mut all = self.b.ins().iconst(I8, 1);
+        for &p in preds {
+            let v = self.member(p, at, &mut cache)?;
+            all = self.b.ins().band(all, v);
+        }
+        let inside = self.b.create_block();
+        let after = self.b.create_block();
+        self.b.ins().brif(all, inside, &[], after, &[]);
+        self.b.switch_to_block(inside);
+        body(self)?;
+        self.b.ins().jump(after, &[]);
+        self.b.switch_to_block(after);
+        Ok(())
     }
 
     /// `for i in 0..n { body(i) }` with an i64 counter.

@@ -572,10 +572,34 @@ impl<'r, F: Real> Run<'r, F> {
         }
         debug_assert_eq!(labels.len(), domains);
         let label_ptrs: Vec<*const i64> = labels.iter().map(|l| l.as_ptr()).collect();
+        // Class ids for the vector loops: each label's position among the classes, padded
+        // so that a vector load at the last full chunk stays inside the buffer.
+        let classes: &[i64] = self
+            .groups
+            .first()
+            .and_then(|g| g.labels.as_deref())
+            .unwrap_or(&[]);
+        let ids: Vec<Vec<i32>> = labels
+            .iter()
+            .map(|domain| {
+                domain
+                    .iter()
+                    .map(|label| classes.binary_search(label).map_or(-2, |c| c as i32))
+                    .chain(std::iter::repeat_n(-3, PADDING))
+                    .collect()
+            })
+            .collect();
+        let id_ptrs: Vec<*const i32> = ids.iter().map(|i| i.as_ptr()).collect();
         let of_sample: Vec<Vec<u32>> = self
             .groups
             .iter()
-            .map(|g| g.of_sample.iter().map(|&s| s as u32).collect())
+            .map(|g| {
+                g.of_sample
+                    .iter()
+                    .map(|&s| s as u32)
+                    .chain(std::iter::repeat_n(u32::MAX, PADDING))
+                    .collect()
+            })
             .collect();
         let group_ptrs: Vec<*const u32> = of_sample.iter().map(|g| g.as_ptr()).collect();
         let sizes: Vec<Vec<f64>> = self
@@ -593,6 +617,7 @@ impl<'r, F: Real> Run<'r, F> {
             skipped: skipped.as_mut_ptr(),
             grads: grad_ptrs.as_ptr(),
             labels: label_ptrs.as_ptr(),
+            ids: id_ptrs.as_ptr(),
             domain_len: lens.as_ptr(),
             groups: group_ptrs.as_ptr(),
             sizes: size_ptrs.as_ptr(),
@@ -662,6 +687,9 @@ impl<'r, F: Real> Run<'r, F> {
         status
     }
 }
+
+/// Entries past the end of the per-domain tables that vector loads may touch.
+const PADDING: usize = 8;
 
 /// Kernel arguments shared by the worker threads of a pass.
 struct Shared(KernelArgs);

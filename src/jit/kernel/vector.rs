@@ -8,17 +8,20 @@
 
 use super::{At, Gen, Repr, Result, internal};
 use crate::ir::*;
-use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I64};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type as ClifType, Value};
 use std::collections::HashMap;
 
 /// Where a vector of members is evaluated: the position of its first member in the set,
-/// each lane's column, and whether the columns are consecutive (a whole row).
+/// each lane's column, whether the columns are consecutive (a whole row), and which lanes
+/// are members (for a masked set).
 pub(super) struct VAt {
     first: Value,
     cols: Vec<Value>,
     contiguous: bool,
+    mask: Option<Value>,
+    space: Space,
 }
 
 impl Gen<'_, '_> {
@@ -36,32 +39,115 @@ impl Gen<'_, '_> {
     }
 
     /// Whether `h`, evaluated per member, can be evaluated on lanes.
-    pub(super) fn vectorizable(&self, h: Handle<Expr>) -> bool {
+    pub(super) fn vectorizable(&self, h: Handle<Expr>, contiguous: bool) -> bool {
         let e = &self.module.exprs[h];
         if !matches!(e.level, Level::Member { .. } | Level::Cross { .. }) {
-            // Per-anchor and batch values are splatted: numbers only.
-            return e.ty == Type::Num;
+            // Per-anchor and batch values are splatted.
+            return matches!(e.ty, Type::Num | Type::Bool);
         }
         match &e.kind {
             ExprKind::Entry(_) => true,
-            ExprKind::Unary { op, arg } => !matches!(op, UnaryOp::Not) && self.vectorizable(*arg),
+            ExprKind::Same | ExprKind::IsSelf | ExprKind::Index(_) => contiguous,
+            ExprKind::Unary { arg, .. } | ExprKind::Stop(arg) => {
+                self.vectorizable(*arg, contiguous)
+            }
             ExprKind::Binary { op, lhs, rhs } => {
-                !matches!(op, BinaryOp::And | BinaryOp::Or)
-                    && self.module.exprs[*lhs].ty == Type::Num
-                    && self.vectorizable(*lhs)
-                    && self.vectorizable(*rhs)
+                // Comparing two conditions would need masks compared: not worth it.
+                let bools = self.module.exprs[*lhs].ty == Type::Bool;
+                !(bools && matches!(op, BinaryOp::Eq | BinaryOp::Ne))
+                    && self.vectorizable(*lhs, contiguous)
+                    && self.vectorizable(*rhs, contiguous)
             }
             ExprKind::Select {
                 cond,
                 then,
                 otherwise,
             } => {
-                self.vectorizable(*cond)
-                    && self.vectorizable(*then)
-                    && self.vectorizable(*otherwise)
+                self.vectorizable(*cond, contiguous)
+                    && self.vectorizable(*then, contiguous)
+                    && self.vectorizable(*otherwise, contiguous)
             }
-            ExprKind::Stop(arg) => self.vectorizable(*arg),
             _ => false,
+        }
+    }
+
+    /// Whether a loop over `repr` can evaluate `h` on lanes.
+    pub(super) fn lanes_can_read(&self, repr: &Repr, h: Handle<Expr>) -> bool {
+        match repr {
+            Repr::Range { .. } => self.vectorizable(h, true),
+            Repr::Masked { preds, .. } => {
+                self.vectorizable(h, true) && preds.iter().all(|&p| self.vectorizable(p, true))
+            }
+            Repr::List { .. } => self.vectorizable(h, false),
+            Repr::Cross { .. } => false,
+        }
+    }
+
+    /// The integer vector type of lane masks.
+    fn mask_type(&self) -> ClifType {
+        if self.float == F32 { I32X4 } else { I64X2 }
+    }
+
+    /// The columns of a contiguous vector, as a vector of lane integers.
+    fn column_vector(&mut self, first: Value) -> Value {
+        let ty = self.mask_type();
+        let lane = ty.lane_type();
+        let first = if lane == I32 {
+            self.b.ins().ireduce(I32, first)
+        } else {
+            first
+        };
+        let mut v = self.b.ins().splat(ty, first);
+        for l in 1..self.lanes() {
+            let c = self.b.ins().iconst(lane, l as i64);
+            let next = self.b.ins().extractlane(v, l as u8);
+            let next = self.b.ins().iadd(next, c);
+            v = self.b.ins().insertlane(v, next, l as u8);
+        }
+        v
+    }
+
+    /// A scalar i64 splatted to the mask type.
+    fn splat_int(&mut self, x: Value) -> Value {
+        let ty = self.mask_type();
+        let x = if ty.lane_type() == I32 {
+            self.b.ins().ireduce(I32, x)
+        } else {
+            x
+        };
+        self.b.ins().splat(ty, x)
+    }
+
+    /// The class ids of the columns `first..first + lanes` of a domain.
+    fn id_vector(&mut self, domain: Domain, first: Value) -> Value {
+        let offset = self.b.ins().imul_imm_u(first, 4);
+        let addr = self.b.ins().iadd(self.ids[&domain], offset);
+        if self.float == F32 {
+            self.b.ins().load(I32X4, Self::vector_flags(), addr, 0)
+        } else {
+            self.b.ins().sload32x2(Self::vector_flags(), addr, 0)
+        }
+    }
+
+    /// The space a per-member expression is evaluated in: its own, or the loop's when it
+    /// works in any (`same`, `self`).
+    fn member_space(&self, h: Handle<Expr>, at: &VAt) -> Space {
+        match self.module.exprs[h].level {
+            Level::Member { space, .. } | Level::Cross { space, .. } if space.is_complete() => {
+                space
+            }
+            _ => at.space,
+        }
+    }
+
+    /// The groups (as lane integers) of the samples `first..first + lanes`.
+    fn group_id_vector(&mut self, groups: Handle<Grouping>, first: Value) -> Value {
+        let offset = self.b.ins().imul_imm_u(first, 4);
+        let addr = self.b.ins().iadd(self.group_tables[&groups].0, offset);
+        if self.float == F32 {
+            self.b.ins().load(I32X4, Self::vector_flags(), addr, 0)
+        } else {
+            self.b.ins().uload32x2(Self::vector_flags(), addr, 0)
         }
     }
 
@@ -124,6 +210,69 @@ impl Gen<'_, '_> {
                     vector.ok_or_else(|| internal("a vector of no lanes"))?
                 }
             }
+            ExprKind::Same => {
+                let space = self.member_space(h, at);
+                let cols = space
+                    .cols
+                    .ok_or_else(|| internal("`same` without columns"))?;
+                let ids = self.id_vector(cols, at.first);
+                let own = self
+                    .anchor_id
+                    .ok_or_else(|| internal("the anchor's class was not loaded"))?;
+                let own = self.b.ins().sextend(I64, own);
+                let own = self.splat_int(own);
+                self.b.ins().icmp(IntCC::Equal, ids, own)
+            }
+            ExprKind::IsSelf => {
+                let space = self.member_space(h, at);
+                let columns = self.column_vector(at.first);
+                match (space.rows, space.cols) {
+                    (Some(Domain::Groups(g)), Some(Domain::Samples)) => {
+                        // Each column's group against the anchor (a group).
+                        let groups = self.group_id_vector(g, at.first);
+                        let own = self.splat_int(self.anchor);
+                        self.b.ins().icmp(IntCC::Equal, groups, own)
+                    }
+                    (Some(Domain::Samples), Some(Domain::Groups(g))) => {
+                        let own = self.group_of(g, self.anchor);
+                        let own = self.splat_int(own);
+                        self.b.ins().icmp(IntCC::Equal, columns, own)
+                    }
+                    _ => {
+                        let own = self.splat_int(self.anchor);
+                        self.b.ins().icmp(IntCC::Equal, columns, own)
+                    }
+                }
+            }
+            ExprKind::Index(axis) => {
+                let ints = if axis == Axis::Row {
+                    self.splat_int(self.anchor)
+                } else {
+                    self.column_vector(at.first)
+                };
+                let ty = self.vector_type();
+                self.b.ins().fcvt_from_sint(ty, ints)
+            }
+            ExprKind::Unary {
+                op: UnaryOp::Not,
+                arg,
+            } => {
+                let a = self.vmember(arg, at, cache)?;
+                self.b.ins().bnot(a)
+            }
+            ExprKind::Binary {
+                op: op @ (BinaryOp::And | BinaryOp::Or),
+                lhs,
+                rhs,
+            } => {
+                let a = self.vmember(lhs, at, cache)?;
+                let b = self.vmember(rhs, at, cache)?;
+                if op == BinaryOp::And {
+                    self.b.ins().band(a, b)
+                } else {
+                    self.b.ins().bor(a, b)
+                }
+            }
             ExprKind::Unary { op, arg } => {
                 let a = self.vmember(arg, at, cache)?;
                 match op {
@@ -146,7 +295,7 @@ impl Gen<'_, '_> {
                         };
                         self.vselect(positive, when, zero)
                     }
-                    UnaryOp::Not => return Err(internal("a negated condition in a vector loop")),
+                    UnaryOp::Not => self.b.ins().bnot(a),
                 }
             }
             ExprKind::Binary { op, lhs, rhs } => {
@@ -244,9 +393,10 @@ impl Gen<'_, '_> {
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
     ) -> Result<()> {
         let lanes = self.lanes();
-        let (n, list, space) = match repr {
-            Repr::Range { cols, space } => (*cols, None, *space),
-            Repr::List { ptr, len, space } => (*len, Some(*ptr), *space),
+        let (n, list, space, preds) = match repr {
+            Repr::Range { cols, space } => (*cols, None, *space, Vec::new()),
+            Repr::Masked { cols, preds, space } => (*cols, None, *space, preds.clone()),
+            Repr::List { ptr, len, space } => (*len, Some(*ptr), *space, Vec::new()),
             Repr::Cross { .. } => return Err(internal("a cross set in a vector loop")),
         };
         let full = self.b.ins().band_imm_s(n, -(lanes as i64));
@@ -264,14 +414,22 @@ impl Gen<'_, '_> {
                     None => position,
                 });
             }
-            vector(
-                g,
-                &VAt {
-                    first: k,
-                    cols,
-                    contiguous: list.is_none(),
-                },
-            )
+            let mut at = VAt {
+                first: k,
+                cols,
+                contiguous: list.is_none(),
+                mask: None,
+                space,
+            };
+            let mut cache = HashMap::new();
+            for &p in &preds {
+                let m = g.vmember(p, &at, &mut cache)?;
+                at.mask = Some(match at.mask {
+                    None => m,
+                    Some(all) => g.b.ins().band(all, m),
+                });
+            }
+            vector(g, &at)
         })?;
         self.range_loop(full, n, 1, &mut |g, k| {
             let j = match list {
@@ -282,15 +440,53 @@ impl Gen<'_, '_> {
                 }
                 None => k,
             };
-            scalar(
-                g,
-                At {
-                    j,
-                    pair: None,
-                    space,
-                },
-            )
+            let at = At {
+                j,
+                pair: None,
+                space,
+            };
+            g.when_all(&preds, at, &mut |g| scalar(g, at))
         })
+    }
+
+    /// How many members a masked set has: its lanes' masks counted, then the tail.
+    pub(super) fn count_masked(&mut self, repr: &Repr) -> Result<Value> {
+        let ty = self.vector_type();
+        let ones = self.b.declare_var(ty);
+        let zero = self.vconst(0.0);
+        self.b.def_var(ones, zero);
+        let tail = self.b.declare_var(I64);
+        let none = self.b.ins().iconst(I64, 0);
+        self.b.def_var(tail, none);
+        self.each_vector(
+            repr,
+            &mut |g, at| {
+                let one = g.vconst(1.0);
+                let zero = g.vconst(0.0);
+                let counted = match at.mask {
+                    Some(mask) => g.vselect(mask, one, zero),
+                    None => one,
+                };
+                let current = g.b.use_var(ones);
+                let next = g.b.ins().fadd(current, counted);
+                g.b.def_var(ones, next);
+                Ok(())
+            },
+            &mut |g, _| {
+                let current = g.b.use_var(tail);
+                let next = g.b.ins().iadd_imm_u(current, 1);
+                g.b.def_var(tail, next);
+                Ok(())
+            },
+        )?;
+        let lanes = self.b.use_var(ones);
+        let mut total = self.b.use_var(tail);
+        for lane in 0..self.lanes() {
+            let x = self.b.ins().extractlane(lanes, lane as u8);
+            let x = self.b.ins().fcvt_to_uint(I64, x);
+            total = self.b.ins().iadd(total, x);
+        }
+        Ok(total)
     }
 
     /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
@@ -314,7 +510,11 @@ impl Gen<'_, '_> {
             repr,
             &mut |g, at| {
                 let v = g.vmember(body, at, &mut HashMap::new())?;
-                let v = map(g, v);
+                let mut v = map(g, v);
+                if let Some(mask) = at.mask {
+                    let identity = g.vconst(start);
+                    v = g.vselect(mask, v, identity);
+                }
                 let current = g.b.use_var(vacc);
                 let next = combine(g, current, v);
                 g.b.def_var(vacc, next);
@@ -362,7 +562,11 @@ impl Gen<'_, '_> {
         self.each_vector(
             repr,
             &mut |g, at| {
-                let w = g.vmember(weight, at, &mut HashMap::new())?;
+                let mut w = g.vmember(weight, at, &mut HashMap::new())?;
+                if let Some(mask) = at.mask {
+                    let zero = g.vconst(0.0);
+                    w = g.vselect(mask, w, zero);
+                }
                 if at.contiguous {
                     let offset = g.b.ins().imul_imm_u(at.first, g.fb);
                     let addr = g.b.ins().iadd(grad_row, offset);
