@@ -147,6 +147,8 @@ struct Gen<'a, 'f> {
     sets: HashMap<Handle<Set>, Repr>,
     lists: Vec<Domain>,
     matrix_rows: HashMap<Handle<Matrix>, Value>,
+    /// Set sizes already counted.
+    counts: HashMap<Handle<Set>, Value>,
     /// Masked sets written out as index lists, for the helpers that need one.
     lists_of: HashMap<Handle<Set>, (Value, Value)>,
     /// Per domain: its class ids (i32, padded for vector loads; loaded in the entry block).
@@ -202,6 +204,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             lists: Vec::new(),
             matrix_rows: HashMap::new(),
             lists_of: HashMap::new(),
+            counts: HashMap::new(),
             ids: HashMap::new(),
             anchor_id: None,
             labels: HashMap::new(),
@@ -762,6 +765,16 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     // ---- reductions ------------------------------------------------------------------------
 
+    /// The number of members of a set, counted once per kernel.
+    fn set_count(&mut self, set: Handle<Set>, repr: &Repr) -> Result<Value> {
+        if let Some(&n) = self.counts.get(&set) {
+            return Ok(n);
+        }
+        let n = self.count(repr)?;
+        self.counts.insert(set, n);
+        Ok(n)
+    }
+
     fn count(&mut self, repr: &Repr) -> Result<Value> {
         Ok(match repr {
             Repr::Range { cols, .. } => *cols,
@@ -785,12 +798,12 @@ impl<'a, 'f> Gen<'a, 'f> {
     fn reduce(&mut self, op: ReduceOp, set: Handle<Set>, body: Handle<Expr>) -> Result<Value> {
         let repr = self.set_repr(set)?;
         if op == ReduceOp::Count {
-            let n = self.count(&repr)?;
+            let n = self.set_count(set, &repr)?;
             return Ok(self.index_to_float(n));
         }
         self.prepare(body)?;
         if self.lanes_can_read(&repr, body) {
-            return self.reduce_on_lanes(op, &repr, body);
+            return self.reduce_on_lanes(op, set, &repr, body);
         }
         let acc = self.b.declare_var(self.float);
         match op {
@@ -808,7 +821,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 if op == ReduceOp::Sum {
                     return Ok(total);
                 }
-                let n = self.count(&repr)?;
+                let n = self.set_count(set, &repr)?;
                 let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
                 self.flag(Status::EMPTY, empty);
                 let n = self.index_to_float(n);
@@ -856,7 +869,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     Ok(())
                 })?;
                 let squares = self.b.use_var(acc);
-                let n = self.count(&repr)?;
+                let n = self.set_count(set, &repr)?;
                 let n = self.index_to_float(n);
                 let variance = self.b.ins().fdiv(squares, n);
                 Ok(self.b.ins().sqrt(variance))
@@ -866,7 +879,13 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     /// A reduction of a vectorisable body over a row or an index list.
-    fn reduce_on_lanes(&mut self, op: ReduceOp, repr: &Repr, body: Handle<Expr>) -> Result<Value> {
+    fn reduce_on_lanes(
+        &mut self,
+        op: ReduceOp,
+        set: Handle<Set>,
+        repr: &Repr,
+        body: Handle<Expr>,
+    ) -> Result<Value> {
         let identity = |_: &mut Self, v: Value| v;
         let add = |g: &mut Self, a: Value, v: Value| g.b.ins().fadd(a, v);
         match op {
@@ -875,7 +894,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 if op == ReduceOp::Sum {
                     return Ok(total);
                 }
-                let n = self.count(repr)?;
+                let n = self.set_count(set, repr)?;
                 let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
                 self.flag(Status::EMPTY, empty);
                 let count = self.index_to_float(n);

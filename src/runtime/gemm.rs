@@ -330,24 +330,56 @@ pub fn sym_acc<T: Real>(
 
 /// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
 /// that `dX += (G + Gᵀ) X` is then one [`ab_acc`]. The result is exactly
-/// symmetric. Single-threaded; [`sym_acc`] fuses the same work into the
-/// product instead.
-pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>) {
+/// symmetric. With several threads, pairs of 64 x 64 tiles (one above the
+/// diagonal, its mirror below) are shared out; each element is written once,
+/// so the result does not depend on the thread count.
+pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
+    const TILE: usize = 64;
     let n = g.nrows().min(g.ncols());
     let ld = g.ncols();
-    match g.as_slice_mut() {
-        Some(data) => symmetrize_block(data, ld, 0, n),
-        None => {
-            for i in 0..n {
-                for j in i..n {
-                    let v = g[(i, j)] + g[(j, i)];
-                    g[(i, j)] = v;
-                    g[(j, i)] = v;
+    let Some(data) = g.as_slice_mut() else {
+        for i in 0..n {
+            for j in i..n {
+                let v = g[(i, j)] + g[(j, i)];
+                g[(i, j)] = v;
+                g[(j, i)] = v;
+            }
+        }
+        return;
+    };
+    if threads <= 1 || n < 512 {
+        symmetrize_block(data, ld, 0, n);
+        return;
+    }
+    let tiles = n.div_ceil(TILE);
+    let pairs: Vec<(usize, usize)> = (0..tiles)
+        .flat_map(|a| (a..tiles).map(move |b| (a, b)))
+        .collect();
+    let base = SharedMut(data.as_mut_ptr());
+    run_tasks(pairs, threads, |(a, b)| {
+        let base = &base;
+        for i in a * TILE..((a + 1) * TILE).min(n) {
+            let first = if a == b { i } else { b * TILE };
+            for j in first..((b + 1) * TILE).min(n) {
+                // SAFETY: (i, j) and (j, i) lie in the tile pair (a, b) and its mirror,
+                // which no other task touches, and inside the n x ld buffer.
+                unsafe {
+                    let upper = base.0.add(i * ld + j);
+                    let lower = base.0.add(j * ld + i);
+                    let v = *upper + *lower;
+                    *upper = v;
+                    *lower = v;
                 }
             }
         }
-    }
+    });
 }
+
+/// A pointer tasks share to write disjoint parts of one buffer.
+struct SharedMut<T>(*mut T);
+// SAFETY: the tasks given it write disjoint elements and are joined before the
+// buffer is used again.
+unsafe impl<T> Sync for SharedMut<T> {}
 
 /// [`symmetrize`] of the `len × len` diagonal block whose top-left corner is
 /// at column `c0` of the first row of `rows` (row-major, row length `ld`).
@@ -687,19 +719,22 @@ mod tests {
             (65, 65),
             (200, 203),
             (517, 517),
+            (700, 700),
         ] {
             let g: Array2<f64> = rand_mat(r, c, 9);
             let n = r.min(c);
             let mut want = g.clone();
             let sq = g.slice(s![..n, ..n]);
             want.slice_mut(s![..n, ..n]).assign(&(&sq + &sq.t()));
-            let mut got = g.clone();
-            symmetrize(got.view_mut());
-            assert!(bits(&got) == bits(&want), "{r}x{c}");
-            let mut got_f = Array2::<f64>::zeros((r, c).f());
-            got_f.assign(&g);
-            symmetrize(got_f.view_mut());
-            assert!(bits(&got_f) == bits(&want), "{r}x{c} column-major");
+            for threads in [1, 2, 3] {
+                let mut got = g.clone();
+                symmetrize(got.view_mut(), threads);
+                assert!(bits(&got) == bits(&want), "{r}x{c}, {threads} threads");
+                let mut got_f = Array2::<f64>::zeros((r, c).f());
+                got_f.assign(&g);
+                symmetrize(got_f.view_mut(), threads);
+                assert!(bits(&got_f) == bits(&want), "{r}x{c} column-major");
+            }
         }
     }
 

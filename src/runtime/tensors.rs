@@ -297,7 +297,7 @@ fn metric_backward<F: Real>(
         }
     }
     if left == right {
-        gemm::symmetrize(g.view_mut());
+        gemm::symmetrize(g.view_mut(), threads);
         gemm::ab_acc(
             g.view(),
             tensors[left].view(),
