@@ -47,7 +47,7 @@ impl FrontError {
     }
 }
 
-pub use runtime::engine::{Loss, Options, Output};
+pub use runtime::engine::{Loss, Options, Output, Stages};
 
 /// An error of compiling or running a loss, as a library user sees it.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use losscc::ir::{ParamValue, Params};
-use losscc::runtime::engine::{Evaluator, default_threads};
+use losscc::runtime::engine::{Evaluator, Stages, default_threads};
 use losscc::{Loss, Options, Spec};
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -415,6 +415,31 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The samples of one timed loop of `losscc bench`.
+#[derive(Default)]
+struct Timed {
+    total_ms: Vec<f64>,
+    stages: Vec<Stages>,
+    last: Option<(f64, Evaluator)>,
+}
+
+impl Timed {
+    /// Median time per stage of the compiled evaluations; null when the interpreter ran.
+    fn stage_medians(&self) -> serde_json::Value {
+        if self.stages.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let stage = |pick: fn(&Stages) -> f64| median(self.stages.iter().map(pick).collect());
+        serde_json::json!({
+            "tensors": stage(|s| s.tensors_ms),
+            "matrices": stage(|s| s.matrices_ms),
+            "kernels": stage(|s| s.kernels_ms),
+            "batch": stage(|s| s.batch_ms),
+            "backward": stage(|s| s.backward_ms),
+        })
+    }
+}
+
 fn bench_typed<F: losscc::runtime::real::Real>(args: &BenchArgs) -> Outcome {
     use std::time::Instant;
     let threads = args.threads.unwrap_or_else(default_threads);
@@ -436,9 +461,8 @@ fn bench_typed<F: losscc::runtime::real::Real>(args: &BenchArgs) -> Outcome {
         seed: 0,
         inputs: &[],
     };
-    let time = |with_gradient: bool| -> Result<(f64, f64, Evaluator), String> {
-        let mut samples = Vec::with_capacity(args.iters);
-        let mut last = None;
+    let time = |with_gradient: bool| -> Result<Timed, String> {
+        let mut timed = Timed::default();
         for iteration in 0..args.iters + 2 {
             let start = Instant::now();
             let out = match args.backend {
@@ -447,15 +471,16 @@ fn bench_typed<F: losscc::runtime::real::Real>(args: &BenchArgs) -> Outcome {
             }
             .map_err(|e| format!("error: {e}"))?;
             if iteration >= 2 {
-                samples.push(start.elapsed().as_secs_f64() * 1e3);
+                timed.total_ms.push(start.elapsed().as_secs_f64() * 1e3);
+                timed.stages.extend(out.stages);
             }
-            last = Some((out.loss, out.evaluator));
+            timed.last = Some((out.loss, out.evaluator));
         }
-        let (value, evaluator) = last.unwrap_or((f64::NAN, Evaluator::Jit));
-        Ok((median(samples), value, evaluator))
+        Ok(timed)
     };
-    let (forward_ms, _, _) = time(false)?;
-    let (forward_backward_ms, value, evaluator) = time(true)?;
+    let forward = time(false)?;
+    let forward_backward = time(true)?;
+    let (value, evaluator) = forward_backward.last.unwrap_or((f64::NAN, Evaluator::Jit));
     let gemm_ms = median(
         (0..args.iters.max(1))
             .map(|_| loss.gemm_time::<F>(x.view(), &labels, threads))
@@ -463,8 +488,8 @@ fn bench_typed<F: losscc::runtime::real::Real>(args: &BenchArgs) -> Outcome {
     );
     let json = serde_json::json!({
         "compile_ms": compile_ms,
-        "forward_ms": forward_ms,
-        "forward_backward_ms": forward_backward_ms,
+        "forward_ms": median(forward.total_ms),
+        "forward_backward_ms": median(forward_backward.total_ms.clone()),
         "gemm_ms": gemm_ms,
         "n": args.n,
         "d": args.d,
@@ -475,6 +500,7 @@ fn bench_typed<F: losscc::runtime::real::Real>(args: &BenchArgs) -> Outcome {
         "dtype": args.dtype.name(),
         "evaluator": match evaluator { Evaluator::Jit => "jit", Evaluator::Interpreter => "interpreter" },
         "loss": value,
+        "stages_ms": forward_backward.stage_medians(),
     });
     Ok(format!("{json}\n"))
 }

@@ -17,6 +17,7 @@ use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2};
 use std::any::Any;
 use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 /// How to run: worker threads, the seed of k-means and sampling, named inputs.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +60,28 @@ pub struct Output<F> {
     /// `dL/dx`, when the gradient was asked for.
     pub grad: Option<Array2<F>>,
     pub evaluator: Evaluator,
+    /// Where the compiled evaluation spent its time; `None` from the interpreter.
+    pub stages: Option<Stages>,
+}
+
+/// Wall time of the stages of one compiled evaluation, in milliseconds: what `losscc
+/// bench` reports so a slow loss shows which stage limits it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stages {
+    /// Per-sample tensors: normalisation, slices, group centres.
+    pub tensors_ms: f64,
+    /// The pair matrices (the forward GEMMs).
+    pub matrices_ms: f64,
+    /// The compiled row kernels, all phases.
+    pub kernels_ms: f64,
+    /// Batch-level expressions between the phases.
+    pub batch_ms: f64,
+    /// From the matrix adjoints to `dL/dx` (the backward GEMMs).
+    pub backward_ms: f64,
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 /// A compiled loss: its module and gradient, the plans of the native backend and (built
@@ -299,7 +322,7 @@ impl Loss {
         let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None) else {
             return f64::NAN;
         };
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         for (_, m) in module.matrices.iter() {
             tensors::gemm_work(
                 m,
@@ -308,7 +331,7 @@ impl Loss {
                 threads,
             );
         }
-        start.elapsed().as_secs_f64() * 1e3
+        elapsed_ms(start)
     }
 
     /// The interpreter's evaluation of the same batch.
@@ -334,6 +357,7 @@ impl Loss {
             stats: out.stats,
             grad: out.grad.map(|g| g.mapv(F::from_f64)),
             evaluator: Evaluator::Interpreter,
+            stages: None,
         })
     }
 }
@@ -352,6 +376,7 @@ struct Run<'r, F: Real> {
     adjoints: Vec<Option<Array2<F>>>,
     values: BatchValues,
     rows: RowStore,
+    stages: Stages,
 }
 
 impl<'r, F: Real> Run<'r, F> {
@@ -369,13 +394,11 @@ impl<'r, F: Real> Run<'r, F> {
                 Err(_) => Array2::zeros((0, 0)),
             }
         })?;
-        let profile = std::env::var("LOSSCC_PROFILE").is_ok();
-        let t0 = std::time::Instant::now();
+        let mut stages = Stages::default();
+        let started = Instant::now();
         let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None)?;
-        if profile {
-            eprintln!("tensors {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-        }
-        let t0 = std::time::Instant::now();
+        stages.tensors_ms = elapsed_ms(started);
+        let started = Instant::now();
         let mut matrices = std::mem::take(&mut workspace.matrices);
         matrices.resize_with(module.matrices.len(), || Array2::zeros((0, 0)));
         for ((_, m), values) in module.matrices.iter().zip(matrices.iter_mut()) {
@@ -387,9 +410,7 @@ impl<'r, F: Real> Run<'r, F> {
                 values,
             );
         }
-        if profile {
-            eprintln!("matrices {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-        }
+        stages.matrices_ms = elapsed_ms(started);
         let mut spare = std::mem::take(&mut workspace.adjoints);
         let mut adjoints: Vec<Option<Array2<F>>> = vec![None; module.matrices.len()];
         for scatter in &plan.scatters {
@@ -418,6 +439,7 @@ impl<'r, F: Real> Run<'r, F> {
             adjoints,
             values: BatchValues::new(module),
             rows: RowStore::default(),
+            stages,
         })
     }
 
@@ -442,6 +464,7 @@ impl<'r, F: Real> Run<'r, F> {
         for (index, phase) in self.plan.schedule.phases.iter().enumerate() {
             match phase {
                 Phase::Batch { exprs, .. } => {
+                    let started = Instant::now();
                     for &h in exprs {
                         batch_eval::evaluate(
                             module,
@@ -452,6 +475,7 @@ impl<'r, F: Real> Run<'r, F> {
                             F::PRECISION,
                         )?;
                     }
+                    self.stages.batch_ms += elapsed_ms(started);
                 }
                 Phase::Rows { .. } => {
                     let pass = self
@@ -462,15 +486,10 @@ impl<'r, F: Real> Run<'r, F> {
                         .ok_or_else(|| RunError::Internal {
                             what: format!("no kernel for phase {index}"),
                         })?;
-                    let t0 = std::time::Instant::now();
+                    let started = Instant::now();
                     let status = self.run_pass(pass);
-                    if std::env::var("LOSSCC_PROFILE").is_ok() {
-                        eprintln!("pass {index} {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-                    }
+                    self.stages.kernels_ms += elapsed_ms(started);
                     if status != 0 {
-                        if std::env::var("LOSSCC_DEBUG").is_ok() {
-                            eprintln!("phase {index}: status {status}");
-                        }
                         return Ok(None);
                     }
                 }
@@ -483,9 +502,6 @@ impl<'r, F: Real> Run<'r, F> {
             .map(|(name, h)| (name.clone(), self.values.numbers[h.index()]))
             .collect();
         if !loss.is_finite() || stats.iter().any(|(_, v)| !v.is_finite()) {
-            if std::env::var("LOSSCC_DEBUG").is_ok() {
-                eprintln!("loss {loss} stats {stats:?}");
-            }
             return Ok(None);
         }
         let grad = if with_gradient {
@@ -496,16 +512,14 @@ impl<'r, F: Real> Run<'r, F> {
                 groups: &self.groups,
                 seed: self.seed,
             };
-            let t0 = std::time::Instant::now();
+            let started = Instant::now();
             let grad = tensors::backward(
                 &forward,
                 &self.plan.tensor_steps,
                 &mut self.adjoints,
                 self.threads,
             );
-            if std::env::var("LOSSCC_PROFILE").is_ok() {
-                eprintln!("backward {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
-            }
+            self.stages.backward_ms = elapsed_ms(started);
             if grad.iter().any(|v| !v.is_finite()) {
                 return Ok(None);
             }
@@ -518,6 +532,7 @@ impl<'r, F: Real> Run<'r, F> {
             stats,
             grad,
             evaluator: Evaluator::Jit,
+            stages: Some(self.stages),
         }))
     }
 
