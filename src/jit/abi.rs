@@ -33,6 +33,10 @@ pub struct KernelArgs {
     /// Per domain slot: the class id of each row (i32; -2 for rows without a class),
     /// followed by padding for vector loads.
     pub ids: *const *const i32,
+    /// Per class id: where its samples start in `class_members`; one more entry at the end.
+    pub class_starts: *const u32,
+    /// The samples of each class in index order, class after class.
+    pub class_members: *const u32,
     /// Per domain slot: how many rows the domain has.
     pub domain_len: *const u64,
     /// Per grouping: the group of each sample, followed by padding for vector loads.

@@ -161,6 +161,9 @@ struct Gen<'a, 'f> {
     group_tables: HashMap<Handle<Grouping>, (Value, Value)>,
     /// The anchor's label in its block's row domain.
     anchor_label: Option<Value>,
+    /// When the anchors are samples: the samples of the anchor's class, as an index list
+    /// (pointer, length), loaded in the entry block.
+    own_class: Option<(Value, Value)>,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -210,6 +213,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             labels: HashMap::new(),
             group_tables: HashMap::new(),
             anchor_label: None,
+            own_class: None,
         }
     }
 
@@ -319,6 +323,24 @@ impl<'a, 'f> Gen<'a, 'f> {
         let addr = self.b.ins().iadd(self.ids[&rows], offset);
         let id = self.b.ins().load(I32, Self::flags(), addr, 0);
         self.anchor_id = Some(id);
+        let classes_known = matches!(
+            self.module.groupings.iter().next(),
+            Some((_, Grouping::Labels))
+        );
+        if rows == Domain::Samples && classes_known {
+            // A sample's class id is its position among the labels' classes: never negative.
+            let starts = self.arg_field(offset_of!(KernelArgs, class_starts));
+            let members = self.arg_field(offset_of!(KernelArgs, class_members));
+            let class = self.b.ins().uextend(I64, id);
+            let offset = self.b.ins().imul_imm_u(class, 4);
+            let addr = self.b.ins().iadd(starts, offset);
+            let start = self.b.ins().uload32(Self::flags(), addr, 0);
+            let end = self.b.ins().uload32(Self::flags(), addr, 4);
+            let len = self.b.ins().isub(end, start);
+            let offset = self.b.ins().imul_imm_u(start, 4);
+            let ptr = self.b.ins().iadd(members, offset);
+            self.own_class = Some((ptr, len));
+        }
     }
 
     /// `base + anchor * cols(m) * size of float`.
@@ -1093,59 +1115,64 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let cols = self.domain_len(cols_domain);
                 Repr::Range { cols, space }
             }
-            SetKind::Filter { base, predicate } => match self.set_repr(base)? {
-                Repr::Cross {
-                    left,
-                    right,
-                    mut preds,
-                    space,
-                } => {
-                    self.prepare(predicate)?;
-                    preds.push(predicate);
-                    Repr::Cross {
-                        left,
-                        right,
-                        preds,
-                        space,
+            SetKind::Filter { base, predicate } => {
+                let class = self.class_list(space, predicate);
+                match (self.set_repr(base)?, class) {
+                    (
+                        Repr::Cross {
+                            left,
+                            right,
+                            mut preds,
+                            space,
+                        },
+                        _,
+                    ) => {
+                        self.prepare(predicate)?;
+                        preds.push(predicate);
+                        Repr::Cross {
+                            left,
+                            right,
+                            preds,
+                            space,
+                        }
                     }
-                }
-                Repr::Range { cols, .. } if self.dense_filter(predicate) => {
-                    self.prepare(predicate)?;
-                    Repr::Masked {
-                        cols,
-                        preds: vec![predicate],
-                        space,
+                    (base @ (Repr::Range { .. } | Repr::Masked { .. }), Some((ptr, len))) => {
+                        // Members of the anchor's class: read from its list, not the row.
+                        let class = Repr::List { ptr, len, space };
+                        let mut preds = match base {
+                            Repr::Masked { preds, .. } => preds,
+                            _ => Vec::new(),
+                        };
+                        if !matches!(self.module.exprs[predicate].kind, ExprKind::Same) {
+                            preds.push(predicate);
+                        }
+                        if preds.is_empty() {
+                            class
+                        } else {
+                            self.compact_where(&class, &preds, cols_domain)?
+                        }
                     }
+                    (Repr::Range { cols, .. }, _) if self.dense_filter(predicate) => {
+                        self.prepare(predicate)?;
+                        Repr::Masked {
+                            cols,
+                            preds: vec![predicate],
+                            space,
+                        }
+                    }
+                    (
+                        Repr::Masked {
+                            cols, mut preds, ..
+                        },
+                        _,
+                    ) if self.dense_filter(predicate) => {
+                        self.prepare(predicate)?;
+                        preds.push(predicate);
+                        Repr::Masked { cols, preds, space }
+                    }
+                    (base_repr, _) => self.compact_where(&base_repr, &[predicate], cols_domain)?,
                 }
-                Repr::Masked {
-                    cols, mut preds, ..
-                } if self.dense_filter(predicate) => {
-                    self.prepare(predicate)?;
-                    preds.push(predicate);
-                    Repr::Masked { cols, preds, space }
-                }
-                base_repr => {
-                    self.prepare(predicate)?;
-                    let ptr = self.new_list(cols_domain);
-                    let len = self.b.declare_var(I64);
-                    let zero = self.b.ins().iconst(I64, 0);
-                    self.b.def_var(len, zero);
-                    self.each(&base_repr, &mut |g, at| {
-                        let keep = g.member(predicate, at, &mut HashMap::new())?;
-                        let k = g.b.use_var(len);
-                        let offset = g.b.ins().imul_imm_u(k, 4);
-                        let addr = g.b.ins().iadd(ptr, offset);
-                        let j32 = g.b.ins().ireduce(I32, at.j);
-                        g.b.ins().store(Self::flags(), j32, addr, 0);
-                        let step = g.b.ins().uextend(I64, keep);
-                        let next = g.b.ins().iadd(k, step);
-                        g.b.def_var(len, next);
-                        Ok(())
-                    })?;
-                    let len = self.b.use_var(len);
-                    Repr::List { ptr, len, space }
-                }
-            },
+            }
             SetKind::Extreme {
                 base,
                 count,
@@ -1261,56 +1288,84 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.ins().select(bad, zero, result)
     }
 
-    /// The members of a set, written out as an index list.
-    fn compact(&mut self, repr: &Repr, domain: Domain) -> Result<(Value, Value)> {
+    /// The members of `repr` for which every condition holds, written out as an index list.
+    fn compact_where(
+        &mut self,
+        repr: &Repr,
+        preds: &[Handle<Expr>],
+        domain: Domain,
+    ) -> Result<Repr> {
+        let space = match repr {
+            Repr::Range { space, .. }
+            | Repr::List { space, .. }
+            | Repr::Masked { space, .. }
+            | Repr::Cross { space, .. } => *space,
+        };
+        for &p in preds {
+            self.prepare(p)?;
+        }
         let ptr = self.new_list(domain);
-        let n = self.b.declare_var(I64);
+        let len = self.b.declare_var(I64);
         let zero = self.b.ins().iconst(I64, 0);
-        self.b.def_var(n, zero);
+        self.b.def_var(len, zero);
         self.each(repr, &mut |g, at| {
-            let k = g.b.use_var(n);
+            // Stored always, kept by advancing the length: no branch on the condition.
+            let mut cache = HashMap::new();
+            let mut keep = g.b.ins().iconst(I8, 1);
+            for &p in preds {
+                let holds = g.member(p, at, &mut cache)?;
+                keep = g.b.ins().band(keep, holds);
+            }
+            let k = g.b.use_var(len);
             let offset = g.b.ins().imul_imm_u(k, 4);
             let addr = g.b.ins().iadd(ptr, offset);
             let j32 = g.b.ins().ireduce(I32, at.j);
             g.b.ins().store(Self::flags(), j32, addr, 0);
-            let next = g.b.ins().iadd_imm_u(k, 1);
-            g.b.def_var(n, next);
+            let step = g.b.ins().uextend(I64, keep);
+            let next = g.b.ins().iadd(k, step);
+            g.b.def_var(len, next);
             Ok(())
         })?;
-        Ok((ptr, self.b.use_var(n)))
+        let len = self.b.use_var(len);
+        Ok(Repr::List { ptr, len, space })
+    }
+
+    /// The list of the anchor's class, when `predicate` keeps only members of it (`same`
+    /// is one of its conjuncts) and both anchors and members are samples.
+    fn class_list(&self, space: Space, predicate: Handle<Expr>) -> Option<(Value, Value)> {
+        fn requires_same(module: &Module, h: Handle<Expr>) -> bool {
+            match module.exprs[h].kind {
+                ExprKind::Same => true,
+                ExprKind::Binary {
+                    op: BinaryOp::And,
+                    lhs,
+                    rhs,
+                } => requires_same(module, lhs) || requires_same(module, rhs),
+                _ => false,
+            }
+        }
+        let samples = Some(Domain::Samples);
+        (space.rows == samples && space.cols == samples && requires_same(self.module, predicate))
+            .then_some(self.own_class?)
     }
 
     /// A set as an index list, writing out a whole row when it is one.
     fn as_list(&mut self, set: Handle<Set>, domain: Domain) -> Result<(Value, Value)> {
-        match self.set_repr(set)? {
-            Repr::List { ptr, len, .. } => Ok((ptr, len)),
-            range @ Repr::Range { .. } => {
-                let ptr = self.new_list(domain);
-                let n = self.b.declare_var(I64);
-                let zero = self.b.ins().iconst(I64, 0);
-                self.b.def_var(n, zero);
-                self.each(&range, &mut |g, at| {
-                    let k = g.b.use_var(n);
-                    let offset = g.b.ins().imul_imm_u(k, 4);
-                    let addr = g.b.ins().iadd(ptr, offset);
-                    let j32 = g.b.ins().ireduce(I32, at.j);
-                    g.b.ins().store(Self::flags(), j32, addr, 0);
-                    let next = g.b.ins().iadd_imm_u(k, 1);
-                    g.b.def_var(n, next);
-                    Ok(())
-                })?;
-                Ok((ptr, self.b.use_var(n)))
+        let repr = match self.set_repr(set)? {
+            Repr::List { ptr, len, .. } => return Ok((ptr, len)),
+            Repr::Cross { .. } => {
+                return Err(internal(format!("{set}: a cross set as an index list")));
             }
-            masked @ Repr::Masked { .. } => {
-                if let Some(&list) = self.lists_of.get(&set) {
-                    return Ok(list);
-                }
-                let list = self.compact(&masked, domain)?;
-                self.lists_of.insert(set, list);
-                Ok(list)
-            }
-            Repr::Cross { .. } => Err(internal(format!("{set}: a cross set as an index list"))),
+            dense => dense,
+        };
+        if let Some(&list) = self.lists_of.get(&set) {
+            return Ok(list);
         }
+        let Repr::List { ptr, len, .. } = self.compact_where(&repr, &[], domain)? else {
+            return Err(internal("a compacted set that is not a list"));
+        };
+        self.lists_of.insert(set, (ptr, len));
+        Ok((ptr, len))
     }
 
     // ---- loops -----------------------------------------------------------------------------

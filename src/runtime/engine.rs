@@ -623,6 +623,11 @@ impl<'r, F: Real> Run<'r, F> {
             .map(|g| g.sizes.iter().map(|&s| s as f64).collect())
             .collect();
         let size_ptrs: Vec<*const f64> = sizes.iter().map(|s| s.as_ptr()).collect();
+        let (class_starts, class_members) = self
+            .groups
+            .first()
+            .map(GroupValues::member_lists)
+            .unwrap_or_default();
         let args = Shared(KernelArgs {
             matrices: matrix_ptrs.as_ptr(),
             matrix_cols: matrix_cols.as_ptr(),
@@ -633,6 +638,8 @@ impl<'r, F: Real> Run<'r, F> {
             grads: grad_ptrs.as_ptr(),
             labels: label_ptrs.as_ptr(),
             ids: id_ptrs.as_ptr(),
+            class_starts: class_starts.as_ptr(),
+            class_members: class_members.as_ptr(),
             domain_len: lens.as_ptr(),
             groups: group_ptrs.as_ptr(),
             sizes: size_ptrs.as_ptr(),

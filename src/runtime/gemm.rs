@@ -101,7 +101,7 @@ fn kernel<T: Real>(
 /// Runs `f` on every item, using up to `threads` workers of the current rayon
 /// pool. Items are taken in order from a shared queue (dynamic balancing);
 /// which worker runs an item never affects its result.
-fn run_tasks<I: Send, F: Fn(I) + Sync>(items: Vec<I>, threads: usize, f: F) {
+pub(super) fn run_tasks<I: Send, F: Fn(I) + Sync>(items: Vec<I>, threads: usize, f: F) {
     let workers = threads.min(items.len());
     if workers <= 1 {
         items.into_iter().for_each(f);
@@ -330,8 +330,8 @@ pub fn sym_acc<T: Real>(
 
 /// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
 /// that `dX += (G + Gᵀ) X` is then one [`ab_acc`]. The result is exactly
-/// symmetric. With several threads, pairs of 64 x 64 tiles (one above the
-/// diagonal, its mirror below) are shared out; each element is written once,
+/// symmetric. Pairs of 64 x 64 tiles (one above the diagonal, its mirror
+/// below) are shared out between the threads; each element is written once,
 /// so the result does not depend on the thread count.
 pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
     const TILE: usize = 64;
@@ -347,30 +347,20 @@ pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
         }
         return;
     };
-    if threads <= 1 || n < 512 {
-        symmetrize_block(data, ld, 0, n);
-        return;
-    }
     let tiles = n.div_ceil(TILE);
     let pairs: Vec<(usize, usize)> = (0..tiles)
-        .flat_map(|a| (a..tiles).map(move |b| (a, b)))
+        .flat_map(|a| (a..tiles).map(move |b| (a * TILE, b * TILE)))
         .collect();
+    let threads = if n < 512 { 1 } else { threads };
     let base = SharedMut(data.as_mut_ptr());
-    run_tasks(pairs, threads, |(a, b)| {
-        let base = &base;
-        for i in a * TILE..((a + 1) * TILE).min(n) {
-            let first = if a == b { i } else { b * TILE };
-            for j in first..((b + 1) * TILE).min(n) {
-                // SAFETY: (i, j) and (j, i) lie in the tile pair (a, b) and its mirror,
-                // which no other task touches, and inside the n x ld buffer.
-                unsafe {
-                    let upper = base.0.add(i * ld + j);
-                    let lower = base.0.add(j * ld + i);
-                    let v = *upper + *lower;
-                    *upper = v;
-                    *lower = v;
-                }
-            }
+    // A few tasks per thread: sharing out single tiles costs more than it balances.
+    let per_task = pairs.len().div_ceil(4 * threads).max(1);
+    run_tasks(pairs.chunks(per_task).collect(), threads, |chunk| {
+        for &(i0, j0) in chunk {
+            let (h, w) = (TILE.min(n - i0), TILE.min(n - j0));
+            // SAFETY: the tile at (i0, j0) and its mirror lie inside the n x ld buffer, and
+            // no other task touches them.
+            unsafe { symmetrize_tile(&base, ld, i0, j0, h, w) }
         }
     });
 }
@@ -381,64 +371,80 @@ struct SharedMut<T>(*mut T);
 // buffer is used again.
 unsafe impl<T> Sync for SharedMut<T> {}
 
-/// [`symmetrize`] of the `len × len` diagonal block whose top-left corner is
-/// at column `c0` of the first row of `rows` (row-major, row length `ld`).
-fn symmetrize_block<T: Real>(rows: &mut [T], ld: usize, c0: usize, len: usize) {
+/// Adds to the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
+/// length `ld`) the transpose of its mirror tile (row `j0`, column `i0`) and
+/// writes the sum to both, 8 x 8 blocks at a time off the diagonal.
+///
+/// # Safety
+/// Both tiles lie inside the buffer at `base`, and nothing else reads or writes
+/// them while this runs.
+unsafe fn symmetrize_tile<T: Real>(
+    base: &SharedMut<T>,
+    ld: usize,
+    i0: usize,
+    j0: usize,
+    h: usize,
+    w: usize,
+) {
     const M: usize = 8;
-    if len <= 64 {
-        for i in 0..len {
-            for j in i..len {
-                let v = rows[i * ld + c0 + j] + rows[j * ld + c0 + i];
-                rows[i * ld + c0 + j] = v;
-                rows[j * ld + c0 + i] = v;
+    // SAFETY (for every use): the caller keeps (i, j) inside the buffer.
+    let at = |i: usize, j: usize| unsafe { base.0.add(i * ld + j) };
+    if i0 == j0 {
+        for i in 0..h {
+            for j in i..w {
+                let (upper, lower) = (at(i0 + i, j0 + j), at(j0 + j, i0 + i));
+                unsafe {
+                    let v = *upper + *lower;
+                    *upper = v;
+                    *lower = v;
+                }
             }
         }
         return;
     }
-    let h = (len / 2).next_multiple_of(M);
-    let w = len - h;
-    let (top, bottom) = rows.split_at_mut(h * ld);
-    symmetrize_block(top, ld, c0, h);
-    symmetrize_block(bottom, ld, c0 + h, w);
-    // Off-diagonal quadrants: top[i][c0 + h + j] and bottom[j][c0 + i], in
-    // 8×8 tiles (both read and written row-wise through a small buffer).
-    let pair = |top: &mut [T], bottom: &mut [T], i: usize, j: usize| {
-        let v = top[i * ld + c0 + h + j] + bottom[j * ld + c0 + i];
-        top[i * ld + c0 + h + j] = v;
-        bottom[j * ld + c0 + i] = v;
-    };
-    let mut i = 0;
-    while i + M <= h {
-        let mut j = 0;
-        while j + M <= w {
-            let mut t = [[T::ZERO; M]; M];
-            for (b, col) in t.iter_mut().enumerate() {
-                col.copy_from_slice(&bottom[(j + b) * ld + c0 + i..][..M]);
+    for i in (0..h).step_by(M) {
+        let rows = M.min(h - i);
+        for j in (0..w).step_by(M) {
+            let cols = M.min(w - j);
+            if rows == M && cols == M {
+                unsafe { symmetrize_block::<T, M>(at(i0 + i, j0 + j), at(j0 + j, i0 + i), ld) };
+                continue;
             }
-            for a in 0..M {
-                let d = &mut top[(i + a) * ld + c0 + h + j..][..M];
-                for b in 0..M {
-                    let v = d[b] + t[b][a];
-                    d[b] = v;
-                    t[b][a] = v;
+            for a in 0..rows {
+                for b in 0..cols {
+                    let (upper, lower) = (at(i0 + i + a, j0 + j + b), at(j0 + j + b, i0 + i + a));
+                    unsafe {
+                        let v = *upper + *lower;
+                        *upper = v;
+                        *lower = v;
+                    }
                 }
             }
-            for (b, col) in t.iter().enumerate() {
-                bottom[(j + b) * ld + c0 + i..][..M].copy_from_slice(col);
-            }
-            j += M;
         }
-        for a in i..i + M {
-            for b in j..w {
-                pair(top, bottom, a, b);
-            }
-        }
-        i += M;
     }
-    for a in i..h {
-        for b in 0..w {
-            pair(top, bottom, a, b);
+}
+
+/// [`symmetrize_tile`] of one `M × M` block at `upper` and its mirror at `lower`,
+/// both read and written a row at a time.
+///
+/// # Safety
+/// Both blocks (rows of length `ld`) are valid, disjoint and not used elsewhere.
+unsafe fn symmetrize_block<T: Real, const M: usize>(upper: *mut T, lower: *mut T, ld: usize) {
+    // mirror[b][a] is lower's row b, column a: upper's (a, b).
+    let mut mirror = [[T::ZERO; M]; M];
+    for (b, line) in mirror.iter_mut().enumerate() {
+        unsafe { std::ptr::copy_nonoverlapping(lower.add(b * ld), line.as_mut_ptr(), M) };
+    }
+    for a in 0..M {
+        let row = unsafe { &mut *std::ptr::slice_from_raw_parts_mut(upper.add(a * ld), M) };
+        for (b, line) in mirror.iter_mut().enumerate() {
+            let v = row[b] + line[a];
+            row[b] = v;
+            line[a] = v;
         }
+    }
+    for (b, line) in mirror.iter().enumerate() {
+        unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), lower.add(b * ld), M) };
     }
 }
 

@@ -22,6 +22,25 @@ impl GroupValues {
         self.sizes.len()
     }
 
+    /// The members of every group, in index order, group after group, and where each
+    /// group's start (`starts[g]..starts[g + 1]`): what a loop over one group reads.
+    pub fn member_lists(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut starts = vec![0u32; self.count() + 1];
+        for &g in &self.of_sample {
+            starts[g + 1] += 1;
+        }
+        for g in 0..self.count() {
+            starts[g + 1] += starts[g];
+        }
+        let mut next = starts.clone();
+        let mut members = vec![0u32; self.of_sample.len()];
+        for (sample, &g) in self.of_sample.iter().enumerate() {
+            members[next[g] as usize] = sample as u32;
+            next[g] += 1;
+        }
+        (starts, members)
+    }
+
     fn from_keys<K: Ord + Copy>(keys: &[K], label: impl Fn(K) -> Option<i64>) -> GroupValues {
         let mut distinct: Vec<K> = keys.to_vec();
         distinct.sort_unstable();

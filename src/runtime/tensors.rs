@@ -5,6 +5,7 @@ use super::error::RunError;
 use super::gemm;
 use super::groups::{GroupValues, partition_columns, permutation};
 use super::real::Real;
+use super::sparse;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use ndarray::{Array1, Array2, ArrayView2, Axis as NdAxis};
@@ -263,28 +264,35 @@ fn metric_backward<F: Real>(
         Metric::SqEuclid => Some(None),
         Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
+    let mut sparse = sparse::Compressed::of(g.view());
     if let Some(floor) = floor {
         // dQ = dD / (2 D) where the clamp does not hold (D above its floor); the |a_i|^2
         // and |b_j|^2 terms take the row and column sums of dQ, the cross term -2 a_i . b_j
-        // takes -2 dQ, which replaces g in place.
-        let mut rows = Array1::<F>::zeros(g.nrows());
-        let mut cols = Array1::<F>::zeros(g.ncols());
-        for ((i, mut row), d_row) in g.rows_mut().into_iter().enumerate().zip(value.rows()) {
-            let mut sum = F::ZERO;
-            ndarray::Zip::from(&mut row)
-                .and(&d_row)
-                .and(&mut cols)
-                .for_each(|w, &d, col| {
-                    let dq = match floor {
-                        Some(floor) if d > floor => *w / (two * d),
-                        Some(_) => F::ZERO,
-                        None => *w,
-                    };
-                    sum = sum + dq;
-                    *col = *col + dq;
-                    *w = -two * dq;
-                });
-            rows[i] = sum;
+        // takes -2 dQ, which replaces the adjoint (only its nonzero entries can change).
+        let dq = |w: F, d: F| match floor {
+            Some(floor) if d > floor => w / (two * d),
+            Some(_) => F::ZERO,
+            None => w,
+        };
+        let mut rows = vec![F::ZERO; g.nrows()];
+        let mut cols = vec![F::ZERO; g.ncols()];
+        let mut take = |i: usize, j: usize, w: &mut F, d: F| {
+            let dq = dq(*w, d);
+            rows[i] = rows[i] + dq;
+            cols[j] = cols[j] + dq;
+            *w = -two * dq;
+        };
+        match sparse.as_mut() {
+            Some(entries) => entries.for_each_mut(|i, j, w| take(i, j, w, value[(i, j)])),
+            None => {
+                for (i, (mut g_row, d_row)) in
+                    g.rows_mut().into_iter().zip(value.rows()).enumerate()
+                {
+                    for (j, (w, &d)) in g_row.iter_mut().zip(d_row).enumerate() {
+                        take(i, j, w, d);
+                    }
+                }
+            }
         }
         let (a, b) = (&tensors[left], &tensors[right]);
         for (i, mut row) in grads[left].rows_mut().into_iter().enumerate() {
@@ -295,6 +303,12 @@ fn metric_backward<F: Real>(
             let scale = two * cols[j];
             row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + scale * v);
         }
+    }
+    if let Some(by_row) = sparse {
+        let by_column = by_row.transpose(g.ncols());
+        by_row.accumulate(tensors[right].view(), grads[left].view_mut(), threads);
+        by_column.accumulate(tensors[left].view(), grads[right].view_mut(), threads);
+        return;
     }
     if left == right {
         gemm::symmetrize(g.view_mut(), threads);

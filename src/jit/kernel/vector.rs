@@ -429,7 +429,20 @@ impl Gen<'_, '_> {
                     Some(all) => g.b.ins().band(all, m),
                 });
             }
-            vector(g, &at)
+            let Some(mask) = at.mask else {
+                return vector(g, &at);
+            };
+            // Mined sets keep few members of a row: a vector without one costs a test, not
+            // the member expression (a masked lane changes no sum and no adjoint).
+            let any = g.b.ins().vany_true(mask);
+            let members = g.b.create_block();
+            let after = g.b.create_block();
+            g.b.ins().brif(any, members, &[], after, &[]);
+            g.b.switch_to_block(members);
+            vector(g, &at)?;
+            g.b.ins().jump(after, &[]);
+            g.b.switch_to_block(after);
+            Ok(())
         })?;
         self.range_loop(full, n, 1, &mut |g, k| {
             let j = match list {
