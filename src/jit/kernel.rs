@@ -22,6 +22,7 @@ use cranelift_frontend::{FunctionBuilder, Variable};
 use std::collections::HashMap;
 use std::mem::offset_of;
 
+mod fusion;
 mod vector;
 
 /// What the runtime must provide to a pass's kernel.
@@ -371,6 +372,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let zero = self.b.ins().iconst(I8, 0);
         self.b.ins().store(Self::flags(), zero, flag_at, 0);
 
+        let fused = self.fuse_scatters(outputs, effects)?;
         let out_table = self.arg_field(offset_of!(KernelArgs, outputs));
         for (slot, &h) in outputs.iter().enumerate() {
             let base = self.load_ptr(out_table, slot);
@@ -389,7 +391,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 }
             }
         }
-        for &effect in effects {
+        for &effect in effects.iter().filter(|e| !fused.contains(e)) {
             let scatter = self.plan.scatters[effect];
             self.scatter(&scatter)?;
         }
@@ -469,10 +471,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         (node, low, high)
     }
 
-    fn scatter(&mut self, scatter: &Scatter) -> Result<()> {
+    /// The anchor's row of the adjoint of matrix `m`.
+    fn grad_row(&mut self, m: Handle<Matrix>) -> Value {
         let table = self.arg_field(offset_of!(KernelArgs, grads));
-        let base = self.load_ptr(table, scatter.matrix.index());
-        let grad_row = self.row_address(base, scatter.matrix);
+        let base = self.load_ptr(table, m.index());
+        self.row_address(base, m)
+    }
+
+    fn scatter(&mut self, scatter: &Scatter) -> Result<()> {
+        let grad_row = self.grad_row(scatter.matrix);
         let weight = scatter.weight;
         let add = |g: &mut Self, col: Value, w: Value| {
             let offset = g.b.ins().imul_imm_u(col, g.fb);
@@ -486,7 +493,9 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let repr = self.set_repr(set)?;
                 self.prepare(weight)?;
                 if self.lanes_can_read(&repr, weight) {
-                    return self.vector_scatter(&repr, weight, grad_row);
+                    return self
+                        .vector_loop(&repr, &[], Some((weight, grad_row)))
+                        .map(|_| ());
                 }
                 self.each(&repr, &mut |g, at| {
                     let w = g.member(weight, at, &mut HashMap::new())?;

@@ -308,16 +308,14 @@ impl Emitter<'_, '_> {
     fn log1p(&mut self, x: Value) -> Value {
         let one = self.fconst(1.0);
         let u = self.b.ins().fadd(x, one);
-        let y = self.log1p_finite(x, u);
+        let y = self.log1p_finite(x);
         self.log_special_cases(u, y)
     }
 
     fn softplus(&mut self, x: Value) -> Value {
         let e = self.exp_neg_abs(x);
-        let one = self.fconst(1.0);
-        let u = self.b.ins().fadd(e, one);
         // e is in [0, 1] (or NaN), so 1 + e needs no special case.
-        let l = self.log1p_finite(e, u);
+        let l = self.log1p_finite(e);
         // max(x, 0) keeps a NaN x, which `l` does not carry.
         let pos = self.max_keep_nan(x, 0.0);
         self.b.ins().fadd(pos, l)
@@ -332,9 +330,14 @@ impl Emitter<'_, '_> {
         let num = self.select(neg, e, one);
         let q = self.b.ins().fdiv(num, d);
         // The denominator is really d + d_lo (d_lo: what rounding 1 + e lost),
-        // so q is too large by the factor 1 + d_lo / d.
+        // so q is too large by the factor 1 + d_lo / d. Below 2^-(p+1), e is
+        // all of d_lo and the correction less than half an ulp of q, while
+        // q d_lo would be subnormal (slow on x86): it is left out there.
         let d_r = self.b.ins().fsub(d, one);
         let d_lo = self.b.ins().fsub(e, d_r);
+        let tiny = self.fconst(2f64.powi(-(self.fmt.mant_bits as i32 + 1)));
+        let small = self.b.ins().fcmp(FloatCC::LessThan, e, tiny);
+        let d_lo = self.select(small, zero, d_lo);
         let q_lo = self.b.ins().fmul(q, d_lo);
         let q_lo = self.b.ins().fdiv(q_lo, d);
         self.b.ins().fsub(q, q_lo)
@@ -347,9 +350,25 @@ impl Emitter<'_, '_> {
         self.exp(na)
     }
 
-    /// `ln(1 + x)` given `u = fl(1 + x)`, for positive finite `u`; other
-    /// inputs give unspecified results.
-    fn log1p_finite(&mut self, x: Value, u: Value) -> Value {
+    /// `ln(1 + x)` for `1 + x` positive and finite; other inputs give
+    /// unspecified results.
+    fn log1p_finite(&mut self, x: Value) -> Value {
+        // Where |x| < 2^-(p+1), ln(1 + x) rounds to x, and the polynomial's
+        // terms (x^3 and smaller) would be subnormal: x86 takes a microcode
+        // assist of ~100 cycles for each. So such x are evaluated at the
+        // bound, and the result replaced.
+        let tiny = self.fconst(2f64.powi(-(self.fmt.mant_bits as i32 + 1)));
+        let magnitude = self.b.ins().fabs(x);
+        let small = self.b.ins().fcmp(FloatCC::LessThan, magnitude, tiny);
+        let x_eval = self.select(small, tiny, x);
+        let y = self.log1p_normal(x_eval);
+        self.select(small, x, y)
+    }
+
+    /// [`Self::log1p_finite`] for `x` not tiny.
+    fn log1p_normal(&mut self, x: Value) -> Value {
+        let one = self.fconst(1.0);
+        let u = self.b.ins().fadd(x, one);
         // u = 2^k (1 + f), but 1 + x = u + c exactly.
         let (kf, f) = self.reduce(u, false);
         let one = self.fconst(1.0);

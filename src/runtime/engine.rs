@@ -307,7 +307,8 @@ impl Loss {
     }
 
     /// The time of the GEMM work of one forward+backward alone, in milliseconds: every
-    /// pair matrix's product and its backward products, on this batch's tensors.
+    /// pair matrix's product and its backward products, on this batch's tensors, in
+    /// buffers already used once.
     pub fn gemm_time<F: Real>(&self, x: ArrayView2<F>, labels: &[i64], threads: usize) -> f64 {
         let batch = Batch {
             x,
@@ -322,15 +323,17 @@ impl Loss {
         let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None) else {
             return f64::NAN;
         };
+        let mut work: Vec<_> = module
+            .matrices
+            .iter()
+            .map(|(_, m)| {
+                tensors::GemmWork::new(m, &tensors[m.left.index()], &tensors[m.right.index()])
+            })
+            .collect();
+        // Once to touch the buffers (as a training loop's later steps find them), once timed.
+        work.iter_mut().for_each(|w| w.run(threads));
         let start = Instant::now();
-        for (_, m) in module.matrices.iter() {
-            tensors::gemm_work(
-                m,
-                &tensors[m.left.index()],
-                &tensors[m.right.index()],
-                threads,
-            );
-        }
+        work.iter_mut().for_each(|w| w.run(threads));
         elapsed_ms(start)
     }
 

@@ -31,6 +31,8 @@ impl<F: Real> Compressed<F> {
     /// [`MAX_DENSITY`] of them are nonzero.
     pub fn of(g: ArrayView2<'_, F>) -> Option<Self> {
         let limit = (g.len() as f64 * MAX_DENSITY) as usize;
+        // A dense adjoint shows in its first rows: give up there rather than at the limit.
+        let early_limit = |rows: usize| (4.0 * MAX_DENSITY * (rows * g.ncols()) as f64) as usize;
         let mut starts = Vec::with_capacity(g.nrows() + 1);
         starts.push(0);
         let (mut columns, mut values) = (Vec::new(), Vec::new());
@@ -44,12 +46,15 @@ impl<F: Real> Compressed<F> {
                             values.push(v);
                         }
                     }
+                    if values.len() > limit {
+                        return None;
+                    }
                 }
             }
-            if values.len() > limit {
+            starts.push(values.len());
+            if values.len() > early_limit(starts.len() - 1) {
                 return None;
             }
-            starts.push(values.len());
         }
         Some(Compressed {
             starts,
@@ -122,5 +127,50 @@ impl<F: Real> Compressed<F> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    /// A matrix with `per_row` nonzeros per row at pseudo-random columns.
+    fn sparse_matrix(rows: usize, cols: usize, per_row: usize) -> Array2<f64> {
+        let mut g = Array2::zeros((rows, cols));
+        for i in 0..rows {
+            for k in 0..per_row {
+                let j = (i * 7919 + k * 104_729) % cols;
+                g[(i, j)] = (i as f64 + 1.0) / (k as f64 + 2.0) - 3.0;
+            }
+        }
+        g
+    }
+
+    #[test]
+    fn products_match_the_dense_ones() {
+        let g = sparse_matrix(90, 70, 3);
+        let a = Array2::from_shape_fn((90, 5), |(i, k)| ((i * 5 + k) as f64).sin());
+        let b = Array2::from_shape_fn((70, 5), |(j, k)| ((j * 3 + k) as f64).cos());
+        let by_row = Compressed::of(g.view()).expect("3 in 70 is sparse");
+        let by_column = by_row.transpose(g.ncols());
+        for threads in [1, 2, 3] {
+            let (mut da, mut db) = (Array2::zeros(a.dim()), Array2::zeros(b.dim()));
+            by_row.accumulate(b.view(), da.view_mut(), threads);
+            by_column.accumulate(a.view(), db.view_mut(), threads);
+            let (want_a, want_b) = (g.dot(&b), g.t().dot(&a));
+            assert!(da.iter().zip(&want_a).all(|(x, y)| (x - y).abs() < 1e-12));
+            assert!(db.iter().zip(&want_b).all(|(x, y)| (x - y).abs() < 1e-12));
+        }
+    }
+
+    #[test]
+    fn dense_matrices_are_refused() {
+        let g = sparse_matrix(64, 64, 8);
+        assert!(Compressed::of(g.view()).is_none(), "8 in 64 is above 1/16");
+        let mut nan = Array2::<f64>::zeros((64, 64));
+        nan[(3, 5)] = f64::NAN;
+        let kept = Compressed::of(nan.view()).expect("one entry");
+        assert_eq!(kept.values.len(), 1, "a NaN counts as a nonzero entry");
     }
 }

@@ -557,15 +557,27 @@ impl Gen<'_, '_> {
         Ok(combine(self, total, tail))
     }
 
-    /// Adds `weight` at every member of `repr` into the adjoint row `grad_row`.
-    pub(super) fn vector_scatter(
+    /// One loop over the members of `repr` that sums each of `sums` and, with a scatter,
+    /// adds its weight at every member into the adjoint row. Returns the sums, each added
+    /// up as [`Self::vector_reduce`] does (lanes in order, then the tail).
+    pub(super) fn vector_loop(
         &mut self,
         repr: &Repr,
-        weight: Handle<Expr>,
-        grad_row: Value,
-    ) -> Result<()> {
+        sums: &[Handle<Expr>],
+        scatter: Option<(Handle<Expr>, Value)>,
+    ) -> Result<Vec<Value>> {
         let vty = self.vector_type();
-        let add = |g: &mut Self, col: Value, w: Value| {
+        let mut accumulators = Vec::with_capacity(sums.len());
+        for _ in sums {
+            let lanes = self.b.declare_var(vty);
+            let zero = self.vconst(0.0);
+            self.b.def_var(lanes, zero);
+            let tail = self.b.declare_var(self.float);
+            let zero = self.fconst(0.0);
+            self.b.def_var(tail, zero);
+            accumulators.push((lanes, tail));
+        }
+        let add = |g: &mut Self, grad_row: Value, col: Value, w: Value| {
             let offset = g.b.ins().imul_imm_u(col, g.fb);
             let addr = g.b.ins().iadd(grad_row, offset);
             let old = g.b.ins().load(g.float, Self::flags(), addr, 0);
@@ -575,9 +587,24 @@ impl Gen<'_, '_> {
         self.each_vector(
             repr,
             &mut |g, at| {
-                let mut w = g.vmember(weight, at, &mut HashMap::new())?;
+                // One cache for the whole body: what the sums and the weight share is
+                // computed once.
+                let mut cache = HashMap::new();
+                let zero = g.vconst(0.0);
+                for (&body, &(lanes, _)) in sums.iter().zip(&accumulators) {
+                    let mut v = g.vmember(body, at, &mut cache)?;
+                    if let Some(mask) = at.mask {
+                        v = g.vselect(mask, v, zero);
+                    }
+                    let current = g.b.use_var(lanes);
+                    let next = g.b.ins().fadd(current, v);
+                    g.b.def_var(lanes, next);
+                }
+                let Some((weight, grad_row)) = scatter else {
+                    return Ok(());
+                };
+                let mut w = g.vmember(weight, at, &mut cache)?;
                 if let Some(mask) = at.mask {
-                    let zero = g.vconst(0.0);
                     w = g.vselect(mask, w, zero);
                 }
                 if at.contiguous {
@@ -589,17 +616,38 @@ impl Gen<'_, '_> {
                 } else {
                     for (lane, &col) in at.cols.iter().enumerate() {
                         let x = g.b.ins().extractlane(w, lane as u8);
-                        add(g, col, x);
+                        add(g, grad_row, col, x);
                     }
                 }
                 Ok(())
             },
             &mut |g, at| {
-                let w = g.member(weight, at, &mut HashMap::new())?;
-                add(g, at.j, w);
+                let mut cache = HashMap::new();
+                for (&body, &(_, tail)) in sums.iter().zip(&accumulators) {
+                    let v = g.member(body, at, &mut cache)?;
+                    let current = g.b.use_var(tail);
+                    let next = g.b.ins().fadd(current, v);
+                    g.b.def_var(tail, next);
+                }
+                if let Some((weight, grad_row)) = scatter {
+                    let w = g.member(weight, at, &mut cache)?;
+                    add(g, grad_row, at.j, w);
+                }
                 Ok(())
             },
-        )
+        )?;
+        let mut totals = Vec::with_capacity(sums.len());
+        for (lanes, tail) in accumulators {
+            let lanes = self.b.use_var(lanes);
+            let mut total = self.b.ins().extractlane(lanes, 0);
+            for lane in 1..self.lanes() {
+                let x = self.b.ins().extractlane(lanes, lane as u8);
+                total = self.b.ins().fadd(total, x);
+            }
+            let tail = self.b.use_var(tail);
+            totals.push(self.b.ins().fadd(total, tail));
+        }
+        Ok(totals)
     }
 
     /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
