@@ -25,6 +25,8 @@ use std::mem::offset_of;
 mod fusion;
 mod vector;
 
+use vector::LaneScatter;
+
 /// What the runtime must provide to a pass's kernel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PassLayout {
@@ -489,29 +491,32 @@ impl<'a, 'f> Gen<'a, 'f> {
             g.b.ins().store(Self::flags(), new, addr, 0);
         };
         match scatter.target {
-            ScatterTarget::Members { set, .. } => {
+            ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. } => {
+                let side = match scatter.target {
+                    ScatterTarget::Cross { side, .. } => Some(side),
+                    _ => None,
+                };
                 let repr = self.set_repr(set)?;
                 self.prepare(weight)?;
                 if self.lanes_can_read(&repr, weight) {
-                    return self
-                        .vector_loop(&repr, &[], Some((weight, grad_row)))
-                        .map(|_| ());
+                    let lane_scatter = LaneScatter {
+                        weight,
+                        grad_row,
+                        side,
+                    };
+                    return self.vector_loop(&repr, &[], &[lane_scatter]).map(|_| ());
                 }
                 self.each(&repr, &mut |g, at| {
                     let w = g.member(weight, at, &mut HashMap::new())?;
-                    add(g, at.j, w);
-                    Ok(())
-                })
-            }
-            ScatterTarget::Cross { set, side } => {
-                let repr = self.set_repr(set)?;
-                self.prepare(weight)?;
-                self.each(&repr, &mut |g, at| {
-                    let w = g.member(weight, at, &mut HashMap::new())?;
-                    let (p, q) = at
-                        .pair
-                        .ok_or_else(|| internal("a cross scatter outside a cross set"))?;
-                    add(g, if side == Side::Left { p } else { q }, w);
+                    let col = match (side, at.pair) {
+                        (None, _) => at.j,
+                        (Some(Side::Left), Some((p, _))) => p,
+                        (Some(Side::Right), Some((_, q))) => q,
+                        (Some(_), None) => {
+                            return Err(internal("a cross scatter outside a cross set"));
+                        }
+                    };
+                    add(g, col, w);
                     Ok(())
                 })
             }
@@ -811,6 +816,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             Repr::Range { cols, .. } => *cols,
             Repr::List { len, .. } => *len,
             Repr::Masked { .. } => self.count_masked(repr)?,
+            Repr::Cross { .. } if self.lanes_can_visit(repr) => self.count_masked(repr)?,
             Repr::Cross { .. } => {
                 let n = self.b.declare_var(I64);
                 let zero = self.b.ins().iconst(I64, 0);

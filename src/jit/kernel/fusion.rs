@@ -3,7 +3,8 @@
 //! computed once: the `exp(-|x|)` of a softplus summed forward and of the sigmoid
 //! scattered backward.
 
-use super::{Gen, Result};
+use super::vector::LaneScatter;
+use super::{Gen, Result, Status};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
 use cranelift_codegen::ir::InstBuilder;
@@ -11,42 +12,68 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use std::collections::HashSet;
 
 impl Gen<'_, '_> {
-    /// Emits each vectorisable member scatter of `effects` together with the sums and
-    /// means over its set that `outputs` need and its weight does not; returns the effects
-    /// emitted. The sums' values are then known to [`Self::row`].
+    /// Emits the vectorisable scatters of `effects` over one set (its members, or either
+    /// side of its pairs) as one loop, together with the sums and means over the set that
+    /// `outputs` need and no weight does; returns the effects emitted. The sums' values are
+    /// then known to [`Self::row`].
     pub(super) fn fuse_scatters(
         &mut self,
         outputs: &[Handle<Expr>],
         effects: &[usize],
     ) -> Result<HashSet<usize>> {
-        let mut fused = HashSet::new();
+        let mut by_set: Vec<(Handle<Set>, Vec<usize>)> = Vec::new();
         for &effect in effects {
-            let scatter = self.plan.scatters[effect];
-            let ScatterTarget::Members { set, .. } = scatter.target else {
+            let (ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. }) =
+                self.plan.scatters[effect].target
+            else {
                 continue;
             };
-            let sums = self.fusable_sums(outputs, set, scatter.weight);
-            if sums.is_empty() {
+            match by_set.iter_mut().find(|(s, _)| *s == set) {
+                Some((_, group)) => group.push(effect),
+                None => by_set.push((set, vec![effect])),
+            }
+        }
+        let mut fused = HashSet::new();
+        for (set, group) in by_set {
+            let weights: Vec<Handle<Expr>> = group
+                .iter()
+                .map(|&e| self.plan.scatters[e].weight)
+                .collect();
+            let sums = self.fusable_sums(outputs, set, &weights);
+            if sums.is_empty() && group.len() == 1 {
                 continue;
             }
             let repr = self.set_repr(set)?;
             let bodies: Vec<Handle<Expr>> = sums.iter().map(|&(_, _, body)| body).collect();
-            if !self.lanes_can_read(&repr, scatter.weight)
-                || !bodies.iter().all(|&b| self.lanes_can_read(&repr, b))
+            if !weights
+                .iter()
+                .chain(&bodies)
+                .all(|&h| self.lanes_can_read(&repr, h))
             {
                 continue;
             }
-            self.prepare(scatter.weight)?;
-            for &body in &bodies {
-                self.prepare(body)?;
+            for &h in weights.iter().chain(&bodies) {
+                self.prepare(h)?;
             }
-            let grad_row = self.grad_row(scatter.matrix);
-            let totals = self.vector_loop(&repr, &bodies, Some((scatter.weight, grad_row)))?;
+            let mut scatters = Vec::with_capacity(group.len());
+            for &effect in &group {
+                let scatter = self.plan.scatters[effect];
+                let side = match scatter.target {
+                    ScatterTarget::Cross { side, .. } => Some(side),
+                    _ => None,
+                };
+                scatters.push(LaneScatter {
+                    weight: scatter.weight,
+                    grad_row: self.grad_row(scatter.matrix),
+                    side,
+                });
+            }
+            let totals = self.vector_loop(&repr, &bodies, &scatters)?;
             for (&(h, op, _), total) in sums.iter().zip(totals) {
                 let value = if op == ReduceOp::Mean {
                     let n = self.set_count(set, &repr)?;
                     let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-                    self.flag(super::Status::EMPTY, empty);
+                    self.flag(Status::EMPTY, empty);
                     let n = self.index_to_float(n);
                     self.b.ins().fdiv(total, n)
                 } else {
@@ -54,7 +81,7 @@ impl Gen<'_, '_> {
                 };
                 self.row.insert(h, value);
             }
-            fused.insert(effect);
+            fused.extend(group);
         }
         Ok(fused)
     }
@@ -65,8 +92,9 @@ impl Gen<'_, '_> {
         &self,
         outputs: &[Handle<Expr>],
         set: Handle<Set>,
-        weight: Handle<Expr>,
+        weights: &[Handle<Expr>],
     ) -> Vec<(Handle<Expr>, ReduceOp, Handle<Expr>)> {
+        let weight_needs = self.reachable(weights.iter().map(|&w| Node::Expr(w)));
         let mut chosen: Vec<(Handle<Expr>, ReduceOp, Handle<Expr>)> = Vec::new();
         for h in self.reachable(outputs.iter().map(|&h| Node::Expr(h))) {
             let ExprKind::Reduce {
@@ -85,7 +113,7 @@ impl Gen<'_, '_> {
             if over == set
                 && block == self.block
                 && !self.row.contains_key(&h)
-                && !self.reachable([Node::Expr(weight)]).contains(&h)
+                && !weight_needs.contains(&h)
                 && chosen.iter().all(|&(c, _, _)| independent(c, h))
             {
                 chosen.push((h, op, body));

@@ -14,14 +14,33 @@ use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type as ClifType, Value};
 use std::collections::HashMap;
 
 /// Where a vector of members is evaluated: the position of its first member in the set,
-/// each lane's column, whether the columns are consecutive (a whole row), and which lanes
-/// are members (for a masked set).
+/// each lane's column, whether the columns are consecutive (a whole row), which lanes
+/// are members (for a masked set), and in a cross set the column of the left member that
+/// every lane pairs with.
 pub(super) struct VAt {
     first: Value,
     cols: Vec<Value>,
     contiguous: bool,
     mask: Option<Value>,
     space: Space,
+    left: Option<Value>,
+}
+
+/// The left member of a cross set whose pairs a vector loop visits, the pairs' conditions
+/// and space.
+struct Pairs<'p> {
+    left: Value,
+    preds: &'p [Handle<Expr>],
+    space: Space,
+}
+
+/// A scatter in a vector loop: `weight` added into the adjoint row `grad_row` at each
+/// member, or at a pair's left or right member.
+#[derive(Clone, Copy)]
+pub(super) struct LaneScatter {
+    pub weight: Handle<Expr>,
+    pub grad_row: Value,
+    pub side: Option<Side>,
 }
 
 impl Gen<'_, '_> {
@@ -48,6 +67,14 @@ impl Gen<'_, '_> {
         match &e.kind {
             ExprKind::Entry(_) => true,
             ExprKind::Same | ExprKind::IsSelf | ExprKind::Index(_) => contiguous,
+            // The left member is one per inner loop: its values are computed once, splatted.
+            ExprKind::CrossSide {
+                side: Side::Left, ..
+            } => true,
+            ExprKind::CrossSide {
+                side: Side::Right,
+                value,
+            } => self.vectorizable(*value, contiguous),
             ExprKind::Unary { arg, .. } | ExprKind::Stop(arg) => {
                 self.vectorizable(*arg, contiguous)
             }
@@ -71,15 +98,52 @@ impl Gen<'_, '_> {
         }
     }
 
+    /// Whether a per-member expression costs more than a few instructions a lane: it calls
+    /// a transcendental function or divides.
+    fn costly(&self, h: Handle<Expr>) -> bool {
+        let e = &self.module.exprs[h];
+        if !matches!(e.level, Level::Member { .. } | Level::Cross { .. }) {
+            return false;
+        }
+        match &e.kind {
+            ExprKind::Unary {
+                op:
+                    UnaryOp::Exp
+                    | UnaryOp::Log
+                    | UnaryOp::Log1p
+                    | UnaryOp::Softplus
+                    | UnaryOp::Sigmoid
+                    | UnaryOp::Sqrt,
+                ..
+            }
+            | ExprKind::Binary {
+                op: BinaryOp::Div | BinaryOp::Pow,
+                ..
+            } => true,
+            kind => crate::ir::expr_refs(kind).into_iter().any(|n| match n {
+                Node::Expr(x) => self.costly(x),
+                Node::Set(_) => false,
+            }),
+        }
+    }
+
     /// Whether a loop over `repr` can evaluate `h` on lanes.
     pub(super) fn lanes_can_read(&self, repr: &Repr, h: Handle<Expr>) -> bool {
+        self.lanes_can_visit(repr) && self.vectorizable(h, !matches!(repr, Repr::List { .. }))
+    }
+
+    /// Whether the members of `repr` can be visited a vector at a time: its conditions
+    /// evaluate on lanes; a cross set's right side is visited so, for each left member.
+    pub(super) fn lanes_can_visit(&self, repr: &Repr) -> bool {
         match repr {
-            Repr::Range { .. } => self.vectorizable(h, true),
-            Repr::Masked { preds, .. } => {
-                self.vectorizable(h, true) && preds.iter().all(|&p| self.vectorizable(p, true))
+            Repr::Range { .. } | Repr::List { .. } => true,
+            Repr::Masked { preds, .. } => preds.iter().all(|&p| self.vectorizable(p, true)),
+            Repr::Cross { right, preds, .. } => {
+                let contiguous = !matches!(**right, Repr::List { .. });
+                !matches!(**right, Repr::Cross { .. })
+                    && self.lanes_can_visit(right)
+                    && preds.iter().all(|&p| self.vectorizable(p, contiguous))
             }
-            Repr::List { .. } => self.vectorizable(h, false),
-            Repr::Cross { .. } => false,
         }
     }
 
@@ -343,6 +407,23 @@ impl Gen<'_, '_> {
                 self.vselect(c, t, o)
             }
             ExprKind::Stop(arg) => self.vmember(arg, at, cache)?,
+            ExprKind::CrossSide {
+                side: Side::Left,
+                value,
+            } => {
+                let j = at.left.ok_or_else(|| internal("`p` outside a cross set"))?;
+                let at = At {
+                    j,
+                    pair: None,
+                    space: at.space,
+                };
+                let x = self.member(value, at, &mut HashMap::new())?;
+                self.splat(x)
+            }
+            ExprKind::CrossSide {
+                side: Side::Right,
+                value,
+            } => self.vmember(value, at, cache)?,
             _ => return Err(internal(format!("{h} cannot be evaluated on lanes"))),
         };
         cache.insert(h, v);
@@ -385,20 +466,60 @@ impl Gen<'_, '_> {
     }
 
     /// A loop over the members of a whole row or an index list, `lanes` at a time, then the
-    /// remaining members one at a time.
+    /// remaining members one at a time. A cross set is a scalar loop over its left side and
+    /// such a loop over its right side for each left member.
+    ///
+    /// With `skip_empty`, a vector of which no lane is a member skips `vector`: worth a
+    /// branch that mispredicts where members and others mix when the body is costly.
     pub(super) fn each_vector(
         &mut self,
         repr: &Repr,
+        skip_empty: bool,
+        vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
+        scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
+    ) -> Result<()> {
+        let Repr::Cross {
+            left,
+            right,
+            preds,
+            space,
+        } = repr
+        else {
+            return self.vector_members(repr, None, skip_empty, vector, scalar);
+        };
+        let (right, preds, space) = ((**right).clone(), preds.clone(), *space);
+        self.each(left, &mut |g, outer| {
+            let pairs = Pairs {
+                left: outer.j,
+                preds: &preds,
+                space,
+            };
+            g.vector_members(&right, Some(pairs), skip_empty, vector, scalar)
+        })
+    }
+
+    /// [`Self::each_vector`] over a set that is not a cross set, or over the right side of
+    /// a cross set for one left member.
+    fn vector_members(
+        &mut self,
+        repr: &Repr,
+        pairs: Option<Pairs<'_>>,
+        skip_empty: bool,
         vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
     ) -> Result<()> {
         let lanes = self.lanes();
-        let (n, list, space, preds) = match repr {
+        let (n, list, mut space, mut preds) = match repr {
             Repr::Range { cols, space } => (*cols, None, *space, Vec::new()),
             Repr::Masked { cols, preds, space } => (*cols, None, *space, preds.clone()),
             Repr::List { ptr, len, space } => (*len, Some(*ptr), *space, Vec::new()),
-            Repr::Cross { .. } => return Err(internal("a cross set in a vector loop")),
+            Repr::Cross { .. } => return Err(internal("a cross set inside a cross set")),
         };
+        let left = pairs.as_ref().map(|p| p.left);
+        if let Some(pairs) = &pairs {
+            preds.extend_from_slice(pairs.preds);
+            space = pairs.space;
+        }
         let full = self.b.ins().band_imm_s(n, -(lanes as i64));
         let zero = self.b.ins().iconst(I64, 0);
         self.range_loop(zero, full, lanes as i64, &mut |g, k| {
@@ -420,6 +541,7 @@ impl Gen<'_, '_> {
                 contiguous: list.is_none(),
                 mask: None,
                 space,
+                left,
             };
             let mut cache = HashMap::new();
             for &p in &preds {
@@ -429,7 +551,7 @@ impl Gen<'_, '_> {
                     Some(all) => g.b.ins().band(all, m),
                 });
             }
-            let Some(mask) = at.mask else {
+            let Some(mask) = at.mask.filter(|_| skip_empty) else {
                 return vector(g, &at);
             };
             // Mined sets keep few members of a row: a vector without one costs a test, not
@@ -453,10 +575,17 @@ impl Gen<'_, '_> {
                 }
                 None => k,
             };
-            let at = At {
-                j,
-                pair: None,
-                space,
+            let at = match left {
+                Some(p) => At {
+                    j: p,
+                    pair: Some((p, j)),
+                    space,
+                },
+                None => At {
+                    j,
+                    pair: None,
+                    space,
+                },
             };
             g.when_all(&preds, at, &mut |g| scalar(g, at))
         })
@@ -473,6 +602,7 @@ impl Gen<'_, '_> {
         self.b.def_var(tail, none);
         self.each_vector(
             repr,
+            false,
             &mut |g, at| {
                 let one = g.vconst(1.0);
                 let zero = g.vconst(0.0);
@@ -519,8 +649,10 @@ impl Gen<'_, '_> {
         let acc = self.b.declare_var(self.float);
         let init = self.fconst(start);
         self.b.def_var(acc, init);
+        let skip_empty = self.costly(body);
         self.each_vector(
             repr,
+            skip_empty,
             &mut |g, at| {
                 let v = g.vmember(body, at, &mut HashMap::new())?;
                 let mut v = map(g, v);
@@ -557,14 +689,14 @@ impl Gen<'_, '_> {
         Ok(combine(self, total, tail))
     }
 
-    /// One loop over the members of `repr` that sums each of `sums` and, with a scatter,
-    /// adds its weight at every member into the adjoint row. Returns the sums, each added
-    /// up as [`Self::vector_reduce`] does (lanes in order, then the tail).
+    /// One loop over the members of `repr` that sums each of `sums` and adds the weight of
+    /// each of `scatters` into its adjoint row. Returns the sums, each added up as
+    /// [`Self::vector_reduce`] does (lanes in order, then the tail).
     pub(super) fn vector_loop(
         &mut self,
         repr: &Repr,
         sums: &[Handle<Expr>],
-        scatter: Option<(Handle<Expr>, Value)>,
+        scatters: &[LaneScatter],
     ) -> Result<Vec<Value>> {
         let vty = self.vector_type();
         let mut accumulators = Vec::with_capacity(sums.len());
@@ -584,10 +716,15 @@ impl Gen<'_, '_> {
             let new = g.b.ins().fadd(old, w);
             g.b.ins().store(Self::flags(), new, addr, 0);
         };
+        let skip_empty = sums
+            .iter()
+            .chain(scatters.iter().map(|s| &s.weight))
+            .any(|&h| self.costly(h));
         self.each_vector(
             repr,
+            skip_empty,
             &mut |g, at| {
-                // One cache for the whole body: what the sums and the weight share is
+                // One cache for the whole body: what the sums and the weights share is
                 // computed once.
                 let mut cache = HashMap::new();
                 let zero = g.vconst(0.0);
@@ -600,23 +737,31 @@ impl Gen<'_, '_> {
                     let next = g.b.ins().fadd(current, v);
                     g.b.def_var(lanes, next);
                 }
-                let Some((weight, grad_row)) = scatter else {
-                    return Ok(());
-                };
-                let mut w = g.vmember(weight, at, &mut cache)?;
-                if let Some(mask) = at.mask {
-                    w = g.vselect(mask, w, zero);
-                }
-                if at.contiguous {
-                    let offset = g.b.ins().imul_imm_u(at.first, g.fb);
-                    let addr = g.b.ins().iadd(grad_row, offset);
-                    let old = g.b.ins().load(vty, Self::vector_flags(), addr, 0);
-                    let new = g.b.ins().fadd(old, w);
-                    g.b.ins().store(Self::vector_flags(), new, addr, 0);
-                } else {
-                    for (lane, &col) in at.cols.iter().enumerate() {
-                        let x = g.b.ins().extractlane(w, lane as u8);
-                        add(g, grad_row, col, x);
+                for scatter in scatters {
+                    let mut w = g.vmember(scatter.weight, at, &mut cache)?;
+                    if let Some(mask) = at.mask {
+                        w = g.vselect(mask, w, zero);
+                    }
+                    if scatter.side == Some(Side::Left) {
+                        // Every lane pairs with the same left member.
+                        let p = at.left.ok_or_else(|| internal("`p` outside a cross set"))?;
+                        let mut total = g.b.ins().extractlane(w, 0);
+                        for lane in 1..g.lanes() {
+                            let x = g.b.ins().extractlane(w, lane as u8);
+                            total = g.b.ins().fadd(total, x);
+                        }
+                        add(g, scatter.grad_row, p, total);
+                    } else if at.contiguous {
+                        let offset = g.b.ins().imul_imm_u(at.first, g.fb);
+                        let addr = g.b.ins().iadd(scatter.grad_row, offset);
+                        let old = g.b.ins().load(vty, Self::vector_flags(), addr, 0);
+                        let new = g.b.ins().fadd(old, w);
+                        g.b.ins().store(Self::vector_flags(), new, addr, 0);
+                    } else {
+                        for (lane, &col) in at.cols.iter().enumerate() {
+                            let x = g.b.ins().extractlane(w, lane as u8);
+                            add(g, scatter.grad_row, col, x);
+                        }
                     }
                 }
                 Ok(())
@@ -629,9 +774,15 @@ impl Gen<'_, '_> {
                     let next = g.b.ins().fadd(current, v);
                     g.b.def_var(tail, next);
                 }
-                if let Some((weight, grad_row)) = scatter {
-                    let w = g.member(weight, at, &mut cache)?;
-                    add(g, grad_row, at.j, w);
+                for scatter in scatters {
+                    let w = g.member(scatter.weight, at, &mut cache)?;
+                    let col = match (scatter.side, at.pair) {
+                        (None, _) => at.j,
+                        (Some(Side::Left), Some((p, _))) => p,
+                        (Some(Side::Right), Some((_, q))) => q,
+                        (Some(_), None) => return Err(internal("a pair scatter outside pairs")),
+                    };
+                    add(g, scatter.grad_row, col, w);
                 }
                 Ok(())
             },
