@@ -20,12 +20,17 @@ pub struct KernelArgs {
     pub matrix_cols: *const u64,
     /// Per expression: the value of each batch-level scalar (f64).
     pub batch: *const f64,
+    /// Per expression: its values per anchor (f64) when an earlier pass stored them, or null.
+    pub stored: *const *const f64,
     /// Per expression: the values of each batch-level vector (f64), or null.
     pub vectors: *const *const f64,
     /// Per output slot of the pass: one value (or `width` values) per anchor.
     pub outputs: *const *mut u8,
     /// Per anchor of the block: 1 when skipped.
     pub skipped: *mut u8,
+    /// Per anchor of the block: 1 when an earlier pass over it skipped the anchor (all
+    /// zeros in the first pass).
+    pub was_skipped: *const u8,
     /// Per matrix: its adjoint `dL/dM`, row-major, or null.
     pub grads: *const *mut u8,
     /// Per domain slot ([`domain_slot`]): the label of each row of the domain.

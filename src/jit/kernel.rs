@@ -19,7 +19,7 @@ use cranelift_codegen::ir::types::{F32, F64, I8, I32, I64};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Type as ClifType, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, Variable};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::mem::offset_of;
 
 mod fusion;
@@ -95,16 +95,22 @@ struct At {
 type Result<T> = std::result::Result<T, CodegenError>;
 
 /// Builds the kernel of one pass into `b`, whose function has the kernel signature.
+/// Builds the kernel of one pass over `block`: it stores `outputs` and runs the scatters
+/// `effects`. After an earlier pass over the block (`stored` is then what that stored),
+/// it loads which anchors are skipped and the per-anchor numbers in `stored`.
 pub fn build(
     plan: &Plan,
     block: Handle<Block>,
     outputs: &[Handle<Expr>],
     effects: &[usize],
+    stored: Option<&HashSet<Handle<Expr>>>,
     b: FunctionBuilder<'_>,
     machine: &Machine,
 ) -> Result<PassLayout> {
     let target = machine.target;
     let mut g = Gen::new(plan, block, b, machine.math, machine.float, machine.helpers);
+    g.earlier_pass = stored.is_some();
+    g.stored = stored.cloned().unwrap_or_default();
     g.body(outputs, effects)?;
     let layout = PassLayout {
         block,
@@ -167,6 +173,20 @@ struct Gen<'a, 'f> {
     /// When the anchors are samples: the samples of the anchor's class, as an index list
     /// (pointer, length), loaded in the entry block.
     own_class: Option<(Value, Value)>,
+    /// What the pass computes: its outputs, skip conditions and scatters' weights and
+    /// positions; the reductions they need are the candidates for fused loops.
+    roots: Vec<Handle<Expr>>,
+    /// Whether an earlier pass went over the block (and recorded its skipped anchors).
+    earlier_pass: bool,
+    /// Per-anchor numbers an earlier pass stored: loaded, not computed.
+    stored: HashSet<Handle<Expr>>,
+    /// Means whose sums a loop computed while the skip conditions were: their sum and set.
+    pending_means: HashMap<Handle<Expr>, (Value, Handle<Set>)>,
+    /// Sums reserved for the loop of a scatter over their set.
+    reserved: HashSet<Handle<Expr>>,
+    /// Whether the skip conditions are being computed (a mean computed then could flag an
+    /// empty set of an anchor that is skipped).
+    in_skips: bool,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -217,6 +237,12 @@ impl<'a, 'f> Gen<'a, 'f> {
             group_tables: HashMap::new(),
             anchor_label: None,
             own_class: None,
+            roots: Vec::new(),
+            earlier_pass: false,
+            stored: HashSet::new(),
+            pending_means: HashMap::new(),
+            reserved: HashSet::new(),
+            in_skips: false,
         }
     }
 
@@ -250,6 +276,16 @@ impl<'a, 'f> Gen<'a, 'f> {
         let set = self.b.ins().bor_imm_u(current, i64::from(bit));
         let next = self.b.ins().select(when, set, current);
         self.b.def_var(self.status, next);
+    }
+
+    /// A number or condition from its f64 in a table the runtime filled.
+    fn stored_value(&mut self, v: Value, ty: Type) -> Value {
+        if ty == Type::Bool {
+            let zero = self.b.ins().f64const(0.0);
+            self.b.ins().fcmp(FloatCC::NotEqual, v, zero)
+        } else {
+            self.narrow(v)
+        }
     }
 
     fn bool_to_float(&mut self, b: Value) -> Value {
@@ -362,21 +398,71 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     fn body(&mut self, outputs: &[Handle<Expr>], effects: &[usize]) -> Result<()> {
         self.load_common();
+        let skips = self.module.blocks[self.block].skips.clone();
+        self.roots = outputs.iter().chain(&skips).copied().collect();
+        for &effect in effects {
+            let scatter = self.plan.scatters[effect];
+            self.roots.push(scatter.weight);
+            if let ScatterTarget::At { index } = scatter.target {
+                self.roots.push(index);
+            }
+        }
+        let scatter_loops = self.plan_scatter_loops(effects);
         let skipped_ptr = self.arg_field(offset_of!(KernelArgs, skipped));
         let flag_at = self.b.ins().iadd(skipped_ptr, self.anchor);
         let skip_exit = self.b.create_block();
-        for &cond in &self.module.blocks[self.block].skips.clone() {
-            let c = self.row(cond)?;
+        if self.earlier_pass {
+            // The conditions' values were not stored for skipped anchors: their flags were.
+            let table = self.arg_field(offset_of!(KernelArgs, was_skipped));
+            let addr = self.b.ins().iadd(table, self.anchor);
+            let skipped = self.b.ins().load(I8, Self::flags(), addr, 0);
             let next = self.b.create_block();
-            self.b.ins().brif(c, skip_exit, &[], next, &[]);
+            self.b.ins().brif(skipped, skip_exit, &[], next, &[]);
             self.b.switch_to_block(next);
+        } else {
+            self.in_skips = true;
+            for &cond in &skips {
+                let c = self.row(cond)?;
+                let next = self.b.create_block();
+                self.b.ins().brif(c, skip_exit, &[], next, &[]);
+                self.b.switch_to_block(next);
+            }
+            self.in_skips = false;
         }
         let zero = self.b.ins().iconst(I8, 0);
         self.b.ins().store(Self::flags(), zero, flag_at, 0);
 
-        let fused = self.fuse_scatters(outputs, effects)?;
+        // The outputs that need no sum of a scatter loop are stored before the loops, the
+        // others after: a value held across a loop takes a register from it.
+        let reserved = self.reserved.clone();
+        let (early, late): (Vec<_>, Vec<_>) = outputs.iter().enumerate().partition(|&(_, &h)| {
+            !self
+                .reachable([Node::Expr(h)])
+                .iter()
+                .any(|x| reserved.contains(x))
+        });
+        self.store_outputs(&early)?;
+        let fused = self.emit_scatter_loops(scatter_loops)?;
+        self.store_outputs(&late)?;
+        for &effect in effects.iter().filter(|e| !fused.contains(e)) {
+            let scatter = self.plan.scatters[effect];
+            self.scatter(&scatter)?;
+        }
+        let status = self.b.use_var(self.status);
+        self.b.ins().return_(&[status]);
+
+        self.b.switch_to_block(skip_exit);
+        let one = self.b.ins().iconst(I8, 1);
+        self.b.ins().store(Self::flags(), one, flag_at, 0);
+        let status = self.b.use_var(self.status);
+        self.b.ins().return_(&[status]);
+        Ok(())
+    }
+
+    /// Stores each output (given with its slot) at the anchor's place in its slot.
+    fn store_outputs(&mut self, outputs: &[(usize, &Handle<Expr>)]) -> Result<()> {
         let out_table = self.arg_field(offset_of!(KernelArgs, outputs));
-        for (slot, &h) in outputs.iter().enumerate() {
+        for &(slot, &h) in outputs {
             let base = self.load_ptr(out_table, slot);
             match self.module.exprs[h].kind {
                 ExprKind::Hist {
@@ -393,18 +479,6 @@ impl<'a, 'f> Gen<'a, 'f> {
                 }
             }
         }
-        for &effect in effects.iter().filter(|e| !fused.contains(e)) {
-            let scatter = self.plan.scatters[effect];
-            self.scatter(&scatter)?;
-        }
-        let status = self.b.use_var(self.status);
-        self.b.ins().return_(&[status]);
-
-        self.b.switch_to_block(skip_exit);
-        let one = self.b.ins().iconst(I8, 1);
-        self.b.ins().store(Self::flags(), one, flag_at, 0);
-        let status = self.b.use_var(self.status);
-        self.b.ins().return_(&[status]);
         Ok(())
     }
 
@@ -613,12 +687,20 @@ impl<'a, 'f> Gen<'a, 'f> {
                     .b
                     .ins()
                     .load(F64, Self::flags(), table, (8 * h.index()) as i32);
-                if e.ty == Type::Bool {
-                    let zero = self.b.ins().f64const(0.0);
-                    self.b.ins().fcmp(FloatCC::NotEqual, v, zero)
-                } else {
-                    self.narrow(v)
-                }
+                self.stored_value(v, e.ty)
+            }
+            Level::Row(_) if self.stored.contains(&h) => {
+                let table = self.arg_field(offset_of!(KernelArgs, stored));
+                let values = self.load_ptr(table, h.index());
+                let offset = self.b.ins().imul_imm_u(self.anchor, 8);
+                let addr = self.b.ins().iadd(values, offset);
+                let v = self.b.ins().load(F64, Self::flags(), addr, 0);
+                self.stored_value(v, e.ty)
+            }
+            Level::Row(_) if self.pending_means.contains_key(&h) => {
+                let (total, set) = self.pending_means[&h];
+                let repr = self.set_repr(set)?;
+                self.finish_sum(ReduceOp::Mean, set, &repr, total)?
             }
             Level::Row(_) => self.row_kind(h, &e)?,
             Level::Member { .. } | Level::Cross { .. } => {
@@ -806,18 +888,14 @@ impl<'a, 'f> Gen<'a, 'f> {
         if let Some(&n) = self.counts.get(&set) {
             return Ok(n);
         }
-        let n = self.count(repr)?;
-        self.counts.insert(set, n);
-        Ok(n)
-    }
-
-    fn count(&mut self, repr: &Repr) -> Result<Value> {
-        Ok(match repr {
+        let n = match repr {
             Repr::Range { cols, .. } => *cols,
             Repr::List { len, .. } => *len,
-            Repr::Masked { .. } => self.count_masked(repr)?,
-            Repr::Cross { .. } if self.lanes_can_visit(repr) => self.count_masked(repr)?,
-            Repr::Cross { .. } => {
+            // Counted with the set's other reductions (which caches the count).
+            _ if self.lanes_can_visit(repr) => {
+                self.fused_reduce(ReduceOp::Count, set, repr, None)?
+            }
+            Repr::Masked { .. } | Repr::Cross { .. } => {
                 let n = self.b.declare_var(I64);
                 let zero = self.b.ins().iconst(I64, 0);
                 self.b.def_var(n, zero);
@@ -829,7 +907,9 @@ impl<'a, 'f> Gen<'a, 'f> {
                 })?;
                 self.b.use_var(n)
             }
-        })
+        };
+        self.counts.insert(set, n);
+        Ok(n)
     }
 
     fn reduce(&mut self, op: ReduceOp, set: Handle<Set>, body: Handle<Expr>) -> Result<Value> {
@@ -840,6 +920,12 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
         self.prepare(body)?;
         if self.lanes_can_read(&repr, body) {
+            if matches!(
+                op,
+                ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Min | ReduceOp::Max
+            ) {
+                return self.fused_reduce(op, set, &repr, Some(body));
+            }
             return self.reduce_on_lanes(op, set, &repr, body);
         }
         let acc = self.b.declare_var(self.float);
@@ -915,7 +1001,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
-    /// A reduction of a vectorisable body over a row or an index list.
+    /// A standard deviation or a log-sum-exp on lanes: the mean or the maximum with the
+    /// set's other reductions, then a second loop.
     fn reduce_on_lanes(
         &mut self,
         op: ReduceOp,
@@ -923,22 +1010,12 @@ impl<'a, 'f> Gen<'a, 'f> {
         repr: &Repr,
         body: Handle<Expr>,
     ) -> Result<Value> {
-        let identity = |_: &mut Self, v: Value| v;
         let add = |g: &mut Self, a: Value, v: Value| g.b.ins().fadd(a, v);
         match op {
-            ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Std => {
-                let total = self.vector_reduce(repr, body, 0.0, &identity, &add)?;
-                if op == ReduceOp::Sum {
-                    return Ok(total);
-                }
+            ReduceOp::Std => {
+                let mean = self.fused_reduce(ReduceOp::Mean, set, repr, Some(body))?;
                 let n = self.set_count(set, repr)?;
-                let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-                self.flag(Status::EMPTY, empty);
                 let count = self.index_to_float(n);
-                let mean = self.b.ins().fdiv(total, count);
-                if op == ReduceOp::Mean {
-                    return Ok(mean);
-                }
                 let square_gap = |g: &mut Self, v: Value| {
                     let m = if g.b.func.dfg.value_type(v).is_vector() {
                         g.splat(mean)
@@ -952,22 +1029,8 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let variance = self.b.ins().fdiv(squares, count);
                 Ok(self.b.ins().sqrt(variance))
             }
-            ReduceOp::Min | ReduceOp::Max => {
-                let min = op == ReduceOp::Min;
-                let start = if min {
-                    f64::INFINITY
-                } else {
-                    f64::NEG_INFINITY
-                };
-                self.vector_reduce(repr, body, start, &identity, &|g, a, v| {
-                    g.extreme_of(a, v, min)
-                })
-            }
             ReduceOp::Lse => {
-                let max =
-                    self.vector_reduce(repr, body, f64::NEG_INFINITY, &identity, &|g, a, v| {
-                        g.extreme_of(a, v, false)
-                    })?;
+                let max = self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?;
                 let shifted_exp = |g: &mut Self, v: Value| {
                     let m = if g.b.func.dfg.value_type(v).is_vector() {
                         g.splat(max)
@@ -985,7 +1048,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
                 Ok(self.b.ins().select(finite, lse, max))
             }
-            ReduceOp::Count => unreachable_count(),
+            _ => Err(internal(format!("{op:?} is not reduced in two loops"))),
         }
     }
 

@@ -11,7 +11,7 @@ pub mod kernel;
 pub mod math;
 
 use crate::interp::Precision;
-use crate::ir::Phase;
+use crate::ir::{Block, Expr, Handle, Phase, Type};
 use crate::opt::Plan;
 use abi::KernelFn;
 use cranelift_codegen::ir::types::{F32, F64, I32, I64};
@@ -21,6 +21,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{Linkage, Module, default_libcall_names};
 use kernel::{Helpers, PassLayout};
+use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodegenError {
@@ -139,6 +140,9 @@ fn build(
     let mut ctx = module.make_context();
     let mut pending = Vec::new();
     let mut texts = Vec::new();
+    // Per block with a pass built: the per-anchor numbers its passes stored, which later
+    // passes load (as they load which anchors are skipped) instead of computing again.
+    let mut stored: HashMap<Handle<Block>, HashSet<Handle<Expr>>> = HashMap::new();
     for (phase, p) in plan.schedule.phases.iter().enumerate() {
         let Phase::Rows {
             block,
@@ -168,7 +172,20 @@ fn build(
             helpers,
             target,
         };
-        let layout = kernel::build(plan, *block, outputs, effects, builder, &machine)?;
+        let layout = kernel::build(
+            plan,
+            *block,
+            outputs,
+            effects,
+            stored.get(block),
+            builder,
+            &machine,
+        )?;
+        stored.entry(*block).or_default().extend(
+            outputs
+                .iter()
+                .filter(|&&h| matches!(plan.module.exprs[h].ty, Type::Num | Type::Bool)),
+        );
         if clif {
             texts.push(format!(
                 "; phase {phase}: rows {block}\n{}",

@@ -626,6 +626,18 @@ impl<'r, F: Real> Run<'r, F> {
             .map(|g| g.sizes.iter().map(|&s| s as f64).collect())
             .collect();
         let size_ptrs: Vec<*const f64> = sizes.iter().map(|s| s.as_ptr()).collect();
+        let was_skipped = self
+            .rows
+            .skipped
+            .get(&pass.layout.block)
+            .cloned()
+            .unwrap_or_else(|| vec![0; rows]);
+        let mut stored: Vec<*const f64> = vec![std::ptr::null(); module.exprs.len()];
+        for ((block, h), values) in &self.rows.outputs {
+            if *block == pass.layout.block && values.width == 1 {
+                stored[h.index()] = values.values.as_ptr();
+            }
+        }
         let (class_starts, class_members) = self
             .groups
             .first()
@@ -636,8 +648,10 @@ impl<'r, F: Real> Run<'r, F> {
             matrix_cols: matrix_cols.as_ptr(),
             batch: self.values.numbers.as_ptr(),
             vectors: vector_ptrs.as_ptr(),
+            stored: stored.as_ptr(),
             outputs: output_ptrs.as_ptr(),
             skipped: skipped.as_mut_ptr(),
+            was_skipped: was_skipped.as_ptr(),
             grads: grad_ptrs.as_ptr(),
             labels: label_ptrs.as_ptr(),
             ids: id_ptrs.as_ptr(),

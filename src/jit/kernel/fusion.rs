@@ -1,62 +1,91 @@
-//! Loop fusion: a scatter over a set and the sums over the same set that its weight does
-//! not need run as one loop. The row is read once, and what the loop bodies share is
-//! computed once: the `exp(-|x|)` of a softplus summed forward and of the sigmoid
-//! scattered backward.
+//! Loop fusion. Loops over the same set run as one when neither needs what the other
+//! computes: the row is read once, and what the bodies share is computed once.
+//!
+//! - The scatters over one set (its members, or both sides of its pairs) and the sums over
+//!   the set that no weight needs share a loop: the `exp(-|x|)` of a softplus summed
+//!   forward and of its sigmoid scattered backward is computed once. These loops are
+//!   planned before anything is emitted, so that their sums are not taken by the next rule.
+//! - A reduction on lanes (a count, sum, mean, minimum or maximum) takes along every other
+//!   such reduction over its set that the pass needs and that depends on none of them.
 
-use super::vector::LaneScatter;
-use super::{Gen, Result, Status};
+use super::vector::{Fold, LaneScatter};
+use super::{Gen, Repr, Result, Status, internal};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
-use cranelift_codegen::ir::InstBuilder;
 use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{InstBuilder, Value};
 use std::collections::HashSet;
 
+/// The scatters over one set and the sums that go into their loop.
+pub(super) struct ScatterLoop {
+    set: Handle<Set>,
+    effects: Vec<usize>,
+    sums: Vec<(Handle<Expr>, ReduceOp, Handle<Expr>)>,
+}
+
 impl Gen<'_, '_> {
-    /// Emits the vectorisable scatters of `effects` over one set (its members, or either
-    /// side of its pairs) as one loop, together with the sums and means over the set that
-    /// `outputs` need and no weight does; returns the effects emitted. The sums' values are
-    /// then known to [`Self::row`].
-    pub(super) fn fuse_scatters(
-        &mut self,
-        outputs: &[Handle<Expr>],
-        effects: &[usize],
-    ) -> Result<HashSet<usize>> {
-        let mut by_set: Vec<(Handle<Set>, Vec<usize>)> = Vec::new();
+    /// Groups the member and pair scatters of `effects` by set, each with the sums and
+    /// means over its set that the pass needs and no weight does, and reserves those sums
+    /// for the groups' loops.
+    pub(super) fn plan_scatter_loops(&mut self, effects: &[usize]) -> Vec<ScatterLoop> {
+        let mut loops: Vec<ScatterLoop> = Vec::new();
         for &effect in effects {
             let (ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. }) =
                 self.plan.scatters[effect].target
             else {
                 continue;
             };
-            match by_set.iter_mut().find(|(s, _)| *s == set) {
-                Some((_, group)) => group.push(effect),
-                None => by_set.push((set, vec![effect])),
+            match loops.iter_mut().find(|l| l.set == set) {
+                Some(group) => group.effects.push(effect),
+                None => loops.push(ScatterLoop {
+                    set,
+                    effects: vec![effect],
+                    sums: Vec::new(),
+                }),
             }
         }
-        let mut fused = HashSet::new();
-        for (set, group) in by_set {
+        for group in &mut loops {
+            let weights = group.effects.iter().map(|&e| self.plan.scatters[e].weight);
+            let weight_needs = self.reachable(weights.map(Node::Expr));
+            group.sums = self
+                .set_reductions(group.set)
+                .filter(|&(h, op, _)| {
+                    matches!(op, ReduceOp::Sum | ReduceOp::Mean) && !weight_needs.contains(&h)
+                })
+                .collect();
+            self.reserved.extend(group.sums.iter().map(|&(h, _, _)| h));
+        }
+        loops
+    }
+
+    /// Emits the planned scatter loops whose weights and sums evaluate on lanes; returns
+    /// the effects emitted. The sums' values are then known to [`Self::row`].
+    pub(super) fn emit_scatter_loops(&mut self, loops: Vec<ScatterLoop>) -> Result<HashSet<usize>> {
+        let mut emitted = HashSet::new();
+        for group in loops {
+            let repr = self.set_repr(group.set)?;
             let weights: Vec<Handle<Expr>> = group
+                .effects
                 .iter()
                 .map(|&e| self.plan.scatters[e].weight)
                 .collect();
-            let sums = self.fusable_sums(outputs, set, &weights);
-            if sums.is_empty() && group.len() == 1 {
-                continue;
-            }
-            let repr = self.set_repr(set)?;
-            let bodies: Vec<Handle<Expr>> = sums.iter().map(|&(_, _, body)| body).collect();
+            let bodies: Vec<Handle<Expr>> = group.sums.iter().map(|&(_, _, b)| b).collect();
             if !weights
                 .iter()
                 .chain(&bodies)
                 .all(|&h| self.lanes_can_read(&repr, h))
             {
+                // The sums are left to the reductions that need them.
+                for (h, _, _) in group.sums {
+                    self.reserved.remove(&h);
+                }
                 continue;
             }
             for &h in weights.iter().chain(&bodies) {
                 self.prepare(h)?;
             }
-            let mut scatters = Vec::with_capacity(group.len());
-            for &effect in &group {
+            let mut scatters = Vec::with_capacity(group.effects.len());
+            for &effect in &group.effects {
                 let scatter = self.plan.scatters[effect];
                 let side = match scatter.target {
                     ScatterTarget::Cross { side, .. } => Some(side),
@@ -68,62 +97,146 @@ impl Gen<'_, '_> {
                     side,
                 });
             }
-            let totals = self.vector_loop(&repr, &bodies, &scatters)?;
-            for (&(h, op, _), total) in sums.iter().zip(totals) {
-                let value = if op == ReduceOp::Mean {
-                    let n = self.set_count(set, &repr)?;
-                    let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-                    self.flag(Status::EMPTY, empty);
-                    let n = self.index_to_float(n);
-                    self.b.ins().fdiv(total, n)
-                } else {
-                    total
-                };
+            let folds: Vec<Fold> = bodies.iter().map(|&b| Fold::Sum(b)).collect();
+            let totals = self.vector_loop(&repr, &folds, &scatters)?;
+            for (&(h, op, _), total) in group.sums.iter().zip(totals) {
+                let value = self.finish_sum(op, group.set, &repr, total)?;
                 self.row.insert(h, value);
             }
-            fused.extend(group);
+            emitted.extend(group.effects);
         }
-        Ok(fused)
+        Ok(emitted)
     }
 
-    /// The sums and means over `set` in this block that `outputs` need, not yet computed,
-    /// that `weight` does not depend on and that do not depend on each other.
-    fn fusable_sums(
-        &self,
-        outputs: &[Handle<Expr>],
+    /// A count, sum, mean, minimum or maximum over `set` (`body` is `None` for a count),
+    /// computed on lanes in one loop with the set's other such reductions that the pass
+    /// needs, that are not reserved for a scatter's loop and that depend on no reduction
+    /// over the set. The others' values go to [`Self::row`]; a count also to the set's
+    /// cached size. Returns the value asked for (a count as an i64).
+    pub(super) fn fused_reduce(
+        &mut self,
+        op: ReduceOp,
         set: Handle<Set>,
-        weights: &[Handle<Expr>],
-    ) -> Vec<(Handle<Expr>, ReduceOp, Handle<Expr>)> {
-        let weight_needs = self.reachable(weights.iter().map(|&w| Node::Expr(w)));
-        let mut chosen: Vec<(Handle<Expr>, ReduceOp, Handle<Expr>)> = Vec::new();
-        for h in self.reachable(outputs.iter().map(|&h| Node::Expr(h))) {
+        repr: &Repr,
+        body: Option<Handle<Expr>>,
+    ) -> Result<Value> {
+        // (the expression, when a sibling; its operation; its body)
+        let mut members = vec![(None, op, body)];
+        for (h, other_op, other_body) in self.set_reductions(set).collect::<Vec<_>>() {
+            let same = other_op == op && (op == ReduceOp::Count || Some(other_body) == body);
+            let readable = other_op == ReduceOp::Count || self.lanes_can_read(repr, other_body);
+            if !same && readable && !self.reserved.contains(&h) {
+                members.push((Some(h), other_op, Some(other_body)));
+            }
+        }
+        let needs_count = !self.counts.contains_key(&set)
+            && members
+                .iter()
+                .any(|&(_, op, _)| matches!(op, ReduceOp::Mean | ReduceOp::Count));
+        let mut folds = Vec::new();
+        if needs_count {
+            folds.push(Fold::Count);
+        }
+        for &(_, op, body) in &members {
+            let Some(fold) = fold_of(op, body) else {
+                continue;
+            };
+            if let Some(body) = fold.body() {
+                self.prepare(body)?;
+            }
+            if !folds.contains(&fold) {
+                folds.push(fold);
+            }
+        }
+        let results = self.vector_loop(repr, &folds, &[])?;
+        if needs_count {
+            self.counts.insert(set, results[0]);
+        }
+        let mut asked = None;
+        for (sibling, op, body) in members {
+            let value = match fold_of(op, body) {
+                // The count asked for is the set's size; a sibling count is a number.
+                None if sibling.is_none() => self.counts[&set],
+                None => {
+                    let n = self.counts[&set];
+                    self.index_to_float(n)
+                }
+                Some(fold) => {
+                    let at = folds
+                        .iter()
+                        .position(|&f| f == fold)
+                        .ok_or_else(|| internal("a reduction without its fold"))?;
+                    match sibling {
+                        Some(h) if op == ReduceOp::Mean && self.in_skips => {
+                            // Divided (and an empty set flagged) once the anchor is kept.
+                            self.pending_means.insert(h, (results[at], set));
+                            continue;
+                        }
+                        _ => self.finish_sum(op, set, repr, results[at])?,
+                    }
+                }
+            };
+            match sibling {
+                Some(h) => {
+                    self.row.insert(h, value);
+                }
+                None => asked = Some(value),
+            }
+        }
+        asked.ok_or_else(|| internal("a fused reduction without its value"))
+    }
+
+    /// A reduction's value from its fold: a mean divides by the set's size (and flags an
+    /// empty set), the others are the fold itself.
+    pub(super) fn finish_sum(
+        &mut self,
+        op: ReduceOp,
+        set: Handle<Set>,
+        repr: &Repr,
+        total: Value,
+    ) -> Result<Value> {
+        if op != ReduceOp::Mean {
+            return Ok(total);
+        }
+        let n = self.set_count(set, repr)?;
+        let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+        self.flag(Status::EMPTY, empty);
+        let n = self.index_to_float(n);
+        Ok(self.b.ins().fdiv(total, n))
+    }
+
+    /// The counts, sums, means, minima and maxima over `set` in this block that the pass
+    /// needs, not computed yet, and whose bodies depend on no reduction over the set.
+    fn set_reductions(
+        &self,
+        set: Handle<Set>,
+    ) -> impl Iterator<Item = (Handle<Expr>, ReduceOp, Handle<Expr>)> + '_ {
+        let needed = self.reachable(self.roots.iter().map(|&h| Node::Expr(h)));
+        needed.into_iter().filter_map(move |h| {
             let ExprKind::Reduce {
-                op: op @ (ReduceOp::Sum | ReduceOp::Mean),
+                op,
                 set: over,
                 body,
                 scope: Scope::Row(block),
             } = self.module.exprs[h].kind
             else {
-                continue;
+                return None;
             };
-            let independent = |a: Handle<Expr>, b: Handle<Expr>| {
-                !self.reachable([Node::Expr(a)]).contains(&b)
-                    && !self.reachable([Node::Expr(b)]).contains(&a)
+            let fold = matches!(
+                op,
+                ReduceOp::Count | ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Min | ReduceOp::Max
+            );
+            let over_set = |x: Handle<Expr>| {
+                matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set)
             };
-            if over == set
-                && block == self.block
-                && !self.row.contains_key(&h)
-                && !weight_needs.contains(&h)
-                && chosen.iter().all(|&(c, _, _)| independent(c, h))
-            {
-                chosen.push((h, op, body));
-            }
-        }
-        chosen
+            let independent = !self.reachable([Node::Expr(body)]).into_iter().any(over_set);
+            (fold && over == set && block == self.block && !self.row.contains_key(&h) && independent)
+                .then_some((h, op, body))
+        })
     }
 
     /// Every expression that `roots` depend on, themselves included, in handle order.
-    fn reachable(&self, roots: impl IntoIterator<Item = Node>) -> Vec<Handle<Expr>> {
+    pub(super) fn reachable(&self, roots: impl IntoIterator<Item = Node>) -> Vec<Handle<Expr>> {
         let mut stack: Vec<Node> = roots.into_iter().collect();
         let mut exprs = HashSet::new();
         let mut sets = HashSet::new();
@@ -146,5 +259,15 @@ impl Gen<'_, '_> {
         let mut exprs: Vec<Handle<Expr>> = exprs.into_iter().collect();
         exprs.sort();
         exprs
+    }
+}
+
+/// The fold that computes a reduction (`None` for a count, which is the set's size).
+fn fold_of(op: ReduceOp, body: Option<Handle<Expr>>) -> Option<Fold> {
+    match (op, body) {
+        (ReduceOp::Sum | ReduceOp::Mean, Some(b)) => Some(Fold::Sum(b)),
+        (ReduceOp::Min, Some(b)) => Some(Fold::Min(b)),
+        (ReduceOp::Max, Some(b)) => Some(Fold::Max(b)),
+        _ => None,
     }
 }

@@ -26,6 +26,33 @@ pub(super) struct VAt {
     left: Option<Value>,
 }
 
+/// What a vector loop computes over a set: its size, or the sum, minimum or maximum of a
+/// per-member expression.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Fold {
+    Count,
+    Sum(Handle<Expr>),
+    Min(Handle<Expr>),
+    Max(Handle<Expr>),
+}
+
+impl Fold {
+    fn identity(self) -> f64 {
+        match self {
+            Fold::Count | Fold::Sum(_) => 0.0,
+            Fold::Min(_) => f64::INFINITY,
+            Fold::Max(_) => f64::NEG_INFINITY,
+        }
+    }
+
+    pub(super) fn body(self) -> Option<Handle<Expr>> {
+        match self {
+            Fold::Count => None,
+            Fold::Sum(h) | Fold::Min(h) | Fold::Max(h) => Some(h),
+        }
+    }
+}
+
 /// The left member of a cross set whose pairs a vector loop visits, the pairs' conditions
 /// and space.
 struct Pairs<'p> {
@@ -591,47 +618,6 @@ impl Gen<'_, '_> {
         })
     }
 
-    /// How many members a masked set has: its lanes' masks counted, then the tail.
-    pub(super) fn count_masked(&mut self, repr: &Repr) -> Result<Value> {
-        let ty = self.vector_type();
-        let ones = self.b.declare_var(ty);
-        let zero = self.vconst(0.0);
-        self.b.def_var(ones, zero);
-        let tail = self.b.declare_var(I64);
-        let none = self.b.ins().iconst(I64, 0);
-        self.b.def_var(tail, none);
-        self.each_vector(
-            repr,
-            false,
-            &mut |g, at| {
-                let one = g.vconst(1.0);
-                let zero = g.vconst(0.0);
-                let counted = match at.mask {
-                    Some(mask) => g.vselect(mask, one, zero),
-                    None => one,
-                };
-                let current = g.b.use_var(ones);
-                let next = g.b.ins().fadd(current, counted);
-                g.b.def_var(ones, next);
-                Ok(())
-            },
-            &mut |g, _| {
-                let current = g.b.use_var(tail);
-                let next = g.b.ins().iadd_imm_u(current, 1);
-                g.b.def_var(tail, next);
-                Ok(())
-            },
-        )?;
-        let lanes = self.b.use_var(ones);
-        let mut total = self.b.use_var(tail);
-        for lane in 0..self.lanes() {
-            let x = self.b.ins().extractlane(lanes, lane as u8);
-            let x = self.b.ins().fcvt_to_uint(I64, x);
-            total = self.b.ins().iadd(total, x);
-        }
-        Ok(total)
-    }
-
     /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
     /// tail; returns the reduced scalar. `map` and `combine` take values of either width.
     pub(super) fn vector_reduce(
@@ -689,24 +675,25 @@ impl Gen<'_, '_> {
         Ok(combine(self, total, tail))
     }
 
-    /// One loop over the members of `repr` that sums each of `sums` and adds the weight of
-    /// each of `scatters` into its adjoint row. Returns the sums, each added up as
-    /// [`Self::vector_reduce`] does (lanes in order, then the tail).
+    /// One loop over the members of `repr` that computes each of `folds` and adds the
+    /// weight of each of `scatters` into its adjoint row. Returns the folds' results, each
+    /// combined as [`Self::vector_reduce`] does (lanes in order, then the tail); a count as
+    /// an i64.
     pub(super) fn vector_loop(
         &mut self,
         repr: &Repr,
-        sums: &[Handle<Expr>],
+        folds: &[Fold],
         scatters: &[LaneScatter],
     ) -> Result<Vec<Value>> {
         let vty = self.vector_type();
-        let mut accumulators = Vec::with_capacity(sums.len());
-        for _ in sums {
+        let mut accumulators = Vec::with_capacity(folds.len());
+        for fold in folds {
             let lanes = self.b.declare_var(vty);
-            let zero = self.vconst(0.0);
-            self.b.def_var(lanes, zero);
+            let start = self.vconst(fold.identity());
+            self.b.def_var(lanes, start);
             let tail = self.b.declare_var(self.float);
-            let zero = self.fconst(0.0);
-            self.b.def_var(tail, zero);
+            let start = self.fconst(fold.identity());
+            self.b.def_var(tail, start);
             accumulators.push((lanes, tail));
         }
         let add = |g: &mut Self, grad_row: Value, col: Value, w: Value| {
@@ -716,27 +703,32 @@ impl Gen<'_, '_> {
             let new = g.b.ins().fadd(old, w);
             g.b.ins().store(Self::flags(), new, addr, 0);
         };
-        let skip_empty = sums
+        let skip_empty = folds
             .iter()
-            .chain(scatters.iter().map(|s| &s.weight))
-            .any(|&h| self.costly(h));
+            .filter_map(|f| f.body())
+            .chain(scatters.iter().map(|s| s.weight))
+            .any(|h| self.costly(h));
         self.each_vector(
             repr,
             skip_empty,
             &mut |g, at| {
-                // One cache for the whole body: what the sums and the weights share is
+                // One cache for the whole body: what the folds and the weights share is
                 // computed once.
                 let mut cache = HashMap::new();
-                let zero = g.vconst(0.0);
-                for (&body, &(lanes, _)) in sums.iter().zip(&accumulators) {
-                    let mut v = g.vmember(body, at, &mut cache)?;
+                for (fold, &(lanes, _)) in folds.iter().zip(&accumulators) {
+                    let mut v = match fold.body() {
+                        Some(body) => g.vmember(body, at, &mut cache)?,
+                        None => g.vconst(1.0),
+                    };
                     if let Some(mask) = at.mask {
-                        v = g.vselect(mask, v, zero);
+                        let identity = g.vconst(fold.identity());
+                        v = g.vselect(mask, v, identity);
                     }
                     let current = g.b.use_var(lanes);
-                    let next = g.b.ins().fadd(current, v);
+                    let next = g.fold_step(*fold, current, v);
                     g.b.def_var(lanes, next);
                 }
+                let zero = g.vconst(0.0);
                 for scatter in scatters {
                     let mut w = g.vmember(scatter.weight, at, &mut cache)?;
                     if let Some(mask) = at.mask {
@@ -768,10 +760,13 @@ impl Gen<'_, '_> {
             },
             &mut |g, at| {
                 let mut cache = HashMap::new();
-                for (&body, &(_, tail)) in sums.iter().zip(&accumulators) {
-                    let v = g.member(body, at, &mut cache)?;
+                for (fold, &(_, tail)) in folds.iter().zip(&accumulators) {
+                    let v = match fold.body() {
+                        Some(body) => g.member(body, at, &mut cache)?,
+                        None => g.fconst(1.0),
+                    };
                     let current = g.b.use_var(tail);
-                    let next = g.b.ins().fadd(current, v);
+                    let next = g.fold_step(*fold, current, v);
                     g.b.def_var(tail, next);
                 }
                 for scatter in scatters {
@@ -787,18 +782,41 @@ impl Gen<'_, '_> {
                 Ok(())
             },
         )?;
-        let mut totals = Vec::with_capacity(sums.len());
-        for (lanes, tail) in accumulators {
+        let mut results = Vec::with_capacity(folds.len());
+        for (fold, (lanes, tail)) in folds.iter().zip(accumulators) {
             let lanes = self.b.use_var(lanes);
-            let mut total = self.b.ins().extractlane(lanes, 0);
-            for lane in 1..self.lanes() {
-                let x = self.b.ins().extractlane(lanes, lane as u8);
-                total = self.b.ins().fadd(total, x);
-            }
             let tail = self.b.use_var(tail);
-            totals.push(self.b.ins().fadd(total, tail));
+            let parts: Vec<Value> = (0..self.lanes())
+                .map(|lane| self.b.ins().extractlane(lanes, lane as u8))
+                .chain([tail])
+                .collect();
+            let result = if *fold == Fold::Count {
+                // Each lane's count is exact in the float type; their total need not be.
+                let mut total = self.b.ins().iconst(I64, 0);
+                for part in parts {
+                    let part = self.b.ins().fcvt_to_uint(I64, part);
+                    total = self.b.ins().iadd(total, part);
+                }
+                total
+            } else {
+                let mut total = parts[0];
+                for &part in &parts[1..] {
+                    total = self.fold_step(*fold, total, part);
+                }
+                total
+            };
+            results.push(result);
         }
-        Ok(totals)
+        Ok(results)
+    }
+
+    /// One step of a fold, on values of either width.
+    fn fold_step(&mut self, fold: Fold, acc: Value, v: Value) -> Value {
+        match fold {
+            Fold::Count | Fold::Sum(_) => self.b.ins().fadd(acc, v),
+            Fold::Min(_) => self.extreme_of(acc, v, true),
+            Fold::Max(_) => self.extreme_of(acc, v, false),
+        }
     }
 
     /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
