@@ -323,3 +323,25 @@ fn invalid_input_fails_alike() {
         .unwrap_err();
     assert_eq!(jit, interp);
 }
+
+/// The kernels are built without Cranelift's verifier (it costs a tenth of the compile
+/// time); this holds every kernel of every spec, forward and backward, in both float
+/// types, to it.
+#[test]
+fn every_kernel_passes_the_verifier() {
+    for name in loss_names() {
+        let module = lower(&name, &Vec::new());
+        let gradient = losscc::grad::differentiate(&module).unwrap();
+        let plans = [
+            losscc::opt::forward_plan(&module),
+            losscc::opt::gradient_plan(&gradient),
+        ];
+        for plan in &plans {
+            for precision in [Precision::F32, Precision::F64] {
+                if let Err(e) = losscc::jit::emit_clif(plan, precision) {
+                    panic!("{name} ({precision:?}): {e}");
+                }
+            }
+        }
+    }
+}

@@ -317,7 +317,7 @@ impl Loss {
             seed: 0,
         };
         let module = &self.backward.module;
-        let Ok(groups) = evaluate_groupings(module, &batch, |_, _| Array2::zeros((0, 0))) else {
+        let Ok(groups) = batch_groupings(module, &batch) else {
             return f64::NAN;
         };
         let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None) else {
@@ -365,6 +365,20 @@ impl Loss {
     }
 }
 
+/// The groupings of a batch, k-means on the tensors it clusters.
+fn batch_groupings<F: Real>(
+    module: &Module,
+    batch: &Batch<'_, F>,
+) -> Result<Vec<GroupValues>, RunError> {
+    evaluate_groupings(module, batch, |tensor, groups| {
+        match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor)) {
+            Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
+            Err(_) => Array2::zeros((0, 0)),
+        }
+    })
+    .map_err(RunError::from)
+}
+
 /// The state of one evaluation.
 struct Run<'r, F: Real> {
     plan: &'r Plan,
@@ -391,12 +405,7 @@ impl<'r, F: Real> Run<'r, F> {
         workspace: &mut Workspace<F>,
     ) -> Result<Self, RunError> {
         let module = &plan.module;
-        let groups = evaluate_groupings(module, batch, |tensor, groups| {
-            match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor)) {
-                Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
-                Err(_) => Array2::zeros((0, 0)),
-            }
-        })?;
+        let groups = batch_groupings(module, batch)?;
         let mut stages = Stages::default();
         let started = Instant::now();
         let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None)?;
