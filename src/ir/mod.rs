@@ -28,7 +28,7 @@ pub use lower::{ParamValue, Params, entry_loss, lower};
 pub use print::{print_module, print_program, print_schedule};
 pub use schedule::{Effect, Phase, Schedule, anchor_inputs, schedule};
 pub use validate::{ValidationError, proof_of_emptiness, validate};
-pub(crate) use validate::{expr_refs, set_refs};
+pub(crate) use validate::{dependencies, expr_refs};
 
 use crate::diagnostic::Span;
 

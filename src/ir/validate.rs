@@ -167,6 +167,38 @@ pub(crate) fn expr_refs(kind: &ExprKind) -> Vec<Node> {
     }
 }
 
+/// Every expression that `roots` depend on (through expressions and sets), themselves
+/// included, in handle order.
+pub(crate) fn dependencies(
+    module: &Module,
+    roots: impl IntoIterator<Item = Node>,
+) -> Vec<Handle<Expr>> {
+    let mut stack: Vec<Node> = roots.into_iter().collect();
+    let mut exprs = vec![false; module.exprs.len()];
+    let mut sets = vec![false; module.sets.len()];
+    while let Some(node) = stack.pop() {
+        match node {
+            Node::Expr(h) => {
+                if !std::mem::replace(&mut exprs[h.index()], true) {
+                    stack.extend(expr_refs(&module.exprs[h].kind));
+                }
+            }
+            Node::Set(s) => {
+                if !std::mem::replace(&mut sets[s.index()], true) {
+                    let set = &module.sets[s];
+                    stack.extend(set_refs(&set.kind));
+                    stack.push(Node::Expr(set.value));
+                }
+            }
+        }
+    }
+    module
+        .exprs
+        .handles()
+        .filter(|h| exprs[h.index()])
+        .collect()
+}
+
 /// The sets and expressions a set's definition refers to (besides its value).
 pub(crate) fn set_refs(kind: &SetKind) -> Vec<Node> {
     match kind {

@@ -125,6 +125,29 @@ pub fn build(
     Ok(layout)
 }
 
+/// What a pass over `block` computes: its outputs, the block's skip conditions, and its
+/// scatters' weights and positions.
+pub fn pass_roots(
+    plan: &Plan,
+    block: Handle<Block>,
+    outputs: &[Handle<Expr>],
+    effects: &[usize],
+) -> Vec<Handle<Expr>> {
+    let mut roots: Vec<Handle<Expr>> = outputs
+        .iter()
+        .chain(&plan.module.blocks[block].skips)
+        .copied()
+        .collect();
+    for &effect in effects {
+        let scatter = plan.scatters[effect];
+        roots.push(scatter.weight);
+        if let ScatterTarget::At { index } = scatter.target {
+            roots.push(index);
+        }
+    }
+    roots
+}
+
 /// How many values an output stores per anchor.
 pub fn width(module: &Module, h: Handle<Expr>) -> usize {
     match module.exprs[h].ty {
@@ -399,14 +422,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     fn body(&mut self, outputs: &[Handle<Expr>], effects: &[usize]) -> Result<()> {
         self.load_common();
         let skips = self.module.blocks[self.block].skips.clone();
-        self.roots = outputs.iter().chain(&skips).copied().collect();
-        for &effect in effects {
-            let scatter = self.plan.scatters[effect];
-            self.roots.push(scatter.weight);
-            if let ScatterTarget::At { index } = scatter.target {
-                self.roots.push(index);
-            }
-        }
+        self.roots = pass_roots(self.plan, self.block, outputs, effects);
         let scatter_loops = self.plan_scatter_loops(effects);
         let skipped_ptr = self.arg_field(offset_of!(KernelArgs, skipped));
         let flag_at = self.b.ins().iadd(skipped_ptr, self.anchor);
@@ -436,8 +452,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         // others after: a value held across a loop takes a register from it.
         let reserved = self.reserved.clone();
         let (early, late): (Vec<_>, Vec<_>) = outputs.iter().enumerate().partition(|&(_, &h)| {
-            !self
-                .reachable([Node::Expr(h)])
+            !dependencies(self.module, [Node::Expr(h)])
                 .iter()
                 .any(|x| reserved.contains(x))
         });

@@ -11,7 +11,7 @@ pub mod kernel;
 pub mod math;
 
 use crate::interp::Precision;
-use crate::ir::{Block, Expr, Handle, Phase, Type};
+use crate::ir::{Block, Expr, ExprKind, Handle, Level, Node, Phase, Type, dependencies};
 use crate::opt::Plan;
 use abi::KernelFn;
 use cranelift_codegen::ir::types::{F32, F64, I32, I64};
@@ -86,6 +86,63 @@ fn new_module() -> Result<JITModule, CodegenError> {
     Ok(JITModule::new(builder))
 }
 
+/// A row pass's block and every expression the pass computes.
+type BlockNeeds = (Handle<Block>, Vec<Handle<Expr>>);
+
+/// Per phase: the per-anchor reductions it computes that a later pass over its block
+/// needs too, and that it does not store already. The pass stores them for that one.
+fn shared_reductions(plan: &Plan) -> Vec<Vec<Handle<Expr>>> {
+    let module = &plan.module;
+    // Per phase: for a row pass, its block and what it computes.
+    let needs: Vec<Option<BlockNeeds>> = plan
+        .schedule
+        .phases
+        .iter()
+        .map(|p| match p {
+            Phase::Rows {
+                block,
+                outputs,
+                effects,
+            } => {
+                let roots = kernel::pass_roots(plan, *block, outputs, effects);
+                Some((
+                    *block,
+                    dependencies(module, roots.into_iter().map(Node::Expr)),
+                ))
+            }
+            Phase::Batch { .. } => None,
+        })
+        .collect();
+    let shareable = |h: Handle<Expr>, block: Handle<Block>| {
+        let e = &module.exprs[h];
+        e.level == Level::Row(block)
+            && e.ty == Type::Num
+            && matches!(e.kind, ExprKind::Reduce { .. } | ExprKind::Rank { .. })
+    };
+    needs
+        .iter()
+        .enumerate()
+        .map(|(phase, need)| {
+            let Some((block, deps)) = need else {
+                return Vec::new();
+            };
+            let Phase::Rows { outputs, .. } = &plan.schedule.phases[phase] else {
+                return Vec::new();
+            };
+            deps.iter()
+                .copied()
+                .filter(|&h| shareable(h, *block) && !outputs.contains(&h))
+                .filter(|h| {
+                    needs[phase + 1..]
+                        .iter()
+                        .flatten()
+                        .any(|(later, deps)| later == block && deps.binary_search(h).is_ok())
+                })
+                .collect()
+        })
+        .collect()
+}
+
 fn signature(
     module: &JITModule,
     params: &[cranelift_codegen::ir::Type],
@@ -146,6 +203,7 @@ fn build(
     // Per block with a pass built: the per-anchor numbers its passes stored, which later
     // passes load (as they load which anchors are skipped) instead of computing again.
     let mut stored: HashMap<Handle<Block>, HashSet<Handle<Expr>>> = HashMap::new();
+    let shared = shared_reductions(plan);
     for (phase, p) in plan.schedule.phases.iter().enumerate() {
         let Phase::Rows {
             block,
@@ -155,6 +213,8 @@ fn build(
         else {
             continue;
         };
+        let outputs: Vec<Handle<Expr>> = outputs.iter().chain(&shared[phase]).copied().collect();
+        let outputs = &outputs;
         ctx.func.signature = kernel_sig.clone();
         let refs: Vec<_> = import_ids
             .iter()

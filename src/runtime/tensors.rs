@@ -117,7 +117,7 @@ pub fn tensors<F: Real>(
     Ok(values)
 }
 
-/// Rows of a distance matrix per task of its elementwise pass.
+/// Rows of a distance matrix (or of its adjoint) per task of an elementwise pass.
 const DISTANCE_ROWS: usize = 64;
 
 fn row_norms<F: Real>(a: &Array2<F>) -> Array1<F> {
@@ -317,21 +317,42 @@ fn metric_backward<F: Real>(
         };
         let mut rows = vec![F::ZERO; g.nrows()];
         let mut cols = vec![F::ZERO; g.ncols()];
-        let mut take = |i: usize, j: usize, w: &mut F, d: F| {
-            let dq = dq(*w, d);
-            rows[i] = rows[i] + dq;
-            cols[j] = cols[j] + dq;
-            *w = -two * dq;
-        };
         match sparse.as_mut() {
-            Some(entries) => entries.for_each_mut(|i, j, w| take(i, j, w, value[(i, j)])),
+            Some(entries) => entries.for_each_mut(|i, j, w| {
+                let dq = dq(*w, value[(i, j)]);
+                rows[i] = rows[i] + dq;
+                cols[j] = cols[j] + dq;
+                *w = -two * dq;
+            }),
             None => {
-                for (i, (mut g_row, d_row)) in
-                    g.rows_mut().into_iter().zip(value.rows()).enumerate()
-                {
-                    for (j, (w, &d)) in g_row.iter_mut().zip(d_row).enumerate() {
-                        take(i, j, w, d);
-                    }
+                // Fixed blocks of rows on the threads; their column sums are added in
+                // block order, so the result does not depend on the thread count.
+                let blocks = g.nrows().div_ceil(DISTANCE_ROWS);
+                let mut block_cols = vec![vec![F::ZERO; g.ncols()]; blocks];
+                let tasks: Vec<_> = g
+                    .axis_chunks_iter_mut(NdAxis(0), DISTANCE_ROWS)
+                    .zip(value.axis_chunks_iter(NdAxis(0), DISTANCE_ROWS))
+                    .zip(rows.chunks_mut(DISTANCE_ROWS))
+                    .zip(block_cols.iter_mut())
+                    .collect();
+                gemm::run_tasks(
+                    tasks,
+                    threads,
+                    |(((mut g_rows, d_rows), row_sums), col_sums)| {
+                        let pairs = g_rows.rows_mut().into_iter().zip(d_rows.rows());
+                        for ((mut g_row, d_row), row_sum) in pairs.zip(row_sums) {
+                            let entries = g_row.iter_mut().zip(d_row).zip(col_sums.iter_mut());
+                            for ((w, &d), col) in entries {
+                                let dq = dq(*w, d);
+                                *row_sum = *row_sum + dq;
+                                *col = *col + dq;
+                                *w = -two * dq;
+                            }
+                        }
+                    },
+                );
+                for block in block_cols {
+                    cols.iter_mut().zip(block).for_each(|(c, b)| *c = *c + b);
                 }
             }
         }

@@ -46,7 +46,7 @@ impl Gen<'_, '_> {
         }
         for group in &mut loops {
             let weights = group.effects.iter().map(|&e| self.plan.scatters[e].weight);
-            let weight_needs = self.reachable(weights.map(Node::Expr));
+            let weight_needs = dependencies(self.module, weights.map(Node::Expr));
             group.sums = self
                 .set_reductions(group.set)
                 .filter(|&(h, op, _)| {
@@ -211,7 +211,7 @@ impl Gen<'_, '_> {
         &self,
         set: Handle<Set>,
     ) -> impl Iterator<Item = (Handle<Expr>, ReduceOp, Handle<Expr>)> + '_ {
-        let needed = self.reachable(self.roots.iter().map(|&h| Node::Expr(h)));
+        let needed = dependencies(self.module, self.roots.iter().map(|&h| Node::Expr(h)));
         needed.into_iter().filter_map(move |h| {
             let ExprKind::Reduce {
                 op,
@@ -229,36 +229,10 @@ impl Gen<'_, '_> {
             let over_set = |x: Handle<Expr>| {
                 matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set)
             };
-            let independent = !self.reachable([Node::Expr(body)]).into_iter().any(over_set);
+            let independent = !dependencies(self.module, [Node::Expr(body)]).into_iter().any(over_set);
             (fold && over == set && block == self.block && !self.row.contains_key(&h) && independent)
                 .then_some((h, op, body))
         })
-    }
-
-    /// Every expression that `roots` depend on, themselves included, in handle order.
-    pub(super) fn reachable(&self, roots: impl IntoIterator<Item = Node>) -> Vec<Handle<Expr>> {
-        let mut stack: Vec<Node> = roots.into_iter().collect();
-        let mut exprs = HashSet::new();
-        let mut sets = HashSet::new();
-        while let Some(node) = stack.pop() {
-            match node {
-                Node::Expr(h) => {
-                    if exprs.insert(h) {
-                        stack.extend(expr_refs(&self.module.exprs[h].kind));
-                    }
-                }
-                Node::Set(s) => {
-                    if sets.insert(s) {
-                        let set = &self.module.sets[s];
-                        stack.extend(set_refs(&set.kind));
-                        stack.push(Node::Expr(set.value));
-                    }
-                }
-            }
-        }
-        let mut exprs: Vec<Handle<Expr>> = exprs.into_iter().collect();
-        exprs.sort();
-        exprs
     }
 }
 
