@@ -1,5 +1,47 @@
 //! losscc: a compiler for deep-metric-learning losses.
-//! (The essay on the pipeline is written once the pipeline exists.)
+//!
+//! A loss is a short spec: which pairs of a batch to compare, which to mine, how to weight
+//! them and how to aggregate. losscc turns it into a function of the embeddings `x` and
+//! the labels that returns the loss, its statistics and `dL/dx`. The stages, each a module
+//! with its own error type, are:
+//!
+//! 1. [`syntax`]: the pest grammar (`grammar/loss.pest`) gives an AST whose nodes carry
+//!    byte spans; `use` pulls in other specs, `fn` helpers are inlined later. The formatter
+//!    prints the canonical form.
+//! 2. [`ir`]: lowering resolves names, folds parameters, infers every value's level and
+//!    type, and rejects what cannot be evaluated (a reduction over a set proven empty, a
+//!    member value used outside its set). Errors become [`diagnostic`]s with the source
+//!    line and a caret; the spans live in side tables, not in the IR.
+//! 3. [`grad`]: reverse-mode differentiation from IR to IR. The adjoints are expressions
+//!    in the same arenas; per-member weights end in scatters into the adjoints of the pair
+//!    matrices, and tensor steps carry those back to `x`.
+//! 4. [`opt`]: plans for the compiled backend, which moves batch-level work over pairs
+//!    into per-row passes and schedules the result in phases.
+//! 5. [`interp`]: the reference evaluator, in float64 (or rounding like float32), for
+//!    every module: the oracle of the golden, finite-difference and JIT tests.
+//! 6. [`jit`]: one Cranelift function per row phase: one anchor's row end to end, with
+//!    its sets as loops (a vector of lanes at a time where the body allows), its
+//!    reductions fused where they share a set, its scatters writing the row of `dL/dM`.
+//! 7. [`runtime`]: validates batches, computes groupings and tensors, runs the GEMMs
+//!    (`X X^T`, `(G + G^T) X`), shares anchors out between threads and falls back to the
+//!    interpreter when a kernel reports a condition it does not decide (an empty mean,
+//!    say). [`Loss`] is the embedding API; `src/main.rs` the `losscc` command.
+//!
+//! The IR ([`ir::Module`]) is a set of typed arenas: groupings, tensors, matrices, blocks
+//! (per-anchor row loops), sets and expressions, each node named by a typed
+//! [`ir::arena::Handle`] and printed as `g0`, `t1`, `m0`, `row0`, `s3`, `e12`. Its
+//! invariants, checked once by [`ir::validate`] so that later stages index without
+//! checks:
+//!
+//! - a node refers only to nodes created before it, so arena order is a topological
+//!   order (evaluation front to back, differentiation back to front);
+//! - every expression has a level (constant, batch, anchor row, set member, cross pair)
+//!   no lower than its operands' except through a reduction, and a type (number,
+//!   condition, index, fixed-length vector);
+//! - nodes are hash-consed: an expression is built once, so equal handles mean equal
+//!   values;
+//! - a batch value that feeds a row loop is computed in an earlier phase of the
+//!   schedule than the loop, never inside it.
 
 pub mod diagnostic;
 
@@ -48,6 +90,11 @@ impl FrontError {
 }
 
 pub use runtime::engine::{Loss, Options, Output, Stages};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// An error of compiling or running a loss, as a library user sees it.
 #[derive(Debug, thiserror::Error)]
