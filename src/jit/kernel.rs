@@ -1121,6 +1121,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             ArgOp::Min | ArgOp::Max => {
                 let repr = self.set_repr(set)?;
                 self.prepare(body)?;
+                if self.lanes_can_read(&repr, body) {
+                    return self.vector_arg_extreme(&repr, body, op == ArgOp::Min);
+                }
                 let best = self.b.declare_var(self.float);
                 let chosen = self.b.declare_var(I64);
                 let start = self.fconst(0.0);

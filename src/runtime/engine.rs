@@ -123,6 +123,7 @@ pub struct Loss {
 
 /// The large buffers of a run, reused by the next.
 struct Workspace<F> {
+    embedding: Option<Array2<F>>,
     matrices: Vec<Array2<F>>,
     adjoints: Vec<Array2<F>>,
 }
@@ -130,6 +131,7 @@ struct Workspace<F> {
 impl<F> Default for Workspace<F> {
     fn default() -> Self {
         Workspace {
+            embedding: None,
             matrices: Vec::new(),
             adjoints: Vec::new(),
         }
@@ -320,7 +322,7 @@ impl Loss {
         let Ok(groups) = batch_groupings(module, &batch) else {
             return f64::NAN;
         };
-        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None) else {
+        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, None) else {
             return f64::NAN;
         };
         let mut work: Vec<_> = module
@@ -371,7 +373,7 @@ fn batch_groupings<F: Real>(
     batch: &Batch<'_, F>,
 ) -> Result<Vec<GroupValues>, RunError> {
     evaluate_groupings(module, batch, |tensor, groups| {
-        match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor)) {
+        match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor), None) {
             Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
             Err(_) => Array2::zeros((0, 0)),
         }
@@ -408,7 +410,8 @@ impl<'r, F: Real> Run<'r, F> {
         let groups = batch_groupings(module, batch)?;
         let mut stages = Stages::default();
         let started = Instant::now();
-        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None)?;
+        let spare = workspace.embedding.take();
+        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None, spare)?;
         stages.tensors_ms = elapsed_ms(started);
         let started = Instant::now();
         let mut matrices = std::mem::take(&mut workspace.matrices);
@@ -466,6 +469,13 @@ impl<'r, F: Real> Run<'r, F> {
     /// for the interpreter to decide.
     /// Gives the large buffers back for the next call.
     fn release(&mut self, workspace: &mut Workspace<F>) {
+        let embedding = self
+            .plan
+            .module
+            .tensors
+            .iter()
+            .position(|(_, t)| t.op == TensorOp::Embedding);
+        workspace.embedding = embedding.map(|e| std::mem::take(&mut self.tensors[e]));
         workspace.matrices = std::mem::take(&mut self.matrices);
         workspace.adjoints = self.adjoints.iter_mut().filter_map(Option::take).collect();
     }

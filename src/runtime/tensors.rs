@@ -12,14 +12,17 @@ use ndarray::{Array1, Array2, ArrayView2, Axis as NdAxis};
 
 /// The tensors of the module in order, up to and including `last` (all when `None`): the
 /// k-means features come before the groupings computed from them, and so before any tensor
-/// that needs those groupings.
+/// that needs those groupings. The embedding is copied into `spare` when it has its shape
+/// (a buffer of an earlier call, whose pages are already mapped).
 pub fn tensors<F: Real>(
     module: &Module,
     x: ArrayView2<F>,
     groups: &[GroupValues],
     seed: u64,
     last: Option<Handle<Tensor>>,
+    spare: Option<Array2<F>>,
 ) -> Result<Vec<Array2<F>>, RunError> {
+    let mut spare = spare.filter(|s| s.dim() == x.dim() && s.is_standard_layout());
     let mut values: Vec<Array2<F>> = Vec::with_capacity(module.tensors.len());
     for (h, tensor) in module.tensors.iter() {
         if last.is_some_and(|last| h > last) {
@@ -27,7 +30,13 @@ pub fn tensors<F: Real>(
         }
         let source = |s: &Handle<Tensor>| &values[s.index()];
         let value = match &tensor.op {
-            TensorOp::Embedding => x.to_owned(),
+            TensorOp::Embedding => match spare.take() {
+                Some(mut buffer) => {
+                    buffer.assign(&x);
+                    buffer
+                }
+                None => x.to_owned(),
+            },
             TensorOp::Columns {
                 source: s,
                 start,

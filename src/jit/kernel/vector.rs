@@ -183,17 +183,32 @@ impl Gen<'_, '_> {
     fn column_vector(&mut self, first: Value) -> Value {
         let ty = self.mask_type();
         let lane = ty.lane_type();
-        let first = if lane == I32 {
-            self.b.ins().ireduce(I32, first)
-        } else {
-            first
-        };
-        let mut v = self.b.ins().splat(ty, first);
+        // (0, 1, 2, ...): a constant, hoisted out of the loop.
+        let zero = self.b.ins().iconst(lane, 0);
+        let mut iota = self.b.ins().splat(ty, zero);
         for l in 1..self.lanes() {
             let c = self.b.ins().iconst(lane, l as i64);
-            let next = self.b.ins().extractlane(v, l as u8);
-            let next = self.b.ins().iadd(next, c);
-            v = self.b.ins().insertlane(v, next, l as u8);
+            iota = self.b.ins().insertlane(iota, c, l as u8);
+        }
+        let first = self.splat_int(first);
+        self.b.ins().iadd(first, iota)
+    }
+
+    /// The columns of a vector's lanes, as a vector of lane integers.
+    fn lane_columns(&mut self, at: &VAt) -> Value {
+        if at.contiguous {
+            return self.column_vector(at.first);
+        }
+        let ty = self.mask_type();
+        let zero = self.b.ins().iconst(I64, 0);
+        let mut v = self.splat_int(zero);
+        for (lane, &col) in at.cols.iter().enumerate() {
+            let col = if ty.lane_type() == I32 {
+                self.b.ins().ireduce(I32, col)
+            } else {
+                col
+            };
+            v = self.b.ins().insertlane(v, col, lane as u8);
         }
         v
     }
@@ -817,6 +832,108 @@ impl Gen<'_, '_> {
             Fold::Min(_) => self.extreme_of(acc, v, true),
             Fold::Max(_) => self.extreme_of(acc, v, false),
         }
+    }
+
+    /// The column of the first smallest (largest) value of `body` over `repr`, as an i64,
+    /// -1 for an empty set: each lane keeps its first best member, then the lanes' bests
+    /// are merged (the lower column wins a tie) and the tail's after them.
+    pub(super) fn vector_arg_extreme(
+        &mut self,
+        repr: &Repr,
+        body: Handle<Expr>,
+        min: bool,
+    ) -> Result<Value> {
+        let (vty, ity) = (self.vector_type(), self.mask_type());
+        let cc = if min {
+            FloatCC::LessThan
+        } else {
+            FloatCC::GreaterThan
+        };
+        let (best_lanes, chosen_lanes) = (self.b.declare_var(vty), self.b.declare_var(ity));
+        let (best_tail, chosen_tail) = (self.b.declare_var(self.float), self.b.declare_var(I64));
+        let zero = self.vconst(0.0);
+        self.b.def_var(best_lanes, zero);
+        let none = self.b.ins().iconst(I64, -1);
+        let none_lanes = self.splat_int(none);
+        self.b.def_var(chosen_lanes, none_lanes);
+        let zero = self.fconst(0.0);
+        self.b.def_var(best_tail, zero);
+        self.b.def_var(chosen_tail, none);
+        self.each_vector(
+            repr,
+            false,
+            &mut |g, at| {
+                let v = g.vmember(body, at, &mut HashMap::new())?;
+                let (best, chosen) = (g.b.use_var(best_lanes), g.b.use_var(chosen_lanes));
+                let better = g.b.ins().fcmp(cc, v, best);
+                let better = g.b.ins().bitcast(ity, MemFlagsData::new(), better);
+                let zero = g.b.ins().iconst(I64, 0);
+                let zero = g.splat_int(zero);
+                let first = g.b.ins().icmp(IntCC::SignedLessThan, chosen, zero);
+                let mut take = g.b.ins().bor(better, first);
+                if let Some(mask) = at.mask {
+                    take = g.b.ins().band(take, mask);
+                }
+                let cols = g.lane_columns(at);
+                let best = g.vselect(take, v, best);
+                let chosen = g.b.ins().bitselect(take, cols, chosen);
+                g.b.def_var(best_lanes, best);
+                g.b.def_var(chosen_lanes, chosen);
+                Ok(())
+            },
+            &mut |g, at| {
+                let v = g.member(body, at, &mut HashMap::new())?;
+                let (best, chosen) = (g.b.use_var(best_tail), g.b.use_var(chosen_tail));
+                let better = g.b.ins().fcmp(cc, v, best);
+                let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, chosen, 0);
+                let take = g.b.ins().bor(better, first);
+                let best = g.b.ins().select(take, v, best);
+                let chosen = g.b.ins().select(take, at.j, chosen);
+                g.b.def_var(best_tail, best);
+                g.b.def_var(chosen_tail, chosen);
+                Ok(())
+            },
+        )?;
+        let (best, chosen) = (self.b.use_var(best_lanes), self.b.use_var(chosen_lanes));
+        let mut merged: Option<(Value, Value)> = None;
+        let lanes: Vec<(Value, Value)> = (0..self.lanes())
+            .map(|lane| {
+                let v = self.b.ins().extractlane(best, lane as u8);
+                let c = self.b.ins().extractlane(chosen, lane as u8);
+                let c = if ity.lane_type() == I32 {
+                    self.b.ins().sextend(I64, c)
+                } else {
+                    c
+                };
+                (v, c)
+            })
+            .collect();
+        let tail = (self.b.use_var(best_tail), self.b.use_var(chosen_tail));
+        for (v, c) in lanes.into_iter().chain([tail]) {
+            merged = Some(match merged {
+                None => (v, c),
+                Some((best, chosen)) => {
+                    let valid = self
+                        .b
+                        .ins()
+                        .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, c, 0);
+                    let unset = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, chosen, 0);
+                    let better = self.b.ins().fcmp(cc, v, best);
+                    let equal = self.b.ins().fcmp(FloatCC::Equal, v, best);
+                    let lower = self.b.ins().icmp(IntCC::SignedLessThan, c, chosen);
+                    let tie = self.b.ins().band(equal, lower);
+                    let wins = self.b.ins().bor(better, tie);
+                    let wins = self.b.ins().bor(wins, unset);
+                    let take = self.b.ins().band(valid, wins);
+                    let v = self.b.ins().select(take, v, best);
+                    let c = self.b.ins().select(take, c, chosen);
+                    (v, c)
+                }
+            });
+        }
+        merged
+            .map(|(_, chosen)| chosen)
+            .ok_or_else(|| internal("a vector of no lanes"))
     }
 
     /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
