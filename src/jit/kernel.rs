@@ -1132,26 +1132,37 @@ impl<'a, 'f> Gen<'a, 'f> {
                 self.b.def_var(chosen, none);
                 let min = op == ArgOp::Min;
                 self.each(&repr, &mut |g, at| {
-                    let v = g.member(body, at, &mut HashMap::new())?;
-                    let current = g.b.use_var(best);
-                    let index = g.b.use_var(chosen);
-                    let cc = if min {
-                        FloatCC::LessThan
-                    } else {
-                        FloatCC::GreaterThan
-                    };
-                    let better = g.b.ins().fcmp(cc, v, current);
-                    let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, index, 0);
-                    let take = g.b.ins().bor(better, first);
-                    let next_value = g.b.ins().select(take, v, current);
-                    let next_index = g.b.ins().select(take, at.j, index);
-                    g.b.def_var(best, next_value);
-                    g.b.def_var(chosen, next_index);
-                    Ok(())
+                    g.arg_step(body, at, min, (best, chosen))
                 })?;
                 Ok(self.b.use_var(chosen))
             }
         }
+    }
+
+    /// One member of a scalar `argmin` (`argmax`) loop: it becomes the choice if it is the
+    /// first member or strictly better than the best so far (`state`: best value, column).
+    pub(super) fn arg_step(
+        &mut self,
+        body: Handle<Expr>,
+        at: At,
+        min: bool,
+        (best, chosen): (Variable, Variable),
+    ) -> Result<()> {
+        let v = self.member(body, at, &mut HashMap::new())?;
+        let (current, index) = (self.b.use_var(best), self.b.use_var(chosen));
+        let cc = if min {
+            FloatCC::LessThan
+        } else {
+            FloatCC::GreaterThan
+        };
+        let better = self.b.ins().fcmp(cc, v, current);
+        let first = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, index, 0);
+        let take = self.b.ins().bor(better, first);
+        let next_value = self.b.ins().select(take, v, current);
+        let next_index = self.b.ins().select(take, at.j, index);
+        self.b.def_var(best, next_value);
+        self.b.def_var(chosen, next_index);
+        Ok(())
     }
 
     /// Writes the members of `set` and their values into the scratch buffers; returns the

@@ -881,18 +881,7 @@ impl Gen<'_, '_> {
                 g.b.def_var(chosen_lanes, chosen);
                 Ok(())
             },
-            &mut |g, at| {
-                let v = g.member(body, at, &mut HashMap::new())?;
-                let (best, chosen) = (g.b.use_var(best_tail), g.b.use_var(chosen_tail));
-                let better = g.b.ins().fcmp(cc, v, best);
-                let first = g.b.ins().icmp_imm_s(IntCC::SignedLessThan, chosen, 0);
-                let take = g.b.ins().bor(better, first);
-                let best = g.b.ins().select(take, v, best);
-                let chosen = g.b.ins().select(take, at.j, chosen);
-                g.b.def_var(best_tail, best);
-                g.b.def_var(chosen_tail, chosen);
-                Ok(())
-            },
+            &mut |g, at| g.arg_step(body, at, min, (best_tail, chosen_tail)),
         )?;
         let (best, chosen) = (self.b.use_var(best_lanes), self.b.use_var(chosen_lanes));
         let mut merged: Option<(Value, Value)> = None;
