@@ -1,9 +1,10 @@
 //! The interface between the runtime and the generated kernels.
 //!
 //! A kernel runs one pass of one block for one anchor:
-//! `kernel(args, anchor, lists, values, indices) -> status`. `args` points at a
-//! [`KernelArgs`] that the runtime fills per call; `lists` at one index buffer per set the
-//! kernel materialises (each as long as its set's column domain); `values` and `indices` at
+//! `kernel(args, anchor, buffers, values, indices) -> status`. `args` points at a
+//! [`KernelArgs`] that the runtime fills per call; `buffers` at the kernel's row buffers
+//! ([`RowBuffer`]: an index list per set it materialises, a float per column for values
+//! it keeps between loops), each as long as its column domain; `values` and `indices` at
 //! scratch buffers as long as the longest column domain, for the helpers that sort and
 //! sample. The status is a bit set of [`Status`] flags.
 
@@ -56,10 +57,29 @@ pub struct KernelArgs {
 pub type KernelFn = unsafe extern "C" fn(
     args: *const KernelArgs,
     anchor: u64,
-    lists: *const *mut u32,
+    buffers: *const *mut u8,
     values: *mut u8,
     indices: *mut u32,
 ) -> u32;
+
+/// A buffer of one row that the runtime gives each thread, one entry per column of a
+/// domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowBuffer {
+    /// Column indices (u32): the members of a set.
+    Indices(Domain),
+    /// One float of the run's type per column: a per-member value computed in one loop
+    /// and read in a later one.
+    Floats(Domain),
+}
+
+impl RowBuffer {
+    pub fn domain(self) -> Domain {
+        match self {
+            RowBuffer::Indices(d) | RowBuffer::Floats(d) => d,
+        }
+    }
+}
 
 /// Conditions a kernel reports instead of failing: the runtime then lets the interpreter
 /// evaluate the batch, which either finds the value well defined after all (the flag came

@@ -9,7 +9,7 @@
 //! is allocated: a triplet set is two nested loops.
 
 use super::CodegenError;
-use super::abi::{KernelArgs, Status, domain_slot};
+use super::abi::{KernelArgs, RowBuffer, Status, domain_slot};
 use super::math::MathBuilder;
 use crate::grad::{Scatter, ScatterTarget};
 use crate::ir::*;
@@ -34,8 +34,8 @@ pub struct PassLayout {
     /// The per-anchor values the pass stores, in slot order, with their width (1, or a
     /// histogram's number of nodes).
     pub outputs: Vec<(Handle<Expr>, usize)>,
-    /// The column domain of each index list the kernel materialises.
-    pub lists: Vec<Domain>,
+    /// The row buffers the kernel uses, in slot order.
+    pub buffers: Vec<RowBuffer>,
 }
 
 /// The helper functions imported into the function being built.
@@ -94,7 +94,9 @@ struct At {
 
 type Result<T> = std::result::Result<T, CodegenError>;
 
-/// Builds the kernel of one pass into `b`, whose function has the kernel signature.
+/// A log-sum-exp by its set and its per-member body.
+type LseKey = (Handle<Set>, Handle<Expr>);
+
 /// Builds the kernel of one pass over `block`: it stores `outputs` and runs the scatters
 /// `effects`. After an earlier pass over the block (`stored` is then what that stored),
 /// it loads which anchors are skipped and the per-anchor numbers in `stored`.
@@ -118,7 +120,7 @@ pub fn build(
             .iter()
             .map(|&h| (h, width(&plan.module, h)))
             .collect(),
-        lists: g.lists.clone(),
+        buffers: g.buffers.clone(),
     };
     g.b.seal_all_blocks();
     g.b.finalize(target);
@@ -168,7 +170,7 @@ struct Gen<'a, 'f> {
     helpers: Helpers,
     args: Value,
     anchor: Value,
-    lists_arg: Value,
+    buffers_arg: Value,
     values_arg: Value,
     indices_arg: Value,
     status: Variable,
@@ -177,7 +179,7 @@ struct Gen<'a, 'f> {
     /// Pointers to batch vectors.
     vectors: HashMap<Handle<Expr>, Value>,
     sets: HashMap<Handle<Set>, Repr>,
-    lists: Vec<Domain>,
+    buffers: Vec<RowBuffer>,
     matrix_rows: HashMap<Handle<Matrix>, Value>,
     /// Set sizes already counted.
     counts: HashMap<Handle<Set>, Value>,
@@ -207,6 +209,13 @@ struct Gen<'a, 'f> {
     pending_means: HashMap<Handle<Expr>, (Value, Handle<Set>)>,
     /// Sums reserved for the loop of a scatter over their set.
     reserved: HashSet<Handle<Expr>>,
+    /// The log-sum-exps (set, body) whose `exp(body - lse)` a scatter loop over the set
+    /// reads: their loop keeps each member's `exp(body - max)`.
+    softmax_wanted: HashSet<LseKey>,
+    /// For those computed: the buffer of `exp(body - max)` per column and `1 / sum`.
+    softmax_rows: HashMap<LseKey, (Value, Value)>,
+    /// In the loop being emitted: the `exp(body - lse)` read from such a buffer.
+    softmax_reads: HashMap<Handle<Expr>, (Value, Value)>,
     /// Whether the skip conditions are being computed (a mean computed then could flag an
     /// empty set of an anchor that is skipped).
     in_skips: bool,
@@ -243,14 +252,14 @@ impl<'a, 'f> Gen<'a, 'f> {
             helpers,
             args: params[0],
             anchor: params[1],
-            lists_arg: params[2],
+            buffers_arg: params[2],
             values_arg: params[3],
             indices_arg: params[4],
             status,
             row: HashMap::new(),
             vectors: HashMap::new(),
             sets: HashMap::new(),
-            lists: Vec::new(),
+            buffers: Vec::new(),
             matrix_rows: HashMap::new(),
             lists_of: HashMap::new(),
             counts: HashMap::new(),
@@ -265,6 +274,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             stored: HashSet::new(),
             pending_means: HashMap::new(),
             reserved: HashSet::new(),
+            softmax_wanted: HashSet::new(),
+            softmax_rows: HashMap::new(),
+            softmax_reads: HashMap::new(),
             in_skips: false,
         }
     }
@@ -1040,12 +1052,26 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let d = g.b.ins().fsub(v, m);
                     g.b.ins().fmul(d, d)
                 };
-                let squares = self.vector_reduce(repr, body, 0.0, &square_gap, &add)?;
+                let squares = self.vector_reduce(repr, body, 0.0, &square_gap, &add, None)?;
                 let variance = self.b.ins().fdiv(squares, count);
                 Ok(self.b.ins().sqrt(variance))
             }
             ReduceOp::Lse => {
                 let max = self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?;
+                // A pair set has no per-column buffer.
+                let kept = match repr {
+                    Repr::Range { space, .. }
+                    | Repr::List { space, .. }
+                    | Repr::Masked { space, .. }
+                        if self.softmax_wanted.contains(&(set, body)) =>
+                    {
+                        let cols = space
+                            .cols
+                            .ok_or_else(|| internal("a set without columns"))?;
+                        Some(self.new_buffer(RowBuffer::Floats(cols)))
+                    }
+                    _ => None,
+                };
                 let shifted_exp = |g: &mut Self, v: Value| {
                     let m = if g.b.func.dfg.value_type(v).is_vector() {
                         g.splat(max)
@@ -1055,7 +1081,12 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let d = g.b.ins().fsub(v, m);
                     g.math.exp(&mut g.b, d)
                 };
-                let total = self.vector_reduce(repr, body, 0.0, &shifted_exp, &add)?;
+                let total = self.vector_reduce(repr, body, 0.0, &shifted_exp, &add, kept)?;
+                if let Some(buffer) = kept {
+                    let one = self.fconst(1.0);
+                    let inverse = self.b.ins().fdiv(one, total);
+                    self.softmax_rows.insert((set, body), (buffer, inverse));
+                }
                 let ln = self.math.ln(&mut self.b, total);
                 let lse = self.b.ins().fadd(max, ln);
                 let inf = self.fconst(f64::INFINITY);
@@ -1200,9 +1231,14 @@ impl<'a, 'f> Gen<'a, 'f> {
     // ---- sets ------------------------------------------------------------------------------
 
     fn new_list(&mut self, domain: Domain) -> Value {
-        let slot = self.lists.len();
-        self.lists.push(domain);
-        self.load_ptr(self.lists_arg, slot)
+        self.new_buffer(RowBuffer::Indices(domain))
+    }
+
+    /// A row buffer of this thread: its address.
+    fn new_buffer(&mut self, buffer: RowBuffer) -> Value {
+        let slot = self.buffers.len();
+        self.buffers.push(buffer);
+        self.load_ptr(self.buffers_arg, slot)
     }
 
     fn set_repr(&mut self, set: Handle<Set>) -> Result<Repr> {
@@ -1629,6 +1665,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                 .ok_or_else(|| internal(format!("{h} was not prepared before its loop")));
         }
         if let Some(&v) = cache.get(&h) {
+            return Ok(v);
+        }
+        if let Some(&(buffer, inverse)) = self.softmax_reads.get(&h) {
+            let offset = self.b.ins().imul_imm_u(at.j, self.fb);
+            let addr = self.b.ins().iadd(buffer, offset);
+            let kept = self.b.ins().load(self.float, Self::flags(), addr, 0);
+            let v = self.b.ins().fmul(kept, inverse);
+            cache.insert(h, v);
             return Ok(v);
         }
         let (rows, cols) = (at.space.rows, at.space.cols);

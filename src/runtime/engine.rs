@@ -11,7 +11,7 @@ use super::tensors;
 use crate::grad::Gradient;
 use crate::interp::{self, Precision};
 use crate::ir::*;
-use crate::jit::abi::{KernelArgs, domain_slot};
+use crate::jit::abi::{KernelArgs, RowBuffer, domain_slot};
 use crate::jit::{CompiledPass, Kernels};
 use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2};
@@ -681,11 +681,11 @@ impl<'r, F: Real> Run<'r, F> {
             sizes: size_ptrs.as_ptr(),
             seed: self.seed,
         });
-        let list_lens: Vec<usize> = pass
+        let buffers: Vec<(RowBuffer, usize)> = pass
             .layout
-            .lists
+            .buffers
             .iter()
-            .map(|&d| lens[domain_slot(d)] as usize)
+            .map(|&b| (b, lens[domain_slot(b.domain())] as usize))
             .collect();
         let scratch = lens.iter().copied().max().unwrap_or(0) as usize;
         let threads = self.threads.min(rows.max(1));
@@ -696,27 +696,24 @@ impl<'r, F: Real> Run<'r, F> {
                 .step_by(chunk)
                 .map(|start| {
                     let args = &args;
-                    let list_lens = &list_lens;
+                    let buffers = &buffers;
                     scope.spawn(move || {
-                        let mut lists: Vec<Vec<u32>> =
-                            list_lens.iter().map(|&len| vec![0; len.max(1)]).collect();
-                        let list_ptrs: Vec<*mut u32> =
-                            lists.iter_mut().map(|l| l.as_mut_ptr()).collect();
+                        let row_buffers = RowBuffers::<F>::new(buffers);
                         let mut values = vec![F::ZERO; scratch.max(1)];
                         let mut indices = vec![0u32; scratch.max(1)];
                         let mut status = 0;
                         for anchor in start..(start + chunk).min(rows) {
                             // SAFETY: `args` points at tables that outlive the scope, sized
                             // for this module and batch as the kernel's layout requires;
-                            // each list and scratch buffer is as long as the domain it
-                            // holds indices of; anchors are split between threads, and a
+                            // each row buffer and scratch buffer is as long as the domain
+                            // it holds an entry per column of; anchors are split between threads, and a
                             // kernel writes only its anchor's outputs, skip flag and
                             // adjoint rows.
                             status |= unsafe {
                                 code(
                                     &args.0,
                                     anchor as u64,
-                                    list_ptrs.as_ptr(),
+                                    row_buffers.addresses.as_ptr(),
                                     values.as_mut_ptr() as *mut u8,
                                     indices.as_mut_ptr(),
                                 )
@@ -756,3 +753,41 @@ struct Shared(KernelArgs);
 // skip flags and adjoints, which each kernel writes at its own anchor only; the pass joins
 // every thread before the tables are touched again.
 unsafe impl Sync for Shared {}
+
+/// One thread's row buffers ([`RowBuffer`]), each as long as its domain (at least 1), and
+/// their addresses in slot order for the kernel.
+struct RowBuffers<F> {
+    _indices: Vec<Vec<u32>>,
+    _floats: Vec<Vec<F>>,
+    addresses: Vec<*mut u8>,
+}
+
+impl<F: Real> RowBuffers<F> {
+    fn new(buffers: &[(RowBuffer, usize)]) -> Self {
+        let (mut indices, mut floats) = (Vec::new(), Vec::new());
+        // A vector's heap block does not move when the vector does: the addresses stay
+        // valid as the vectors are kept below.
+        let addresses = buffers
+            .iter()
+            .map(|&(kind, len)| match kind {
+                RowBuffer::Indices(_) => {
+                    let mut list = vec![0u32; len.max(1)];
+                    let address = list.as_mut_ptr().cast::<u8>();
+                    indices.push(list);
+                    address
+                }
+                RowBuffer::Floats(_) => {
+                    let mut row = vec![F::ZERO; len.max(1)];
+                    let address = row.as_mut_ptr().cast::<u8>();
+                    floats.push(row);
+                    address
+                }
+            })
+            .collect();
+        RowBuffers {
+            _indices: indices,
+            _floats: floats,
+            addresses,
+        }
+    }
+}

@@ -5,22 +5,27 @@
 //!   the set that no weight needs share a loop: the `exp(-|x|)` of a softplus summed
 //!   forward and of its sigmoid scattered backward is computed once. These loops are
 //!   planned before anything is emitted, so that their sums are not taken by the next rule.
+//! - A scatter weight `exp(z - lse(S, z))` over the set `S` itself (the adjoint of a
+//!   log-sum-exp: a softmax) reads `exp(z - max)`, kept per column by the log-sum-exp's
+//!   own loop, times `1 / sum`: one exponential per member instead of two.
 //! - A reduction on lanes (a count, sum, mean, minimum or maximum) takes along every other
 //!   such reduction over its set that the pass needs and that depends on none of them.
 
 use super::vector::{Fold, LaneScatter};
-use super::{Gen, Repr, Result, Status, internal};
+use super::{Gen, LseKey, Repr, Result, Status, internal};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
 use std::collections::HashSet;
 
-/// The scatters over one set and the sums that go into their loop.
+/// The scatters over one set, the sums that go into their loop, and the softmax weights
+/// `exp(z - lse(set, z))` their weights read (each with the log-sum-exp's set and `z`).
 pub(super) struct ScatterLoop {
     set: Handle<Set>,
     effects: Vec<usize>,
     sums: Vec<(Handle<Expr>, ReduceOp, Handle<Expr>)>,
+    softmax: Vec<(Handle<Expr>, LseKey)>,
 }
 
 impl Gen<'_, '_> {
@@ -41,6 +46,7 @@ impl Gen<'_, '_> {
                     set,
                     effects: vec![effect],
                     sums: Vec::new(),
+                    softmax: Vec::new(),
                 }),
             }
         }
@@ -54,8 +60,45 @@ impl Gen<'_, '_> {
                 })
                 .collect();
             self.reserved.extend(group.sums.iter().map(|&(h, _, _)| h));
+            group.softmax = weight_needs
+                .iter()
+                .filter_map(|&h| Some((h, self.softmax_of(h)?)))
+                .filter(|&(_, (set, _))| set == group.set)
+                .collect();
+            self.softmax_wanted
+                .extend(group.softmax.iter().map(|&(_, key)| key));
         }
         loops
+    }
+
+    /// The set and body of the log-sum-exp `l` when `h` is `exp(z - l)` and `l` is
+    /// `lse(set, z)` over a row of this block.
+    fn softmax_of(&self, h: Handle<Expr>) -> Option<LseKey> {
+        let exprs = &self.module.exprs;
+        let ExprKind::Unary {
+            op: UnaryOp::Exp,
+            arg,
+        } = exprs[h].kind
+        else {
+            return None;
+        };
+        let ExprKind::Binary {
+            op: BinaryOp::Sub,
+            lhs: z,
+            rhs: lse,
+        } = exprs[arg].kind
+        else {
+            return None;
+        };
+        match exprs[lse].kind {
+            ExprKind::Reduce {
+                op: ReduceOp::Lse,
+                set,
+                body,
+                scope: Scope::Row(block),
+            } if body == z && block == self.block => Some((set, body)),
+            _ => None,
+        }
     }
 
     /// Emits the planned scatter loops whose weights and sums evaluate on lanes; returns
@@ -97,8 +140,15 @@ impl Gen<'_, '_> {
                     side,
                 });
             }
+            for &(exp, key) in &group.softmax {
+                if let Some(&row) = self.softmax_rows.get(&key) {
+                    self.softmax_reads.insert(exp, row);
+                }
+            }
             let folds: Vec<Fold> = bodies.iter().map(|&b| Fold::Sum(b)).collect();
-            let totals = self.vector_loop(&repr, &folds, &scatters)?;
+            let totals = self.vector_loop(&repr, &folds, &scatters);
+            self.softmax_reads.clear();
+            let totals = totals?;
             for (&(h, op, _), total) in group.sums.iter().zip(totals) {
                 let value = self.finish_sum(op, group.set, &repr, total)?;
                 self.row.insert(h, value);

@@ -294,27 +294,17 @@ impl Gen<'_, '_> {
             cache.insert(h, v);
             return Ok(v);
         }
+        if let Some(&(buffer, inverse)) = self.softmax_reads.get(&h) {
+            let kept = self.load_lanes(buffer, at)?;
+            let inverse = self.splat(inverse);
+            let v = self.b.ins().fmul(kept, inverse);
+            cache.insert(h, v);
+            return Ok(v);
+        }
         let v = match e.kind {
             ExprKind::Entry(m) => {
                 let row = self.matrix_rows[&m];
-                let ty = self.vector_type();
-                if at.contiguous {
-                    let offset = self.b.ins().imul_imm_u(at.first, self.fb);
-                    let addr = self.b.ins().iadd(row, offset);
-                    self.b.ins().load(ty, Self::vector_flags(), addr, 0)
-                } else {
-                    let mut vector = None;
-                    for (lane, &j) in at.cols.iter().enumerate() {
-                        let offset = self.b.ins().imul_imm_u(j, self.fb);
-                        let addr = self.b.ins().iadd(row, offset);
-                        let x = self.b.ins().load(self.float, Self::flags(), addr, 0);
-                        vector = Some(match vector {
-                            None => self.b.ins().scalar_to_vector(ty, x),
-                            Some(v) => self.b.ins().insertlane(v, x, lane as u8),
-                        });
-                    }
-                    vector.ok_or_else(|| internal("a vector of no lanes"))?
-                }
+                self.load_lanes(row, at)?
             }
             ExprKind::Same => {
                 let space = self.member_space(h, at);
@@ -470,6 +460,43 @@ impl Gen<'_, '_> {
         };
         cache.insert(h, v);
         Ok(v)
+    }
+
+    /// The floats of a row (`base`, one per column) at the lanes' columns.
+    fn load_lanes(&mut self, base: Value, at: &VAt) -> Result<Value> {
+        let ty = self.vector_type();
+        if at.contiguous {
+            let offset = self.b.ins().imul_imm_u(at.first, self.fb);
+            let addr = self.b.ins().iadd(base, offset);
+            return Ok(self.b.ins().load(ty, Self::vector_flags(), addr, 0));
+        }
+        let mut vector = None;
+        for (lane, &j) in at.cols.iter().enumerate() {
+            let offset = self.b.ins().imul_imm_u(j, self.fb);
+            let addr = self.b.ins().iadd(base, offset);
+            let x = self.b.ins().load(self.float, Self::flags(), addr, 0);
+            vector = Some(match vector {
+                None => self.b.ins().scalar_to_vector(ty, x),
+                Some(v) => self.b.ins().insertlane(v, x, lane as u8),
+            });
+        }
+        vector.ok_or_else(|| internal("a vector of no lanes"))
+    }
+
+    /// Stores the lanes of `v` into a row (`base`, one float per column) at their columns.
+    fn store_lanes(&mut self, base: Value, at: &VAt, v: Value) {
+        if at.contiguous {
+            let offset = self.b.ins().imul_imm_u(at.first, self.fb);
+            let addr = self.b.ins().iadd(base, offset);
+            self.b.ins().store(Self::vector_flags(), v, addr, 0);
+            return;
+        }
+        for (lane, &j) in at.cols.iter().enumerate() {
+            let x = self.b.ins().extractlane(v, lane as u8);
+            let offset = self.b.ins().imul_imm_u(j, self.fb);
+            let addr = self.b.ins().iadd(base, offset);
+            self.b.ins().store(Self::flags(), x, addr, 0);
+        }
     }
 
     /// `a ^ c` on lanes, as the scalar `power` does it.
@@ -635,6 +662,7 @@ impl Gen<'_, '_> {
 
     /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
     /// tail; returns the reduced scalar. `map` and `combine` take values of either width.
+    /// With `kept` (a row buffer), each member's `map(body)` is also stored at its column.
     pub(super) fn vector_reduce(
         &mut self,
         repr: &Repr,
@@ -642,6 +670,7 @@ impl Gen<'_, '_> {
         start: f64,
         map: &dyn Fn(&mut Self, Value) -> Value,
         combine: &dyn Fn(&mut Self, Value, Value) -> Value,
+        kept: Option<Value>,
     ) -> Result<Value> {
         let vty = self.vector_type();
         let vacc = self.b.declare_var(vty);
@@ -657,6 +686,10 @@ impl Gen<'_, '_> {
             &mut |g, at| {
                 let v = g.vmember(body, at, &mut HashMap::new())?;
                 let mut v = map(g, v);
+                if let Some(buffer) = kept {
+                    // Masked lanes too: their columns are not read.
+                    g.store_lanes(buffer, at, v);
+                }
                 if let Some(mask) = at.mask {
                     let identity = g.vconst(start);
                     v = g.vselect(mask, v, identity);
@@ -669,6 +702,11 @@ impl Gen<'_, '_> {
             &mut |g, at| {
                 let v = g.member(body, at, &mut HashMap::new())?;
                 let v = map(g, v);
+                if let Some(buffer) = kept {
+                    let offset = g.b.ins().imul_imm_u(at.j, g.fb);
+                    let addr = g.b.ins().iadd(buffer, offset);
+                    g.b.ins().store(Self::flags(), v, addr, 0);
+                }
                 let current = g.b.use_var(acc);
                 let next = combine(g, current, v);
                 g.b.def_var(acc, next);
