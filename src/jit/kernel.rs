@@ -214,6 +214,8 @@ struct Gen<'a, 'f> {
     softmax_wanted: HashSet<LseKey>,
     /// For those computed: the buffer of `exp(body - max)` per column and `1 / sum`.
     softmax_rows: HashMap<LseKey, (Value, Value)>,
+    /// The maxima of log-sum-exps that a fused loop computed ahead of their own loop.
+    lse_max: HashMap<LseKey, Value>,
     /// In the loop being emitted: the `exp(body - lse)` read from such a buffer.
     softmax_reads: HashMap<Handle<Expr>, (Value, Value)>,
     /// Whether the skip conditions are being computed (a mean computed then could flag an
@@ -277,6 +279,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             softmax_wanted: HashSet::new(),
             softmax_rows: HashMap::new(),
             softmax_reads: HashMap::new(),
+            lse_max: HashMap::new(),
             in_skips: false,
         }
     }
@@ -1057,7 +1060,10 @@ impl<'a, 'f> Gen<'a, 'f> {
                 Ok(self.b.ins().sqrt(variance))
             }
             ReduceOp::Lse => {
-                let max = self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?;
+                let max = match self.lse_max.get(&(set, body)) {
+                    Some(&max) => max,
+                    None => self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?,
+                };
                 // A pair set has no per-column buffer.
                 let kept = match repr {
                     Repr::Range { space, .. }

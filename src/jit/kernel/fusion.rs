@@ -9,7 +9,8 @@
 //!   log-sum-exp: a softmax) reads `exp(z - max)`, kept per column by the log-sum-exp's
 //!   own loop, times `1 / sum`: one exponential per member instead of two.
 //! - A reduction on lanes (a count, sum, mean, minimum or maximum) takes along every other
-//!   such reduction over its set that the pass needs and that depends on none of them.
+//!   such reduction over its set that the pass needs and that depends on none of them, and
+//!   the maximum that each log-sum-exp over the set is shifted by.
 
 use super::vector::{Fold, LaneScatter};
 use super::{Gen, LseKey, Repr, Result, Status, internal};
@@ -204,6 +205,15 @@ impl Gen<'_, '_> {
         }
         let mut asked = None;
         for (sibling, op, body) in members {
+            if let (Some(_), ReduceOp::Lse, Some(body)) = (sibling, op, body) {
+                let fold = Fold::Max(body);
+                let at = folds
+                    .iter()
+                    .position(|&f| f == fold)
+                    .ok_or_else(|| internal("a log-sum-exp without its maximum"))?;
+                self.lse_max.insert((set, body), results[at]);
+                continue;
+            }
             let value = match fold_of(op, body) {
                 // The count asked for is the set's size; a sibling count is a number.
                 None if sibling.is_none() => self.counts[&set],
@@ -255,8 +265,9 @@ impl Gen<'_, '_> {
         Ok(self.b.ins().fdiv(total, n))
     }
 
-    /// The counts, sums, means, minima and maxima over `set` in this block that the pass
-    /// needs, not computed yet, and whose bodies depend on no reduction over the set.
+    /// The counts, sums, means, minima, maxima and log-sum-exps over `set` in this block
+    /// that the pass needs, not computed yet, and whose bodies depend on no reduction over
+    /// the set.
     fn set_reductions(
         &self,
         set: Handle<Set>,
@@ -274,7 +285,12 @@ impl Gen<'_, '_> {
             };
             let fold = matches!(
                 op,
-                ReduceOp::Count | ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Min | ReduceOp::Max
+                ReduceOp::Count
+                    | ReduceOp::Sum
+                    | ReduceOp::Mean
+                    | ReduceOp::Min
+                    | ReduceOp::Max
+                    | ReduceOp::Lse
             );
             let over_set = |x: Handle<Expr>| {
                 matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set)
@@ -291,7 +307,8 @@ fn fold_of(op: ReduceOp, body: Option<Handle<Expr>>) -> Option<Fold> {
     match (op, body) {
         (ReduceOp::Sum | ReduceOp::Mean, Some(b)) => Some(Fold::Sum(b)),
         (ReduceOp::Min, Some(b)) => Some(Fold::Min(b)),
-        (ReduceOp::Max, Some(b)) => Some(Fold::Max(b)),
+        // A log-sum-exp's loop needs its maximum first.
+        (ReduceOp::Max | ReduceOp::Lse, Some(b)) => Some(Fold::Max(b)),
         _ => None,
     }
 }
