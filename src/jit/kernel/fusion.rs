@@ -12,13 +12,17 @@
 //!   such reduction over its set that the pass needs and that depends on none of them, and
 //!   the maximum that each log-sum-exp over the set is shifted by.
 
-use super::vector::{Fold, LaneScatter};
+use super::vector::{Fold, Guarded, LaneScatter};
 use super::{Gen, LseKey, Repr, Result, Status, internal};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
 use std::collections::HashSet;
+
+/// A set whose reductions join a loop, and the condition its members meet in the loop
+/// (`None`: every member of the loop).
+type LoopSet = (Handle<Set>, Option<Handle<Expr>>);
 
 /// The scatters over one set, the sums that go into their loop, and the softmax weights
 /// `exp(z - lse(set, z))` their weights read (each with the log-sum-exp's set and `z`).
@@ -146,7 +150,7 @@ impl Gen<'_, '_> {
                     self.softmax_reads.insert(exp, row);
                 }
             }
-            let folds: Vec<Fold> = bodies.iter().map(|&b| Fold::Sum(b)).collect();
+            let folds: Vec<Guarded> = bodies.iter().map(|&b| (Fold::Sum(b), None)).collect();
             let totals = self.vector_loop(&repr, &folds, &scatters);
             self.softmax_reads.clear();
             let totals = totals?;
@@ -160,10 +164,11 @@ impl Gen<'_, '_> {
     }
 
     /// A count, sum, mean, minimum or maximum over `set` (`body` is `None` for a count),
-    /// computed on lanes in one loop with the set's other such reductions that the pass
-    /// needs, that are not reserved for a scatter's loop and that depend on no reduction
-    /// over the set. The others' values go to [`Self::row`]; a count also to the set's
-    /// cached size. Returns the value asked for (a count as an i64).
+    /// computed on lanes in one loop with the other such reductions over the set, and over
+    /// its parent when the set is the parent's masked row under one more condition, that
+    /// the pass needs, that are not reserved for a scatter's loop and that depend on no
+    /// reduction of the loop. The others' values go to [`Self::row`]; a count also to its
+    /// set's cached size. Returns the value asked for (a count as an i64).
     pub(super) fn fused_reduce(
         &mut self,
         op: ReduceOp,
@@ -171,68 +176,90 @@ impl Gen<'_, '_> {
         repr: &Repr,
         body: Option<Handle<Expr>>,
     ) -> Result<Value> {
-        // (the expression, when a sibling; its operation; its body)
-        let mut members = vec![(None, op, body)];
-        for (h, other_op, other_body) in self.set_reductions(set).collect::<Vec<_>>() {
-            let same = other_op == op && (op == ReduceOp::Count || Some(other_body) == body);
-            let readable = other_op == ReduceOp::Count || self.lanes_can_read(repr, other_body);
-            if !same && readable && !self.reserved.contains(&h) {
-                members.push((Some(h), other_op, Some(other_body)));
+        let (loop_repr, sets) = self.fusion_scope(set, repr);
+        let condition_of =
+            |s: Handle<Set>| sets.iter().find(|&&(t, _)| t == s).and_then(|&(_, c)| c);
+        let in_loop = |module: &Module, x: Handle<Expr>| matches!(module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if sets.iter().any(|&(t, _)| t == s));
+        // (the expression, when a sibling; its set; its operation; its body)
+        let mut members = vec![(None, set, op, body)];
+        for &(over, _) in &sets {
+            for (h, other_op, other_body) in self.set_reductions(over).collect::<Vec<_>>() {
+                let same = over == set
+                    && other_op == op
+                    && (op == ReduceOp::Count || Some(other_body) == body);
+                let readable =
+                    other_op == ReduceOp::Count || self.lanes_can_read(&loop_repr, other_body);
+                let independent = !dependencies(self.module, [Node::Expr(other_body)])
+                    .into_iter()
+                    .any(|x| in_loop(self.module, x));
+                if !same && readable && independent && !self.reserved.contains(&h) {
+                    members.push((Some(h), over, other_op, Some(other_body)));
+                }
             }
         }
-        let needs_count = !self.counts.contains_key(&set)
-            && members
+        let mut folds: Vec<Guarded> = Vec::new();
+        for &(over, condition) in &sets {
+            let counted = members
                 .iter()
-                .any(|&(_, op, _)| matches!(op, ReduceOp::Mean | ReduceOp::Count));
-        let mut folds = Vec::new();
-        if needs_count {
-            folds.push(Fold::Count);
+                .any(|&(_, s, op, _)| s == over && matches!(op, ReduceOp::Mean | ReduceOp::Count));
+            if counted && !self.counts.contains_key(&over) {
+                folds.push((Fold::Count, condition));
+            }
+            if let Some(condition) = condition {
+                self.prepare(condition)?;
+            }
         }
-        for &(_, op, body) in &members {
+        for &(_, over, op, body) in &members {
             let Some(fold) = fold_of(op, body) else {
                 continue;
             };
             if let Some(body) = fold.body() {
                 self.prepare(body)?;
             }
-            if !folds.contains(&fold) {
-                folds.push(fold);
+            let guarded = (fold, condition_of(over));
+            if !folds.contains(&guarded) {
+                folds.push(guarded);
             }
         }
-        let results = self.vector_loop(repr, &folds, &[])?;
-        if needs_count {
-            self.counts.insert(set, results[0]);
+        let results = self.vector_loop(&loop_repr, &folds, &[])?;
+        let result_of = |fold: Fold, over: Handle<Set>| {
+            folds
+                .iter()
+                .position(|&f| f == (fold, condition_of(over)))
+                .map(|at| results[at])
+                .ok_or_else(|| internal("a reduction without its fold"))
+        };
+        for &(over, _) in &sets {
+            if let Ok(n) = result_of(Fold::Count, over) {
+                self.counts.entry(over).or_insert(n);
+            }
         }
         let mut asked = None;
-        for (sibling, op, body) in members {
+        for (sibling, over, op, body) in members {
             if let (Some(_), ReduceOp::Lse, Some(body)) = (sibling, op, body) {
-                let fold = Fold::Max(body);
-                let at = folds
-                    .iter()
-                    .position(|&f| f == fold)
-                    .ok_or_else(|| internal("a log-sum-exp without its maximum"))?;
-                self.lse_max.insert((set, body), results[at]);
+                let max = result_of(Fold::Max(body), over)?;
+                self.lse_max.insert((over, body), max);
                 continue;
             }
             let value = match fold_of(op, body) {
                 // The count asked for is the set's size; a sibling count is a number.
-                None if sibling.is_none() => self.counts[&set],
+                None if sibling.is_none() => self.counts[&over],
                 None => {
-                    let n = self.counts[&set];
+                    let n = self.counts[&over];
                     self.index_to_float(n)
                 }
                 Some(fold) => {
-                    let at = folds
-                        .iter()
-                        .position(|&f| f == fold)
-                        .ok_or_else(|| internal("a reduction without its fold"))?;
+                    let total = result_of(fold, over)?;
                     match sibling {
                         Some(h) if op == ReduceOp::Mean && self.in_skips => {
                             // Divided (and an empty set flagged) once the anchor is kept.
-                            self.pending_means.insert(h, (results[at], set));
+                            self.pending_means.insert(h, (total, over));
                             continue;
                         }
-                        _ => self.finish_sum(op, set, repr, results[at])?,
+                        _ => {
+                            let over_repr = if over == set { repr } else { &loop_repr };
+                            self.finish_sum(op, over, over_repr, total)?
+                        }
                     }
                 }
             };
@@ -244,6 +271,49 @@ impl Gen<'_, '_> {
             }
         }
         asked.ok_or_else(|| internal("a fused reduction without its value"))
+    }
+
+    /// The loop a reduction over `set` runs in, and the sets whose reductions can join it,
+    /// each with the condition its members meet in that loop. When `set` is a masked row
+    /// that its parent's masked row with one more condition (`hard_neg = neg where ...`),
+    /// the loop is the parent's: the parent's reductions join with no condition and the
+    /// set's with that one, provided it depends on no reduction over the parent.
+    fn fusion_scope(
+        &self,
+        set: Handle<Set>,
+        repr: &Repr,
+    ) -> (Repr, Vec<LoopSet>) {
+        let alone = (repr.clone(), vec![(set, None)]);
+        let SetKind::Filter { base, predicate } = self.module.sets[set].kind else {
+            return alone;
+        };
+        let (
+            Repr::Masked { cols, preds, space },
+            Some(
+                parent @ Repr::Masked {
+                    cols: parent_cols,
+                    preds: parent_preds,
+                    space: parent_space,
+                },
+            ),
+        ) = (repr, self.sets.get(&base))
+        else {
+            return alone;
+        };
+        let extends = preds.split_last() == Some((&predicate, parent_preds.as_slice()));
+        let over_parent = |x: Handle<Expr>| matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == base);
+        let independent = !dependencies(self.module, [Node::Expr(predicate)])
+            .into_iter()
+            .any(over_parent);
+        if cols != parent_cols
+            || space != parent_space
+            || !extends
+            || !independent
+            || !self.lanes_can_read(parent, predicate)
+        {
+            return alone;
+        }
+        (parent.clone(), vec![(set, Some(predicate)), (base, None)])
     }
 
     /// A reduction's value from its fold: a mean divides by the set's size (and flags an

@@ -11,6 +11,7 @@ use crate::ir::*;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_frontend::Variable;
 use std::collections::HashMap;
 
 /// Where a vector of members is evaluated: the position of its first member in the set,
@@ -52,6 +53,10 @@ impl Fold {
         }
     }
 }
+
+/// A fold in a loop: over every member, or (`Some(condition)`) over the members that also
+/// meet one more condition: a reduction over a subset taken in its parent set's loop.
+pub(super) type Guarded = (Fold, Option<Handle<Expr>>);
 
 /// The left member of a cross set whose pairs a vector loop visits, the pairs' conditions
 /// and space.
@@ -728,19 +733,20 @@ impl Gen<'_, '_> {
         Ok(combine(self, total, tail))
     }
 
-    /// One loop over the members of `repr` that computes each of `folds` and adds the
-    /// weight of each of `scatters` into its adjoint row. Returns the folds' results, each
+    /// One loop over the members of `repr` that computes each of `folds` (each over the
+    /// members that meet its condition, if any) and adds the weight of each of `scatters`
+    /// into its adjoint row. Returns the folds' results, each
     /// combined as [`Self::vector_reduce`] does (lanes in order, then the tail); a count as
     /// an i64.
     pub(super) fn vector_loop(
         &mut self,
         repr: &Repr,
-        folds: &[Fold],
+        folds: &[Guarded],
         scatters: &[LaneScatter],
     ) -> Result<Vec<Value>> {
         let vty = self.vector_type();
         let mut accumulators = Vec::with_capacity(folds.len());
-        for fold in folds {
+        for (fold, _) in folds {
             let lanes = self.b.declare_var(vty);
             let start = self.vconst(fold.identity());
             self.b.def_var(lanes, start);
@@ -758,7 +764,7 @@ impl Gen<'_, '_> {
         };
         let skip_empty = folds
             .iter()
-            .filter_map(|f| f.body())
+            .filter_map(|(f, _)| f.body())
             .chain(scatters.iter().map(|s| s.weight))
             .any(|h| self.costly(h));
         self.each_vector(
@@ -768,12 +774,20 @@ impl Gen<'_, '_> {
                 // One cache for the whole body: what the folds and the weights share is
                 // computed once.
                 let mut cache = HashMap::new();
-                for (fold, &(lanes, _)) in folds.iter().zip(&accumulators) {
+                for ((fold, only), &(lanes, _)) in folds.iter().zip(&accumulators) {
                     let mut v = match fold.body() {
                         Some(body) => g.vmember(body, at, &mut cache)?,
                         None => g.vconst(1.0),
                     };
-                    if let Some(mask) = at.mask {
+                    let only = match only {
+                        Some(condition) => Some(g.vmember(*condition, at, &mut cache)?),
+                        None => None,
+                    };
+                    let mask = match (at.mask, only) {
+                        (Some(a), Some(b)) => Some(g.b.ins().band(a, b)),
+                        (a, b) => a.or(b),
+                    };
+                    if let Some(mask) = mask {
                         let identity = g.vconst(fold.identity());
                         v = g.vselect(mask, v, identity);
                     }
@@ -813,14 +827,15 @@ impl Gen<'_, '_> {
             },
             &mut |g, at| {
                 let mut cache = HashMap::new();
-                for (fold, &(_, tail)) in folds.iter().zip(&accumulators) {
-                    let v = match fold.body() {
-                        Some(body) => g.member(body, at, &mut cache)?,
-                        None => g.fconst(1.0),
-                    };
-                    let current = g.b.use_var(tail);
-                    let next = g.fold_step(*fold, current, v);
-                    g.b.def_var(tail, next);
+                for (&(fold, only), &(_, tail)) in folds.iter().zip(&accumulators) {
+                    match only {
+                        // What is computed under the condition is not shared: it would not
+                        // dominate the rest of the body.
+                        Some(condition) => g.when_all(&[condition], at, &mut |g| {
+                            g.fold_member(fold, tail, at, &mut HashMap::new())
+                        })?,
+                        None => g.fold_member(fold, tail, at, &mut cache)?,
+                    }
                 }
                 for scatter in scatters {
                     let w = g.member(scatter.weight, at, &mut cache)?;
@@ -836,7 +851,7 @@ impl Gen<'_, '_> {
             },
         )?;
         let mut results = Vec::with_capacity(folds.len());
-        for (fold, (lanes, tail)) in folds.iter().zip(accumulators) {
+        for ((fold, _), (lanes, tail)) in folds.iter().zip(accumulators) {
             let lanes = self.b.use_var(lanes);
             let tail = self.b.use_var(tail);
             let parts: Vec<Value> = (0..self.lanes())
@@ -861,6 +876,24 @@ impl Gen<'_, '_> {
             results.push(result);
         }
         Ok(results)
+    }
+
+    /// One member's step of a fold into the scalar accumulator `tail`.
+    fn fold_member(
+        &mut self,
+        fold: Fold,
+        tail: Variable,
+        at: At,
+        cache: &mut HashMap<Handle<Expr>, Value>,
+    ) -> Result<()> {
+        let v = match fold.body() {
+            Some(body) => self.member(body, at, cache)?,
+            None => self.fconst(1.0),
+        };
+        let current = self.b.use_var(tail);
+        let next = self.fold_step(fold, current, v);
+        self.b.def_var(tail, next);
+        Ok(())
     }
 
     /// One step of a fold, on values of either width.
