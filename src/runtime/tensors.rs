@@ -336,27 +336,28 @@ fn metric_backward<F: Real>(
             None => {
                 // Fixed blocks of rows on the threads; their column sums are added in
                 // block order, so the result does not depend on the thread count.
+                let width = g.ncols();
                 let blocks = g.nrows().div_ceil(DISTANCE_ROWS);
-                let mut block_cols = vec![vec![F::ZERO; g.ncols()]; blocks];
-                let tasks: Vec<_> = g
-                    .axis_chunks_iter_mut(NdAxis(0), DISTANCE_ROWS)
-                    .zip(value.axis_chunks_iter(NdAxis(0), DISTANCE_ROWS))
+                let mut block_cols = vec![vec![F::ZERO; width]; blocks];
+                let g_data = g
+                    .as_slice_mut()
+                    .expect("adjoints are allocated in standard layout");
+                let d_data = value
+                    .as_slice()
+                    .expect("pair matrices are allocated in standard layout");
+                let tasks: Vec<_> = g_data
+                    .chunks_mut(width * DISTANCE_ROWS)
+                    .zip(d_data.chunks(width * DISTANCE_ROWS))
                     .zip(rows.chunks_mut(DISTANCE_ROWS))
                     .zip(block_cols.iter_mut())
                     .collect();
                 gemm::run_tasks(
                     tasks,
                     threads,
-                    |(((mut g_rows, d_rows), row_sums), col_sums)| {
-                        let pairs = g_rows.rows_mut().into_iter().zip(d_rows.rows());
-                        for ((mut g_row, d_row), row_sum) in pairs.zip(row_sums) {
-                            let entries = g_row.iter_mut().zip(d_row).zip(col_sums.iter_mut());
-                            for ((w, &d), col) in entries {
-                                let dq = dq(*w, d);
-                                *row_sum = *row_sum + dq;
-                                *col = *col + dq;
-                                *w = -two * dq;
-                            }
+                    |(((g_rows, d_rows), row_sums), col_sums)| {
+                        let pairs = g_rows.chunks_mut(width).zip(d_rows.chunks(width));
+                        for ((g_row, d_row), row_sum) in pairs.zip(row_sums) {
+                            *row_sum = distance_adjoint_row(g_row, d_row, col_sums, &dq);
                         }
                     },
                 );
@@ -403,6 +404,43 @@ fn metric_backward<F: Real>(
             threads,
         );
     }
+}
+
+/// One row of the distance adjoint's dense pass: each entry `w` of `g` becomes `-2 dq(w, d)`
+/// and `dq` is added into `cols`; returns the row's sum of `dq`. Eight running sums,
+/// combined in a fixed order at the end, let the loop run on vector lanes.
+fn distance_adjoint_row<F: Real>(
+    g: &mut [F],
+    d: &[F],
+    cols: &mut [F],
+    dq: &impl Fn(F, F) -> F,
+) -> F {
+    const LANES: usize = 8;
+    let minus_two = F::from_f64(-2.0);
+    let mut partial = [F::ZERO; LANES];
+    let mut g_chunks = g.chunks_exact_mut(LANES);
+    let mut d_chunks = d.chunks_exact(LANES);
+    let mut col_chunks = cols.chunks_exact_mut(LANES);
+    for ((g, d), cols) in (&mut g_chunks).zip(&mut d_chunks).zip(&mut col_chunks) {
+        for lane in 0..LANES {
+            let q = dq(g[lane], d[lane]);
+            partial[lane] = partial[lane] + q;
+            cols[lane] = cols[lane] + q;
+            g[lane] = minus_two * q;
+        }
+    }
+    let mut total = partial.into_iter().fold(F::ZERO, |a, b| a + b);
+    let tail = g_chunks.into_remainder().iter_mut();
+    for ((g, &d), col) in tail
+        .zip(d_chunks.remainder())
+        .zip(col_chunks.into_remainder())
+    {
+        let q = dq(*g, d);
+        total = total + q;
+        *col = *col + q;
+        *g = minus_two * q;
+    }
+    total
 }
 
 /// From a derived tensor's adjoint to its source's.

@@ -278,11 +278,7 @@ impl Gen<'_, '_> {
     /// that its parent's masked row with one more condition (`hard_neg = neg where ...`),
     /// the loop is the parent's: the parent's reductions join with no condition and the
     /// set's with that one, provided it depends on no reduction over the parent.
-    fn fusion_scope(
-        &self,
-        set: Handle<Set>,
-        repr: &Repr,
-    ) -> (Repr, Vec<LoopSet>) {
+    fn fusion_scope(&self, set: Handle<Set>, repr: &Repr) -> (Repr, Vec<LoopSet>) {
         let alone = (repr.clone(), vec![(set, None)]);
         let SetKind::Filter { base, predicate } = self.module.sets[set].kind else {
             return alone;
