@@ -239,7 +239,8 @@ impl<'m> Interp<'m> {
                 tensor_cache[h.index()] = Some(value.clone());
             }
         }
-        let groups = evaluate_groupings(module, batch, |tensor, groups| {
+        // The reference evaluator runs on one thread (k-means gives the same on any).
+        let groups = evaluate_groupings(module, batch, 1, |tensor, groups| {
             tensors::compute_all(
                 module,
                 &x,

@@ -319,7 +319,7 @@ impl Loss {
             seed: 0,
         };
         let module = &self.backward.module;
-        let Ok(groups) = batch_groupings(module, &batch) else {
+        let Ok(groups) = batch_groupings(module, &batch, threads) else {
             return f64::NAN;
         };
         let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, None) else {
@@ -371,13 +371,24 @@ impl Loss {
 fn batch_groupings<F: Real>(
     module: &Module,
     batch: &Batch<'_, F>,
+    threads: usize,
 ) -> Result<Vec<GroupValues>, RunError> {
-    evaluate_groupings(module, batch, |tensor, groups| {
-        match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor), None) {
+    evaluate_groupings(
+        module,
+        batch,
+        threads,
+        |tensor, groups| match tensors::tensors(
+            module,
+            batch.x,
+            groups,
+            batch.seed,
+            Some(tensor),
+            None,
+        ) {
             Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
             Err(_) => Array2::zeros((0, 0)),
-        }
-    })
+        },
+    )
     .map_err(RunError::from)
 }
 
@@ -407,7 +418,7 @@ impl<'r, F: Real> Run<'r, F> {
         workspace: &mut Workspace<F>,
     ) -> Result<Self, RunError> {
         let module = &plan.module;
-        let groups = batch_groupings(module, batch)?;
+        let groups = batch_groupings(module, batch, threads)?;
         let mut stages = Stages::default();
         let started = Instant::now();
         let spare = workspace.embedding.take();

@@ -69,10 +69,11 @@ pub enum GroupError {
 }
 
 /// Evaluates every grouping of the module. `features` gives the values of a tensor (the
-/// k-means features), computed by the caller's backend.
+/// k-means features), computed by the caller's backend; k-means runs on `threads`.
 pub fn evaluate_groupings<F: Real>(
     module: &Module,
     batch: &Batch<'_, F>,
+    threads: usize,
     mut features: impl FnMut(Handle<Tensor>, &[GroupValues]) -> Array2<f64>,
 ) -> Result<Vec<GroupValues>, GroupError> {
     let mut values: Vec<GroupValues> = Vec::with_capacity(module.groupings.len());
@@ -89,7 +90,7 @@ pub fn evaluate_groupings<F: Real>(
                 site,
             } => {
                 let points = features(*tensor, &values);
-                let assignment = kmeans(points.view(), *clusters, mix(batch.seed, *site))?;
+                let assignment = kmeans(points.view(), *clusters, mix(batch.seed, *site), threads)?;
                 GroupValues::from_keys(&assignment, |_| None)
             }
             Grouping::SplitByLabel { groups } => {

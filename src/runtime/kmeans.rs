@@ -2,10 +2,11 @@
 //!
 //! [`kmeans`] partitions the rows of a matrix into `k` clusters with
 //! k-means++ seeding followed by Lloyd iterations. The result depends only on
-//! the input and the seed: the computation is single-threaded, visits points
-//! and centres in index order, and uses only IEEE `+ - * /` (no `sqrt`, no
-//! transcendental functions, no hashing), so it is bit-for-bit reproducible
-//! on every machine.
+//! the input and the seed: every sum has a fixed order, only the nearest-centre
+//! search of each point is shared out between threads (each point's search is
+//! the same on any thread), and only IEEE `+ - * /` are used (no `sqrt`, no
+//! transcendental functions, no hashing), so it is bit-for-bit reproducible on
+//! every machine and for any thread count.
 //!
 //! # Algorithm
 //!
@@ -30,7 +31,9 @@
 //!    `j` a uniform index). Seeding consumes exactly one generator output per
 //!    centre; nothing after it is random.
 //! 4. **Lloyd iterations.** Every point is assigned to its nearest centre by
-//!    squared Euclidean distance (ties: lowest centre index), empty clusters
+//!    squared Euclidean distance (ties: lowest centre index; coordinate `j`
+//!    goes into partial sum `j mod 4`, in coordinate order, and the partial
+//!    sums are added as `(s0 + s1) + (s2 + s3)`), empty clusters
 //!    are re-seeded (below), centres are recomputed as means (coordinates
 //!    summed in row order, then divided by the cluster size), and this repeats
 //!    until the assignment no longer changes, or for at most
@@ -48,6 +51,7 @@
 //! unless there are fewer than `k` distinct points, when re-seeding is what
 //! keeps all `k` clusters non-empty.
 
+use super::gemm::run_tasks;
 use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 use rand_pcg::Pcg64Mcg;
 use rand_pcg::rand_core::Rng;
@@ -107,7 +111,12 @@ pub enum KMeansError {
 /// for `k == 0`, [`KMeansError::TooManyClusters`] for `k` greater than the
 /// number of rows, and [`KMeansError::NonFinite`] for a NaN or infinite
 /// coordinate.
-pub fn kmeans(points: ArrayView2<f64>, k: usize, seed: u64) -> Result<Vec<usize>, KMeansError> {
+pub fn kmeans(
+    points: ArrayView2<f64>,
+    k: usize,
+    seed: u64,
+    threads: usize,
+) -> Result<Vec<usize>, KMeansError> {
     let n = points.nrows();
     if n == 0 {
         return Err(KMeansError::NoPoints);
@@ -127,13 +136,13 @@ pub fn kmeans(points: ArrayView2<f64>, k: usize, seed: u64) -> Result<Vec<usize>
     let mut centres = seed_centres(&data, k, &mut rng);
 
     let mut labels = Vec::with_capacity(n);
-    assign(&data, &centres, &mut labels);
+    assign(&data, &centres, &mut labels, threads);
     reseed_empty(&data, &mut labels, &mut centres);
 
     let mut next = Vec::with_capacity(n);
     for _ in 0..MAX_ITERATIONS {
         update_centres(&data, &labels, &mut centres);
-        assign(&data, &centres, &mut next);
+        assign(&data, &centres, &mut next, threads);
         reseed_empty(&data, &mut next, &mut centres);
         if next == labels {
             break;
@@ -188,11 +197,30 @@ fn normalised(points: ArrayView2<f64>) -> Array2<f64> {
     Array2::from_shape_fn(points.raw_dim(), |ij| points[ij] * factor)
 }
 
-/// Squared Euclidean distance, summed in coordinate order.
+/// Squared Euclidean distance: coordinate `j` into partial sum `j mod 4`, then
+/// `(s0 + s1) + (s2 + s3)`. Four independent sums run four times as fast as
+/// one, whose every addition waits for the previous one.
 fn squared_distance(a: ArrayView1<f64>, b: ArrayView1<f64>) -> f64 {
-    a.iter()
-        .zip(b.iter())
-        .fold(0.0, |acc, (x, y)| acc + (x - y) * (x - y))
+    match (a.as_slice(), b.as_slice()) {
+        (Some(a), Some(b)) => squared_distance_of(a, b),
+        _ => squared_distance_of(&a.to_vec(), &b.to_vec()),
+    }
+}
+
+fn squared_distance_of(a: &[f64], b: &[f64]) -> f64 {
+    let mut sums = [0.0; 4];
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (a_rest, b_rest) = (a4.remainder(), b4.remainder());
+    for (x, y) in a4.zip(b4) {
+        for lane in 0..4 {
+            let d = x[lane] - y[lane];
+            sums[lane] += d * d;
+        }
+    }
+    for (lane, (x, y)) in a_rest.iter().zip(b_rest).enumerate() {
+        sums[lane] += (x - y) * (x - y);
+    }
+    (sums[0] + sums[1]) + (sums[2] + sums[3])
 }
 
 /// k-means++ seeding: `k` distinct rows of `data` chosen as initial centres.
@@ -252,21 +280,28 @@ fn nth_unchosen(is_centre: &[bool], j: usize) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
-/// Writes into `labels` the nearest centre of every row (lowest index on ties).
-fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>) {
+/// Writes into `labels` the nearest centre of every row (lowest index on ties),
+/// blocks of rows shared out between `threads`.
+fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>, threads: usize) {
+    const ROWS: usize = 64;
     labels.clear();
-    labels.extend(data.outer_iter().map(|x| {
-        let mut best = 0;
-        let mut best_d2 = f64::INFINITY;
-        for (c, centre) in centres.outer_iter().enumerate() {
-            let d2 = squared_distance(x, centre);
-            if d2 < best_d2 {
-                best = c;
-                best_d2 = d2;
+    labels.resize(data.nrows(), 0);
+    let tasks: Vec<_> = labels
+        .chunks_mut(ROWS)
+        .zip(data.axis_chunks_iter(Axis(0), ROWS))
+        .collect();
+    run_tasks(tasks, threads, |(labels, rows)| {
+        for (label, x) in labels.iter_mut().zip(rows.outer_iter()) {
+            let mut best_d2 = f64::INFINITY;
+            for (c, centre) in centres.outer_iter().enumerate() {
+                let d2 = squared_distance(x, centre);
+                if d2 < best_d2 {
+                    *label = c;
+                    best_d2 = d2;
+                }
             }
         }
-        best
-    }));
+    });
 }
 
 /// Gives every empty cluster, in increasing index order, the point farthest
@@ -377,8 +412,8 @@ mod tests {
     fn same_seed_gives_identical_output() {
         let points = random_points(200, 3, 1);
         for seed in [0, 1, 99, u64::MAX] {
-            let a = kmeans(points.view(), 7, seed).unwrap();
-            let b = kmeans(points.view(), 7, seed).unwrap();
+            let a = kmeans(points.view(), 7, seed, 1).unwrap();
+            let b = kmeans(points.view(), 7, seed, 1).unwrap();
             assert_eq!(a, b);
             assert_valid(&a, 200, 7);
         }
@@ -389,7 +424,7 @@ mod tests {
         // Uniform noise has many local optima, so seeds lead to different ones.
         let points = random_points(300, 2, 2);
         let mut results: Vec<Vec<usize>> = (0..16)
-            .map(|seed| kmeans(points.view(), 8, seed).unwrap())
+            .map(|seed| kmeans(points.view(), 8, seed, 1).unwrap())
             .collect();
         results.sort();
         results.dedup();
@@ -403,7 +438,7 @@ mod tests {
             .enumerate()
         {
             let points = random_points(n, d, seed as u64 + 10);
-            let labels = kmeans(points.view(), k, seed as u64).unwrap();
+            let labels = kmeans(points.view(), k, seed as u64, 1).unwrap();
             assert_valid(&labels, n, k);
 
             // Recompute means from the assignment in the original coordinates.
@@ -449,7 +484,7 @@ mod tests {
         ];
         for seed in 0..20 {
             let (points, truth) = blobs(&centres, 30, seed + 100);
-            let labels = kmeans(points.view(), 5, seed).unwrap();
+            let labels = kmeans(points.view(), 5, seed, 1).unwrap();
             assert_eq!(labels, relabel(&truth), "seed {seed}");
         }
     }
@@ -457,11 +492,11 @@ mod tests {
     #[test]
     fn extreme_magnitudes_cluster_like_unit_scale_data() {
         let points = random_points(120, 3, 5);
-        let reference = kmeans(points.view(), 4, 8).unwrap();
+        let reference = kmeans(points.view(), 4, 8, 1).unwrap();
         for scale in [2f64.powi(1000), 2f64.powi(-1000)] {
             let scaled = points.mapv(|x| x * scale);
             assert_eq!(
-                kmeans(scaled.view(), 4, 8).unwrap(),
+                kmeans(scaled.view(), 4, 8, 1).unwrap(),
                 reference,
                 "scale {scale:e}"
             );
@@ -469,23 +504,23 @@ mod tests {
         // Blobs near the top of the f64 range: naive squared distances overflow.
         let centres = array![[-1e308, 0.0], [1e308, 0.0], [0.0, 1e308]];
         let (points, truth) = blobs(&centres, 10, 3);
-        assert_eq!(kmeans(points.view(), 3, 0).unwrap(), relabel(&truth));
+        assert_eq!(kmeans(points.view(), 3, 0, 1).unwrap(), relabel(&truth));
     }
 
     #[test]
     fn memory_layout_does_not_matter() {
         let points = random_points(90, 4, 6);
-        let expected = kmeans(points.view(), 5, 3).unwrap();
+        let expected = kmeans(points.view(), 5, 3, 1).unwrap();
 
         let mut column_major = Array2::zeros((90, 4).f());
         column_major.assign(&points);
         assert!(!column_major.is_standard_layout());
-        assert_eq!(kmeans(column_major.view(), 5, 3).unwrap(), expected);
+        assert_eq!(kmeans(column_major.view(), 5, 3, 1).unwrap(), expected);
 
         let mut padded = Array2::from_elem((180, 8), f64::NAN);
         padded.slice_mut(s![..;2, 1..;2]).assign(&points);
         assert_eq!(
-            kmeans(padded.slice(s![..;2, 1..;2]), 5, 3).unwrap(),
+            kmeans(padded.slice(s![..;2, 1..;2]), 5, 3, 1).unwrap(),
             expected
         );
     }
@@ -494,11 +529,11 @@ mod tests {
     fn n_equal_to_k_puts_every_point_alone() {
         let points = random_points(9, 2, 7);
         assert_eq!(
-            kmeans(points.view(), 9, 4).unwrap(),
+            kmeans(points.view(), 9, 4, 1).unwrap(),
             (0..9).collect::<Vec<_>>()
         );
         let one = array![[3.0, 4.0]];
-        assert_eq!(kmeans(one.view(), 1, 0).unwrap(), [0]);
+        assert_eq!(kmeans(one.view(), 1, 0, 1).unwrap(), [0]);
     }
 
     #[test]
@@ -506,10 +541,10 @@ mod tests {
         // All rows identical: still k non-empty clusters.
         let same = Array2::from_elem((6, 2), 1.5);
         for seed in 0..5 {
-            assert_valid(&kmeans(same.view(), 3, seed).unwrap(), 6, 3);
+            assert_valid(&kmeans(same.view(), 3, seed, 1).unwrap(), 6, 3);
         }
         assert_eq!(
-            kmeans(same.view(), 6, 0).unwrap(),
+            kmeans(same.view(), 6, 0, 1).unwrap(),
             (0..6).collect::<Vec<_>>()
         );
 
@@ -517,9 +552,9 @@ mod tests {
         let two = Array2::from_shape_fn((10, 2), |(i, _)| if i % 2 == 0 { 0.0 } else { 8.0 });
         let parity: Vec<usize> = (0..10).map(|i| i % 2).collect();
         for seed in 0..10 {
-            assert_eq!(kmeans(two.view(), 2, seed).unwrap(), parity);
+            assert_eq!(kmeans(two.view(), 2, seed, 1).unwrap(), parity);
             // Three clusters over two locations: every cluster is still pure.
-            let labels = kmeans(two.view(), 3, seed).unwrap();
+            let labels = kmeans(two.view(), 3, seed, 1).unwrap();
             assert_valid(&labels, 10, 3);
             for i in 0..10 {
                 for j in 0..10 {
@@ -534,14 +569,23 @@ mod tests {
     #[test]
     fn zero_columns_are_accepted() {
         let empty_rows = Array2::<f64>::zeros((4, 0));
-        assert_valid(&kmeans(empty_rows.view(), 2, 0).unwrap(), 4, 2);
+        assert_valid(&kmeans(empty_rows.view(), 2, 0, 1).unwrap(), 4, 2);
+    }
+
+    #[test]
+    fn thread_count_does_not_matter() {
+        let points = random_points(700, 9, 5);
+        let one = kmeans(points.view(), 12, 3, 1).unwrap();
+        for threads in [2, 3] {
+            assert_eq!(kmeans(points.view(), 12, 3, threads).unwrap(), one);
+        }
     }
 
     #[test]
     fn result_is_pinned() {
         // Golden output: changing it breaks reproducibility of saved runs.
         let points = random_points(12, 2, 42);
-        assert_eq!(kmeans(points.view(), 3, 42).unwrap(), GOLDEN_12_3_42);
+        assert_eq!(kmeans(points.view(), 3, 42, 1).unwrap(), GOLDEN_12_3_42);
     }
 
     const GOLDEN_12_3_42: [usize; 12] = [0, 0, 1, 0, 2, 2, 0, 1, 2, 2, 0, 0];
@@ -549,13 +593,16 @@ mod tests {
     #[test]
     fn invalid_inputs_are_errors() {
         let no_rows = Array2::<f64>::zeros((0, 3));
-        assert_eq!(kmeans(no_rows.view(), 1, 0), Err(KMeansError::NoPoints));
-        assert_eq!(kmeans(no_rows.view(), 0, 0), Err(KMeansError::NoPoints));
+        assert_eq!(kmeans(no_rows.view(), 1, 0, 1), Err(KMeansError::NoPoints));
+        assert_eq!(kmeans(no_rows.view(), 0, 0, 1), Err(KMeansError::NoPoints));
 
         let points = random_points(5, 2, 0);
-        assert_eq!(kmeans(points.view(), 0, 0), Err(KMeansError::ZeroClusters));
         assert_eq!(
-            kmeans(points.view(), 6, 0),
+            kmeans(points.view(), 0, 0, 1),
+            Err(KMeansError::ZeroClusters)
+        );
+        assert_eq!(
+            kmeans(points.view(), 6, 0, 1),
             Err(KMeansError::TooManyClusters { k: 6, points: 5 })
         );
 
@@ -566,7 +613,7 @@ mod tests {
             let mut column_major = Array2::zeros((5, 3).f());
             column_major.assign(&points);
             for view in [points.view(), column_major.view()] {
-                let err = kmeans(view, 2, 0).unwrap_err();
+                let err = kmeans(view, 2, 0, 1).unwrap_err();
                 assert!(matches!(
                     err,
                     KMeansError::NonFinite { row: 3, column: 2, value }
