@@ -99,6 +99,8 @@ fn check(
 fn parity(precision: Precision, loss_tol: f64, grad_tol: f64) {
     let mut failures = Vec::new();
     let mut checks = 0;
+    // Per loss: the worst loss and gradient errors over the cases.
+    let mut worst: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
     for case_name in CASES {
         let case = load_case(case_name);
         let losses = case.manifest["losses"].as_object().unwrap();
@@ -106,6 +108,8 @@ fn parity(precision: Precision, loss_tol: f64, grad_tol: f64) {
             checks += 1;
             match check(&case, name, entry, precision) {
                 Ok((loss_error, grad_error)) => {
+                    let w = worst.entry(name.clone()).or_default();
+                    *w = (w.0.max(loss_error), w.1.max(grad_error));
                     if loss_error > loss_tol || grad_error > grad_tol {
                         failures.push(format!("{case_name}/{name}: loss error {loss_error:.2e}, gradient error {grad_error:.2e}"));
                     }
@@ -113,6 +117,10 @@ fn parity(precision: Precision, loss_tol: f64, grad_tol: f64) {
                 Err(e) => failures.push(format!("{case_name}/{name}: {e}")),
             }
         }
+    }
+    println!("{precision:?}: worst relative loss error, worst gradient error / largest entry");
+    for (name, (loss_error, grad_error)) in &worst {
+        println!("  {name:<20} {loss_error:.1e} {grad_error:.1e}");
     }
     assert_eq!(checks, 132, "4 cases x 33 losses");
     assert!(
