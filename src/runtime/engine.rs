@@ -16,6 +16,7 @@ use crate::jit::{CompiledPass, Kernels};
 use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2};
 use std::any::Any;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -702,43 +703,38 @@ impl<'r, F: Real> Run<'r, F> {
         let threads = self.threads.min(rows.max(1));
         let chunk = rows.div_ceil(threads.max(1)).max(1);
         let code = pass.code;
-        let status = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..rows)
-                .step_by(chunk)
-                .map(|start| {
-                    let args = &args;
-                    let buffers = &buffers;
-                    scope.spawn(move || {
-                        let row_buffers = RowBuffers::<F>::new(buffers);
-                        let mut values = vec![F::ZERO; scratch.max(1)];
-                        let mut indices = vec![0u32; scratch.max(1)];
-                        let mut status = 0;
-                        for anchor in start..(start + chunk).min(rows) {
-                            // SAFETY: `args` points at tables that outlive the scope, sized
-                            // for this module and batch as the kernel's layout requires;
-                            // each row buffer and scratch buffer is as long as the domain
-                            // it holds an entry per column of; anchors are split between threads, and a
-                            // kernel writes only its anchor's outputs, skip flag and
-                            // adjoint rows.
-                            status |= unsafe {
-                                code(
-                                    &args.0,
-                                    anchor as u64,
-                                    row_buffers.addresses.as_ptr(),
-                                    values.as_mut_ptr() as *mut u8,
-                                    indices.as_mut_ptr(),
-                                )
-                            };
-                        }
-                        status
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or(u32::MAX))
-                .fold(0, |a, b| a | b)
+        // The pool's threads are already running: a pass costs no thread start.
+        let status = AtomicU32::new(0);
+        rayon::scope(|scope| {
+            for start in (0..rows).step_by(chunk) {
+                let (args, buffers, status) = (&args, &buffers, &status);
+                scope.spawn(move |_| {
+                    let row_buffers = RowBuffers::<F>::new(buffers);
+                    let mut values = vec![F::ZERO; scratch.max(1)];
+                    let mut indices = vec![0u32; scratch.max(1)];
+                    let mut flags = 0;
+                    for anchor in start..(start + chunk).min(rows) {
+                        // SAFETY: `args` points at tables that outlive the scope, sized for
+                        // this module and batch as the kernel's layout requires; each row
+                        // buffer and scratch buffer is as long as the domain it holds an
+                        // entry per column of; anchors are split between threads, and a
+                        // kernel writes only its anchor's outputs, skip flag and adjoint
+                        // rows.
+                        flags |= unsafe {
+                            code(
+                                &args.0,
+                                anchor as u64,
+                                row_buffers.addresses.as_ptr(),
+                                values.as_mut_ptr() as *mut u8,
+                                indices.as_mut_ptr(),
+                            )
+                        };
+                    }
+                    status.fetch_or(flags, Ordering::Relaxed);
+                });
+            }
         });
+        let status = status.into_inner();
         for ((h, width), values) in pass.layout.outputs.iter().zip(outputs) {
             let values = values.iter().map(|v| v.to_f64()).collect();
             self.rows.outputs.insert(
