@@ -5,6 +5,7 @@
 use super::batch::Batch;
 use super::batch_eval::{self, BatchValues, RowStore, Stored};
 use super::error::RunError;
+use super::gemm;
 use super::groups::{GroupValues, evaluate_groupings};
 use super::real::Real;
 use super::tensors;
@@ -447,7 +448,7 @@ impl<'r, F: Real> Run<'r, F> {
                 adjoints[m] = Some(match spare.iter().position(|a| a.dim() == dim) {
                     Some(at) => {
                         let mut reused = spare.swap_remove(at);
-                        reused.fill(F::ZERO);
+                        zero_on_threads(&mut reused, threads);
                         reused
                     }
                     None => Array2::zeros(dim),
@@ -760,6 +761,18 @@ struct Shared(KernelArgs);
 // skip flags and adjoints, which each kernel writes at its own anchor only; the pass joins
 // every thread before the tables are touched again.
 unsafe impl Sync for Shared {}
+
+/// Sets every entry to zero, blocks of rows on the threads: one thread's memset of a
+/// 1024 x 1024 adjoint takes a few tenths of a millisecond.
+fn zero_on_threads<F: Real>(a: &mut Array2<F>, threads: usize) {
+    const BLOCK: usize = 64 * 1024;
+    match a.as_slice_mut() {
+        Some(values) => gemm::run_tasks(values.chunks_mut(BLOCK).collect(), threads, |block| {
+            block.fill(F::ZERO)
+        }),
+        None => a.fill(F::ZERO),
+    }
+}
 
 /// One thread's row buffers ([`RowBuffer`]), each as long as its domain (at least 1), and
 /// their addresses in slot order for the kernel.
