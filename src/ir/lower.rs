@@ -764,8 +764,8 @@ fn suggest<'n>(name: &str, candidates: impl IntoIterator<Item = &'n str>) -> Opt
         .map(|(_, c)| c.to_string())
 }
 
-/// The built-in functions, for suggestions.
-const BUILTINS: &[&str] = &[
+/// The built-in functions (suggested for a misspelt name).
+pub const BUILTINS: &[&str] = &[
     "dot",
     "euclid",
     "sqeuclid",

@@ -24,7 +24,7 @@ mod validate;
 pub use arena::{Arena, Entity, Handle, HandleMap};
 pub use build::Builder;
 pub use error::LowerError;
-pub use lower::{ParamValue, Params, entry_loss, lower};
+pub use lower::{BUILTINS, ParamValue, Params, entry_loss, lower};
 pub use print::{print_module, print_program, print_schedule};
 pub use schedule::{Effect, Phase, Schedule, anchor_inputs, schedule};
 pub use validate::{ValidationError, proof_of_emptiness, validate};

@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 use losscc::Spec;
+use losscc::interp::{Precision, evaluate_with_gradient};
 use losscc::ir::{Module, ParamValue, Params};
-use ndarray::Array2;
+use losscc::runtime::Batch;
+use ndarray::{Array1, Array2};
+use ndarray_npy::read_npy;
 use std::path::{Path, PathBuf};
 
 pub fn losses_dir() -> PathBuf {
@@ -110,4 +113,113 @@ pub fn batch_with_overlap(
         start += size;
     }
     (x, labels)
+}
+
+/// A batch with reference values (a folder of tests/data/golden or tests/data/unseen): the
+/// embedding, the labels and the manifest of expected losses and gradients.
+pub struct ReferenceCase {
+    pub x: Array2<f64>,
+    pub labels: Vec<i64>,
+    pub manifest: serde_json::Value,
+    pub dir: PathBuf,
+}
+
+impl ReferenceCase {
+    pub fn load(dir: &Path) -> ReferenceCase {
+        let x: Array2<f32> = read_npy(dir.join("x.npy")).expect("x.npy");
+        let labels: Array1<i64> = read_npy(dir.join("labels.npy")).expect("labels.npy");
+        ReferenceCase {
+            x: x.mapv(f64::from),
+            labels: labels.to_vec(),
+            manifest: read_json(&dir.join("manifest.json")),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The inputs a manifest entry supplies (cluster_nca's groups).
+    pub fn inputs(&self, entry: &serde_json::Value) -> Vec<(String, Vec<i64>)> {
+        let mut inputs = Vec::new();
+        if let Some(map) = entry.get("inputs").and_then(|i| i.as_object()) {
+            for (input, file) in map {
+                let values: Array1<i64> =
+                    read_npy(self.dir.join(file.as_str().expect("a file name"))).expect("input");
+                inputs.push((input.clone(), values.to_vec()));
+            }
+        }
+        inputs
+    }
+
+    /// The expected gradient of a manifest entry.
+    pub fn expected_grad(&self, entry: &serde_json::Value) -> Array2<f64> {
+        read_npy(self.dir.join(entry["grad"].as_str().expect("a file name"))).expect("grad")
+    }
+
+    /// The interpreter's errors on one loss of the manifest: the loss's relative error and
+    /// the gradient's largest error relative to its largest expected entry.
+    pub fn interpreter_errors(
+        &self,
+        name: &str,
+        entry: &serde_json::Value,
+        precision: Precision,
+    ) -> Result<(f64, f64), String> {
+        let spec = Spec::load(&losses_dir().join(format!("{name}.loss")))
+            .map_err(|(s, e)| losscc::render(&s, &e))?;
+        let module = spec
+            .lower(&manifest_params(entry))
+            .map_err(|e| spec.render(&e))?;
+        let gradient = losscc::grad::differentiate(&module).map_err(|e| e.to_string())?;
+        let inputs = self.inputs(entry);
+        let batch = Batch {
+            x: self.x.view(),
+            labels: &self.labels,
+            inputs: &inputs,
+            seed: 0,
+        };
+        let out =
+            evaluate_with_gradient(&gradient, &batch, precision).map_err(|e| e.to_string())?;
+        let grad = out.grad.ok_or("no gradient")?;
+        Ok(errors(out.loss, &grad, entry, &self.expected_grad(entry)))
+    }
+}
+
+/// A loss's relative error against a manifest entry, and a gradient's largest error
+/// relative to the largest entry of the expected one.
+pub fn errors(
+    loss: f64,
+    grad: &Array2<f64>,
+    entry: &serde_json::Value,
+    expected_grad: &Array2<f64>,
+) -> (f64, f64) {
+    let expected_loss = entry["loss"].as_f64().expect("a loss");
+    let loss_error = (loss - expected_loss).abs() / expected_loss.abs().max(f64::MIN_POSITIVE);
+    let scale = expected_grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let grad_error = (grad - expected_grad)
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        / scale.max(f64::MIN_POSITIVE);
+    (loss_error, grad_error)
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("a JSON file")).expect("JSON")
+}
+
+/// The parameters a manifest entry sets.
+pub fn manifest_params(entry: &serde_json::Value) -> Params {
+    let mut params = Params::new();
+    if let Some(map) = entry.get("params").and_then(|p| p.as_object()) {
+        for (name, value) in map {
+            let value = match value {
+                serde_json::Value::Array(items) => ParamValue::List(
+                    items
+                        .iter()
+                        .map(|v| v.as_f64().expect("a number"))
+                        .collect(),
+                ),
+                other => ParamValue::Num(other.as_f64().expect("a number")),
+            };
+            params.push((name.clone(), value));
+        }
+    }
+    params
 }
