@@ -907,6 +907,16 @@ impl Lowerer<'_> {
         }
     }
 
+    /// A type error: `found` where `expected` was.
+    fn mismatch(&self, expected: &str, found: &Value, span: Span) -> LowerError {
+        LowerError::Type {
+            expected: expected.into(),
+            found: describe(found, &self.builder).into(),
+            span,
+            help: None,
+        }
+    }
+
     fn expect_number(&self, value: Value, span: Span) -> Result<Handle<Expr>> {
         match value {
             Value::Expr(h) if self.builder.expr(h).ty == Type::Num => Ok(h),
@@ -955,36 +965,25 @@ impl Lowerer<'_> {
     fn expect_tensor(&self, value: Value, span: Span) -> Result<Handle<Tensor>> {
         match value {
             Value::Tensor(t) => Ok(t),
-            other => Err(LowerError::Type {
-                expected: "an embedding (like `x`, a branch or centres)".into(),
-                found: describe(&other, &self.builder).into(),
-                span,
-                help: None,
-            }),
+            other => {
+                Err(self.mismatch("an embedding (like `x`, a branch or centres)", &other, span))
+            }
         }
     }
 
     fn expect_groups(&self, value: Value, span: Span) -> Result<Handle<Grouping>> {
         match value {
             Value::Groups(g) => Ok(g),
-            other => Err(LowerError::Type {
-                expected: "a grouping (like `labels` or `kmeans(...)`)".into(),
-                found: describe(&other, &self.builder).into(),
-                span,
-                help: None,
-            }),
+            other => {
+                Err(self.mismatch("a grouping (like `labels` or `kmeans(...)`)", &other, span))
+            }
         }
     }
 
     fn expect_list(&self, value: Value, span: Span) -> Result<Vec<Value>> {
         match value {
             Value::List(items) => Ok(items),
-            other => Err(LowerError::Type {
-                expected: "a list".into(),
-                found: describe(&other, &self.builder).into(),
-                span,
-                help: None,
-            }),
+            other => Err(self.mismatch("a list", &other, span)),
         }
     }
 
@@ -1001,12 +1000,7 @@ impl Lowerer<'_> {
                     span,
                     origin: None,
                 }),
-            other => Err(LowerError::Type {
-                expected: "a number".into(),
-                found: describe(other, &self.builder).into(),
-                span,
-                help: None,
-            }),
+            other => Err(self.mismatch("a number", other, span)),
         }
     }
 
@@ -1561,12 +1555,7 @@ impl Lowerer<'_> {
                 self.record_set_span(s, span);
                 Ok(s)
             }
-            other => Err(LowerError::Type {
-                expected: "a set".into(),
-                found: describe(&other, &self.builder).into(),
-                span,
-                help: None,
-            }),
+            other => Err(self.mismatch("a set", &other, span)),
         }
     }
 
