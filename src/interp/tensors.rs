@@ -4,7 +4,9 @@ use super::Precision;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use crate::runtime::error::RunError;
-use crate::runtime::groups::{GroupValues, partition_columns, permutation};
+use crate::runtime::groups::{
+    GroupValues, column_part, column_range, partition_columns, permutation,
+};
 use ndarray::{Array2, Axis as NdAxis};
 
 /// The value of tensor `target`, computing (and caching) the tensors it needs.
@@ -30,36 +32,13 @@ pub fn compute_all(
             source: s,
             start,
             end,
-        } => {
-            let a = source(*s, cache)?;
-            if *end > a.ncols() {
-                return Err(RunError::ColumnsOutOfRange {
-                    start: *start,
-                    end: *end,
-                    cols: a.ncols(),
-                    tensor: target,
-                });
-            }
-            a.slice(ndarray::s![.., *start..*end]).to_owned()
-        }
+        } => column_range(&source(*s, cache)?, *start, *end, target)?,
         TensorOp::Partition {
             source: s,
             sizes,
             part,
             site,
-        } => {
-            let a = source(*s, cache)?;
-            let sum: usize = sizes.iter().sum();
-            if sum != a.ncols() {
-                return Err(RunError::PartitionWidth {
-                    sum,
-                    cols: a.ncols(),
-                    tensor: target,
-                });
-            }
-            let columns = partition_columns(&permutation(a.ncols(), seed, *site), sizes, *part);
-            a.select(NdAxis(1), &columns)
-        }
+        } => column_part(&source(*s, cache)?, sizes, *part, (seed, *site), target)?,
         TensorOp::Normalize { source: s } => {
             let mut a = source(*s, cache)?;
             for (row, mut values) in a.rows_mut().into_iter().enumerate() {

@@ -1,6 +1,7 @@
 //! Evaluating groupings: classes, k-means clusters, supplied groups, splits by label.
 
 use super::batch::Batch;
+use super::error::RunError;
 use super::kmeans::{KMeansError, kmeans};
 use super::real::Real;
 use crate::ir::{Grouping, Handle, Module, Tensor};
@@ -133,4 +134,43 @@ pub fn permutation(cols: usize, seed: u64, site: u32) -> Vec<usize> {
 pub fn partition_columns(order: &[usize], sizes: &[usize], part: usize) -> Vec<usize> {
     let start: usize = sizes[..part].iter().sum();
     order[start..start + sizes[part]].to_vec()
+}
+
+/// Columns `start..end` of `a`, the source of `tensor`.
+pub fn column_range<T: Clone>(
+    a: &Array2<T>,
+    start: usize,
+    end: usize,
+    tensor: Handle<Tensor>,
+) -> Result<Array2<T>, RunError> {
+    if end > a.ncols() {
+        return Err(RunError::ColumnsOutOfRange {
+            start,
+            end,
+            cols: a.ncols(),
+            tensor,
+        });
+    }
+    Ok(a.slice(ndarray::s![.., start..end]).to_owned())
+}
+
+/// Part `part` of the columns of `a` (the source of `tensor`), permuted by the stream of
+/// `seed` and `site` and cut into parts of `sizes`.
+pub fn column_part<T: Clone>(
+    a: &Array2<T>,
+    sizes: &[usize],
+    part: usize,
+    (seed, site): (u64, u32),
+    tensor: Handle<Tensor>,
+) -> Result<Array2<T>, RunError> {
+    let sum: usize = sizes.iter().sum();
+    if sum != a.ncols() {
+        return Err(RunError::PartitionWidth {
+            sum,
+            cols: a.ncols(),
+            tensor,
+        });
+    }
+    let columns = partition_columns(&permutation(a.ncols(), seed, site), sizes, part);
+    Ok(a.select(ndarray::Axis(1), &columns))
 }

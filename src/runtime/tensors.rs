@@ -3,7 +3,7 @@
 
 use super::error::RunError;
 use super::gemm;
-use super::groups::{GroupValues, partition_columns, permutation};
+use super::groups::{GroupValues, column_part, column_range, partition_columns, permutation};
 use super::real::Real;
 use super::sparse;
 use crate::grad::TensorStep;
@@ -41,38 +41,13 @@ pub fn tensors<F: Real>(
                 source: s,
                 start,
                 end,
-            } => {
-                let a = source(s);
-                if *end > a.ncols() {
-                    return Err(RunError::ColumnsOutOfRange {
-                        start: *start,
-                        end: *end,
-                        cols: a.ncols(),
-                        tensor: h,
-                    });
-                }
-                a.slice(ndarray::s![.., *start..*end]).to_owned()
-            }
+            } => column_range(source(s), *start, *end, h)?,
             TensorOp::Partition {
                 source: s,
                 sizes,
                 part,
                 site,
-            } => {
-                let a = source(s);
-                let sum: usize = sizes.iter().sum();
-                if sum != a.ncols() {
-                    return Err(RunError::PartitionWidth {
-                        sum,
-                        cols: a.ncols(),
-                        tensor: h,
-                    });
-                }
-                a.select(
-                    NdAxis(1),
-                    &partition_columns(&permutation(a.ncols(), seed, *site), sizes, *part),
-                )
-            }
+            } => column_part(source(s), sizes, *part, (seed, *site), h)?,
             TensorOp::Normalize { source: s } => {
                 let mut a = source(s).clone();
                 for (row, mut values) in a.rows_mut().into_iter().enumerate() {
