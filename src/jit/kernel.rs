@@ -766,15 +766,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             ExprKind::Stop(arg) => self.row(arg)?,
             ExprKind::Reduce { op, set, body, .. } => self.reduce(op, set, body)?,
             ExprKind::Rank { set, k, .. } => {
-                let (values, _, count) = self.fill(set)?;
-                let k = self.row(k)?;
-                let k = self.widen(k);
-                let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
-                let position = self.b.inst_results(call)[0];
-                let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
-                self.flag(Status::RANK, bad);
-                let zero = self.b.ins().iconst(I64, 0);
-                let position = self.b.ins().select(bad, zero, position);
+                let ((values, _), position, _) = self.rank_position(set, k)?;
                 let offset = self.b.ins().imul_imm_u(position, self.fb);
                 let addr = self.b.ins().iadd(values, offset);
                 self.b.ins().load(self.float, Self::flags(), addr, 0)
@@ -803,9 +795,12 @@ impl<'a, 'f> Gen<'a, 'f> {
         })
     }
 
+    /// `op` applied to a scalar or, lane by lane, to a vector.
     fn unary(&mut self, op: UnaryOp, a: Value) -> Value {
+        let lanes = self.b.func.dfg.value_type(a).is_vector();
         match op {
             UnaryOp::Neg => self.b.ins().fneg(a),
+            UnaryOp::Not if lanes => self.b.ins().bnot(a),
             UnaryOp::Not => self.b.ins().bxor_imm_u(a, 1),
             UnaryOp::Exp => self.math.exp(&mut self.b, a),
             UnaryOp::Log => self.math.ln(&mut self.b, a),
@@ -816,14 +811,19 @@ impl<'a, 'f> Gen<'a, 'f> {
             UnaryOp::Abs => self.b.ins().fabs(a),
             UnaryOp::Floor => self.b.ins().floor(a),
             UnaryOp::Relu | UnaryOp::Step => {
-                let zero = self.fconst(0.0);
+                let constant = |g: &mut Self, c| if lanes { g.vconst(c) } else { g.fconst(c) };
+                let zero = constant(self, 0.0);
                 let positive = self.b.ins().fcmp(FloatCC::GreaterThan, a, zero);
                 let when = if op == UnaryOp::Relu {
                     a
                 } else {
-                    self.fconst(1.0)
+                    constant(self, 1.0)
                 };
-                self.b.ins().select(positive, when, zero)
+                if lanes {
+                    self.vselect(positive, when, zero)
+                } else {
+                    self.b.ins().select(positive, when, zero)
+                }
             }
         }
     }
@@ -1140,15 +1140,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     fn arg_reduce(&mut self, op: ArgOp, set: Handle<Set>, body: Handle<Expr>) -> Result<Value> {
         match op {
             ArgOp::Rank(k) => {
-                let (values, indices, count) = self.fill(set)?;
-                let k = self.row(k)?;
-                let k = self.widen(k);
-                let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
-                let position = self.b.inst_results(call)[0];
-                let bad = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
-                self.flag(Status::RANK, bad);
-                let zero = self.b.ins().iconst(I64, 0);
-                let safe = self.b.ins().select(bad, zero, position);
+                let ((_, indices), safe, bad) = self.rank_position(set, k)?;
                 let offset = self.b.ins().imul_imm_u(safe, 4);
                 let addr = self.b.ins().iadd(indices, offset);
                 let j = self.b.ins().uload32(Self::flags(), addr, 0);
@@ -1174,6 +1166,26 @@ impl<'a, 'f> Gen<'a, 'f> {
                 Ok(self.b.use_var(chosen))
             }
         }
+    }
+
+    /// Where the member of rank `k` of `set` lies in the scratch buffers (values, indices)
+    /// the set is written to: its position (0 when there is no such member, which is
+    /// flagged) and whether there is none.
+    fn rank_position(
+        &mut self,
+        set: Handle<Set>,
+        k: Handle<Expr>,
+    ) -> Result<((Value, Value), Value, Value)> {
+        let (values, indices, count) = self.fill(set)?;
+        let k = self.row(k)?;
+        let k = self.widen(k);
+        let call = self.b.ins().call(self.helpers.rank, &[values, count, k]);
+        let position = self.b.inst_results(call)[0];
+        let none = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
+        self.flag(Status::RANK, none);
+        let zero = self.b.ins().iconst(I64, 0);
+        let safe = self.b.ins().select(none, zero, position);
+        Ok(((values, indices), safe, none))
     }
 
     /// One member of a scalar `argmin` (`argmax`) loop: it becomes the choice if it is the

@@ -267,13 +267,13 @@ impl Gen<'_, '_> {
         self.b.ins().splat(ty, scalar)
     }
 
-    fn vconst(&mut self, value: f64) -> Value {
+    pub(super) fn vconst(&mut self, value: f64) -> Value {
         let c = self.fconst(value);
         self.splat(c)
     }
 
     /// `mask ? a : b` lane by lane, `mask` an integer vector of all-ones or zero lanes.
-    fn vselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
+    pub(super) fn vselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
         let ty = self.vector_type();
         let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
         self.b.ins().bitselect(mask, a, b)
@@ -354,13 +354,6 @@ impl Gen<'_, '_> {
                 let ty = self.vector_type();
                 self.b.ins().fcvt_from_sint(ty, ints)
             }
-            ExprKind::Unary {
-                op: UnaryOp::Not,
-                arg,
-            } => {
-                let a = self.vmember(arg, at, cache)?;
-                self.b.ins().bnot(a)
-            }
             ExprKind::Binary {
                 op: op @ (BinaryOp::And | BinaryOp::Or),
                 lhs,
@@ -376,28 +369,7 @@ impl Gen<'_, '_> {
             }
             ExprKind::Unary { op, arg } => {
                 let a = self.vmember(arg, at, cache)?;
-                match op {
-                    UnaryOp::Neg => self.b.ins().fneg(a),
-                    UnaryOp::Exp => self.math.exp(&mut self.b, a),
-                    UnaryOp::Log => self.math.ln(&mut self.b, a),
-                    UnaryOp::Log1p => self.math.log1p(&mut self.b, a),
-                    UnaryOp::Softplus => self.math.softplus(&mut self.b, a),
-                    UnaryOp::Sigmoid => self.math.sigmoid(&mut self.b, a),
-                    UnaryOp::Sqrt => self.b.ins().sqrt(a),
-                    UnaryOp::Abs => self.b.ins().fabs(a),
-                    UnaryOp::Floor => self.b.ins().floor(a),
-                    UnaryOp::Relu | UnaryOp::Step => {
-                        let zero = self.vconst(0.0);
-                        let positive = self.b.ins().fcmp(FloatCC::GreaterThan, a, zero);
-                        let when = if op == UnaryOp::Relu {
-                            a
-                        } else {
-                            self.vconst(1.0)
-                        };
-                        self.vselect(positive, when, zero)
-                    }
-                    UnaryOp::Not => self.b.ins().bnot(a),
-                }
+                self.unary(op, a)
             }
             ExprKind::Binary { op, lhs, rhs } => {
                 let a = self.vmember(lhs, at, cache)?;
