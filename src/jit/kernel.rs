@@ -795,6 +795,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         })
     }
 
+    /// The constant `c` in every lane of a value like `like` (a scalar or a vector).
+    fn float_like(&mut self, like: Value, c: f64) -> Value {
+        if self.b.func.dfg.value_type(like).is_vector() {
+            self.vconst(c)
+        } else {
+            self.fconst(c)
+        }
+    }
+
     /// `op` applied to a scalar or, lane by lane, to a vector.
     fn unary(&mut self, op: UnaryOp, a: Value) -> Value {
         let lanes = self.b.func.dfg.value_type(a).is_vector();
@@ -811,13 +820,12 @@ impl<'a, 'f> Gen<'a, 'f> {
             UnaryOp::Abs => self.b.ins().fabs(a),
             UnaryOp::Floor => self.b.ins().floor(a),
             UnaryOp::Relu | UnaryOp::Step => {
-                let constant = |g: &mut Self, c| if lanes { g.vconst(c) } else { g.fconst(c) };
-                let zero = constant(self, 0.0);
+                let zero = self.float_like(a, 0.0);
                 let positive = self.b.ins().fcmp(FloatCC::GreaterThan, a, zero);
                 let when = if op == UnaryOp::Relu {
                     a
                 } else {
-                    constant(self, 1.0)
+                    self.float_like(a, 1.0)
                 };
                 if lanes {
                     self.vselect(positive, when, zero)
@@ -876,36 +884,37 @@ impl<'a, 'f> Gen<'a, 'f> {
         })
     }
 
-    /// `a ^ c`: repeated squaring for a small integer exponent (as `powi`), else
-    /// `exp(c ln a)`.
+    /// `a ^ c`, on a scalar or on lanes: repeated squaring for a small integer exponent
+    /// (as `powi`), else `exp(c ln a)`.
     fn power(&mut self, a: Value, c: f64) -> Value {
         if c == c.trunc() && c.abs() <= 64.0 {
             let mut n = c.abs() as u32;
-            let mut result = self.fconst(1.0);
+            let mut result = None;
             let mut base = a;
-            let mut first = true;
             while n > 0 {
                 if n & 1 == 1 {
-                    result = if first {
-                        base
-                    } else {
-                        self.b.ins().fmul(result, base)
-                    };
-                    first = false;
+                    result = Some(match result {
+                        None => base,
+                        Some(r) => self.b.ins().fmul(r, base),
+                    });
                 }
                 n >>= 1;
                 if n > 0 {
                     base = self.b.ins().fmul(base, base);
                 }
             }
+            let mut result = match result {
+                Some(r) => r,
+                None => self.float_like(a, 1.0),
+            };
             if c < 0.0 {
-                let one = self.fconst(1.0);
+                let one = self.float_like(a, 1.0);
                 result = self.b.ins().fdiv(one, result);
             }
             result
         } else {
             let ln = self.math.ln(&mut self.b, a);
-            let c = self.fconst(c);
+            let c = self.float_like(a, c);
             let scaled = self.b.ins().fmul(c, ln);
             self.math.exp(&mut self.b, scaled)
         }

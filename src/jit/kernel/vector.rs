@@ -383,7 +383,7 @@ impl Gen<'_, '_> {
                         let ExprKind::Const(Real(c)) = self.module.exprs[rhs].kind else {
                             return Err(internal("a power with a variable exponent"));
                         };
-                        self.vpower(a, c)
+                        self.power(a, c)
                     }
                     BinaryOp::Min | BinaryOp::Max => {
                         let cc = if op == BinaryOp::Min {
@@ -473,41 +473,6 @@ impl Gen<'_, '_> {
             let offset = self.b.ins().imul_imm_u(j, self.fb);
             let addr = self.b.ins().iadd(base, offset);
             self.b.ins().store(Self::flags(), x, addr, 0);
-        }
-    }
-
-    /// `a ^ c` on lanes, as the scalar `power` does it.
-    fn vpower(&mut self, a: Value, c: f64) -> Value {
-        if c == c.trunc() && c.abs() <= 64.0 {
-            let mut n = c.abs() as u32;
-            let mut result = None;
-            let mut base = a;
-            while n > 0 {
-                if n & 1 == 1 {
-                    result = Some(match result {
-                        None => base,
-                        Some(r) => self.b.ins().fmul(r, base),
-                    });
-                }
-                n >>= 1;
-                if n > 0 {
-                    base = self.b.ins().fmul(base, base);
-                }
-            }
-            let mut result = match result {
-                Some(r) => r,
-                None => self.vconst(1.0),
-            };
-            if c < 0.0 {
-                let one = self.vconst(1.0);
-                result = self.b.ins().fdiv(one, result);
-            }
-            result
-        } else {
-            let ln = self.math.ln(&mut self.b, a);
-            let c = self.vconst(c);
-            let scaled = self.b.ins().fmul(c, ln);
-            self.math.exp(&mut self.b, scaled)
         }
     }
 
