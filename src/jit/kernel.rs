@@ -804,6 +804,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
+    /// `cond ? x : y` on scalars, or lane by lane on vectors.
+    fn select_like(&mut self, cond: Value, x: Value, y: Value) -> Value {
+        if self.b.func.dfg.value_type(x).is_vector() {
+            self.vselect(cond, x, y)
+        } else {
+            self.b.ins().select(cond, x, y)
+        }
+    }
+
     /// `op` applied to a scalar or, lane by lane, to a vector.
     fn unary(&mut self, op: UnaryOp, a: Value) -> Value {
         let lanes = self.b.func.dfg.value_type(a).is_vector();
@@ -827,17 +836,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                 } else {
                     self.float_like(a, 1.0)
                 };
-                if lanes {
-                    self.vselect(positive, when, zero)
-                } else {
-                    self.b.ins().select(positive, when, zero)
-                }
+                self.select_like(positive, when, zero)
             }
         }
     }
 
     /// A binary operation; `bools` when the operands are booleans (i8); `rhs` is the
     /// exponent's expression for `Pow`.
+    /// `op` on two scalars or, lane by lane, two vectors (`bools`: of conditions).
     fn binary(
         &mut self,
         op: BinaryOp,
@@ -859,11 +865,11 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             BinaryOp::Min => {
                 let smaller = self.b.ins().fcmp(FloatCC::LessThan, b, a);
-                self.b.ins().select(smaller, b, a)
+                self.select_like(smaller, b, a)
             }
             BinaryOp::Max => {
                 let larger = self.b.ins().fcmp(FloatCC::GreaterThan, b, a);
-                self.b.ins().select(larger, b, a)
+                self.select_like(larger, b, a)
             }
             BinaryOp::And => self.b.ins().band(a, b),
             BinaryOp::Or => self.b.ins().bor(a, b),

@@ -354,19 +354,6 @@ impl Gen<'_, '_> {
                 let ty = self.vector_type();
                 self.b.ins().fcvt_from_sint(ty, ints)
             }
-            ExprKind::Binary {
-                op: op @ (BinaryOp::And | BinaryOp::Or),
-                lhs,
-                rhs,
-            } => {
-                let a = self.vmember(lhs, at, cache)?;
-                let b = self.vmember(rhs, at, cache)?;
-                if op == BinaryOp::And {
-                    self.b.ins().band(a, b)
-                } else {
-                    self.b.ins().bor(a, b)
-                }
-            }
             ExprKind::Unary { op, arg } => {
                 let a = self.vmember(arg, at, cache)?;
                 self.unary(op, a)
@@ -374,36 +361,8 @@ impl Gen<'_, '_> {
             ExprKind::Binary { op, lhs, rhs } => {
                 let a = self.vmember(lhs, at, cache)?;
                 let b = self.vmember(rhs, at, cache)?;
-                match op {
-                    BinaryOp::Add => self.b.ins().fadd(a, b),
-                    BinaryOp::Sub => self.b.ins().fsub(a, b),
-                    BinaryOp::Mul => self.b.ins().fmul(a, b),
-                    BinaryOp::Div => self.b.ins().fdiv(a, b),
-                    BinaryOp::Pow => {
-                        let ExprKind::Const(Real(c)) = self.module.exprs[rhs].kind else {
-                            return Err(internal("a power with a variable exponent"));
-                        };
-                        self.power(a, c)
-                    }
-                    BinaryOp::Min | BinaryOp::Max => {
-                        let cc = if op == BinaryOp::Min {
-                            FloatCC::LessThan
-                        } else {
-                            FloatCC::GreaterThan
-                        };
-                        let right = self.b.ins().fcmp(cc, b, a);
-                        self.vselect(right, b, a)
-                    }
-                    BinaryOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, a, b),
-                    BinaryOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, a, b),
-                    BinaryOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, a, b),
-                    BinaryOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, a, b),
-                    BinaryOp::Eq => self.b.ins().fcmp(FloatCC::Equal, a, b),
-                    BinaryOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, a, b),
-                    BinaryOp::And | BinaryOp::Or => {
-                        return Err(internal("a conjunction in a vector loop"));
-                    }
-                }
+                let bools = self.module.exprs[lhs].ty == Type::Bool;
+                self.binary(op, a, b, bools, rhs)?
             }
             ExprKind::Select {
                 cond,
