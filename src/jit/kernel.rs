@@ -16,7 +16,10 @@ use crate::ir::*;
 use crate::opt::Plan;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F64, I8, I32, I64};
-use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_codegen::ir::{
+    FuncRef, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind, Type as ClifType,
+    Value,
+};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, Variable};
 use std::collections::{HashMap, HashSet};
@@ -176,6 +179,10 @@ struct Gen<'a, 'f> {
     status: Variable,
     /// Batch and per-anchor values computed so far (in straight-line code).
     row: HashMap<Handle<Expr>, Value>,
+    /// The values of `row` a loop reads that have a use before it ([`Self::pin`]).
+    pinned: HashSet<Value>,
+    /// The stack slot those uses store to.
+    pin_slot: Option<StackSlot>,
     /// Pointers to batch vectors.
     vectors: HashMap<Handle<Expr>, Value>,
     sets: HashMap<Handle<Set>, Repr>,
@@ -259,6 +266,8 @@ impl<'a, 'f> Gen<'a, 'f> {
             indices_arg: params[4],
             status,
             row: HashMap::new(),
+            pinned: HashSet::new(),
+            pin_slot: None,
             vectors: HashMap::new(),
             sets: HashMap::new(),
             buffers: Vec::new(),
@@ -688,12 +697,31 @@ impl<'a, 'f> Gen<'a, 'f> {
                         self.vectors.insert(e, ptr);
                     }
                 }
-                _ => {
+                Level::Const => {
                     self.row(e)?;
+                }
+                _ => {
+                    let v = self.row(e)?;
+                    self.pin(v);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Gives a per-anchor value a loop reads a use before the loop: a store to a scratch
+    /// stack slot. Cranelift's egraph places pure arithmetic at its first use and did not
+    /// hoist it out of our loops: a row-level sigmoid (two divisions) that only a loop read
+    /// was computed in every iteration.
+    fn pin(&mut self, v: Value) {
+        if !self.pinned.insert(v) {
+            return;
+        }
+        let slot = *self.pin_slot.get_or_insert_with(|| {
+            self.b
+                .create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3))
+        });
+        self.b.ins().stack_store(I64, v, slot, 0);
     }
 
     /// A batch or per-anchor value, computed once.
