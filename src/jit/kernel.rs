@@ -709,8 +709,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         Ok(())
     }
 
-    /// Gives a per-anchor value a loop reads a use before the loop: a store to a scratch
-    /// stack slot. Cranelift's egraph places pure arithmetic at its first use and did not
+    /// Gives a per-anchor value a later loop reads a use here, before the loop: a store to
+    /// a scratch stack slot. Cranelift's egraph places pure arithmetic at its first use and did not
     /// hoist it out of our loops: a row-level sigmoid (two divisions) that only a loop read
     /// was computed in every iteration.
     fn pin(&mut self, v: Value) {
@@ -1087,6 +1087,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         match op {
             ReduceOp::Std => {
                 let mean = self.fused_reduce(ReduceOp::Mean, set, repr, Some(body))?;
+                self.pin(mean);
                 let n = self.set_count(set, repr)?;
                 let count = self.index_to_float(n);
                 let square_gap = |g: &mut Self, v: Value| {
@@ -1107,6 +1108,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     Some(&max) => max,
                     None => self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?,
                 };
+                self.pin(max);
                 // A pair set has no per-column buffer.
                 let kept = match repr {
                     Repr::Range { space, .. }
@@ -1134,6 +1136,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 if let Some(buffer) = kept {
                     let one = self.fconst(1.0);
                     let inverse = self.b.ins().fdiv(one, total);
+                    self.pin(inverse);
                     self.softmax_rows.insert((set, body), (buffer, inverse));
                 }
                 let ln = self.math.ln(&mut self.b, total);
