@@ -59,6 +59,28 @@ fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
     }
 }
 
+/// A helper's arguments as slices: the members' values and indices, and the output list.
+///
+/// # Safety
+/// Each pointer must point at `len` elements (readable; `out` writable) that nothing else
+/// accesses while the slices live.
+unsafe fn member_slices<'a, F>(
+    values: *const F,
+    indices: *const u32,
+    out: *mut u32,
+    len: u64,
+) -> (&'a [F], &'a [u32], &'a mut [u32]) {
+    let len = len as usize;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        (
+            std::slice::from_raw_parts(values, len),
+            std::slice::from_raw_parts(indices, len),
+            std::slice::from_raw_parts_mut(out, len),
+        )
+    }
+}
+
 /// The `count` members with the smallest (largest) values, written to `out` in index
 /// order; returns how many, or -1 when `count` is not a non-negative integer.
 ///
@@ -73,15 +95,8 @@ unsafe fn extreme<F: Lane>(
     out: *mut u32,
 ) -> i64 {
     let Some(k) = count(wanted) else { return -1 };
-    let len = len as usize;
     // SAFETY: the caller guarantees `len` elements behind each pointer.
-    let (values, indices, out) = unsafe {
-        (
-            std::slice::from_raw_parts(values, len),
-            std::slice::from_raw_parts(indices, len),
-            std::slice::from_raw_parts_mut(out, len),
-        )
-    };
+    let (values, indices, out) = unsafe { member_slices(values, indices, out, len) };
     let mut chosen: Vec<u32> = first_in_order(values, k, largest != 0)
         .into_iter()
         .map(|p| indices[p as usize])
@@ -129,15 +144,8 @@ unsafe fn sample<F: Lane>(
     out: *mut u32,
 ) -> i64 {
     let Some(k) = count(wanted) else { return -1 };
-    let len = len as usize;
     // SAFETY: the caller guarantees `len` elements behind each pointer.
-    let (values, indices, out) = unsafe {
-        (
-            std::slice::from_raw_parts(values, len),
-            std::slice::from_raw_parts(indices, len),
-            std::slice::from_raw_parts_mut(out, len),
-        )
-    };
+    let (values, indices, out) = unsafe { member_slices(values, indices, out, len) };
     SAMPLER.with(|cell| {
         let (sampler, weights) = &mut *cell.borrow_mut();
         weights.clear();
