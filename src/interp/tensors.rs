@@ -4,9 +4,7 @@ use super::Precision;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use crate::runtime::error::RunError;
-use crate::runtime::groups::{
-    GroupValues, column_part, column_range, partition_columns, permutation,
-};
+use crate::runtime::groups::{GroupValues, column_part, column_range, partition_columns};
 use ndarray::{Array2, Axis as NdAxis};
 
 /// The value of tensor `target`, computing (and caching) the tensors it needs.
@@ -226,8 +224,7 @@ pub fn backward(
                         site,
                     } => {
                         let cols = tensors[source.index()].ncols();
-                        let columns =
-                            partition_columns(&permutation(cols, seed, *site), sizes, *part);
+                        let columns = partition_columns(cols, sizes, *part, (seed, *site));
                         let target = &mut adjoints[source.index()];
                         for ((i, k), &v) in g.indexed_iter() {
                             add(target, i, columns[k], v);

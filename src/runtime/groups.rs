@@ -119,7 +119,7 @@ pub fn mix(seed: u64, site: u32) -> u64 {
 }
 
 /// The column permutation of a seeded partition: a Fisher-Yates shuffle of `0..cols`.
-pub fn permutation(cols: usize, seed: u64, site: u32) -> Vec<usize> {
+fn permutation(cols: usize, seed: u64, site: u32) -> Vec<usize> {
     use rand_pcg::rand_core::Rng;
     let mut rng = super::sample::stream(seed, site, u32::MAX);
     let mut order: Vec<usize> = (0..cols).collect();
@@ -130,8 +130,15 @@ pub fn permutation(cols: usize, seed: u64, site: u32) -> Vec<usize> {
     order
 }
 
-/// The columns of part `part` of a partition into `sizes`.
-pub fn partition_columns(order: &[usize], sizes: &[usize], part: usize) -> Vec<usize> {
+/// The columns of part `part` when `cols` columns, permuted by the stream of `seed` and
+/// `site`, are cut into parts of `sizes`.
+pub fn partition_columns(
+    cols: usize,
+    sizes: &[usize],
+    part: usize,
+    (seed, site): (u64, u32),
+) -> Vec<usize> {
+    let order = permutation(cols, seed, site);
     let start: usize = sizes[..part].iter().sum();
     order[start..start + sizes[part]].to_vec()
 }
@@ -171,6 +178,6 @@ pub fn column_part<T: Clone>(
             tensor,
         });
     }
-    let columns = partition_columns(&permutation(a.ncols(), seed, site), sizes, part);
+    let columns = partition_columns(a.ncols(), sizes, part, (seed, site));
     Ok(a.select(ndarray::Axis(1), &columns))
 }

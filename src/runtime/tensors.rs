@@ -3,7 +3,7 @@
 
 use super::error::RunError;
 use super::gemm;
-use super::groups::{GroupValues, column_part, column_range, partition_columns, permutation};
+use super::groups::{GroupValues, column_part, column_range, partition_columns};
 use super::real::Real;
 use super::sparse;
 use crate::grad::TensorStep;
@@ -440,7 +440,7 @@ fn tensor_backward<F: Real>(
             site,
         } => {
             let cols = tensors[source.index()].ncols();
-            let columns = partition_columns(&permutation(cols, seed, *site), sizes, *part);
+            let columns = partition_columns(cols, sizes, *part, (seed, *site));
             let target = &mut grads[source.index()];
             for (k, &c) in columns.iter().enumerate() {
                 target
