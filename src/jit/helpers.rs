@@ -28,35 +28,50 @@ fn count(value: f64) -> Option<usize> {
 }
 
 /// The first `k` positions of 0..len ordered by (value, position) ascending, or by value
-/// descending and position ascending when `largest`. For a few of many members it keeps a
-/// short sorted list instead of sorting them all: a row's rank 16 of 1023 costs one pass.
+/// descending and position ascending when `largest`. Only the candidates within
+/// [`candidate_bound`] are sorted: a row's rank 16 of 1023 sorts a few dozen values.
 fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
-    let key = |p: u32| {
-        let v = values[p as usize].to_f64();
-        if largest { -v } else { v }
-    };
-    let before = |a: u32, b: u32| key(a).total_cmp(&key(b)).then(a.cmp(&b)).is_lt();
+    // Negation is exact, so `largest` is the same order on -v.
+    let sign = if largest { -1.0 } else { 1.0 };
+    let key = |p: u32| sign * values[p as usize].to_f64();
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
     }
-    if k * 8 < values.len() {
-        let mut kept: Vec<u32> = Vec::with_capacity(k + 1);
-        for p in 0..values.len() as u32 {
-            if kept.len() == k && !before(p, kept[k - 1]) {
-                continue;
-            }
-            let at = kept.partition_point(|&q| before(q, p));
-            kept.insert(at, p);
-            kept.truncate(k);
-        }
-        kept
-    } else {
-        let mut positions: Vec<u32> = (0..values.len() as u32).collect();
-        positions.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
-        positions.truncate(k);
-        positions
+    let positions = 0..values.len() as u32;
+    let mut chosen: Vec<u32> = match candidate_bound(values, k, sign) {
+        Some(bound) => positions.filter(|&p| key(p) <= bound).collect(),
+        None => positions.collect(),
+    };
+    chosen.sort_unstable_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+    chosen.truncate(k);
+    chosen
+}
+
+/// A key that the first `k` keys (`sign * value`) do not exceed, when `k` is small against
+/// the count: the k-th smallest of the minima of at least 2k blocks, since those minima are
+/// k values at or below it. None when every value must be sorted, or one is NaN (NaN sits
+/// at either end of the total order, past any bound).
+fn candidate_bound<F: Lane>(values: &[F], k: usize, sign: f64) -> Option<f64> {
+    if k * 8 >= values.len() {
+        return None;
     }
+    let mut nan = false;
+    let mut minima: Vec<f64> = values
+        .chunks(values.len() / (2 * k))
+        .map(|block| {
+            block.iter().fold(f64::INFINITY, |least, v| {
+                let key = sign * v.to_f64();
+                nan |= key.is_nan();
+                if key < least { key } else { least }
+            })
+        })
+        .collect();
+    if nan {
+        return None;
+    }
+    let (_, bound, _) = minima.select_nth_unstable_by(k - 1, f64::total_cmp);
+    Some(*bound)
 }
 
 /// A helper's arguments as slices: the members' values and indices, and the output list.
