@@ -1388,6 +1388,9 @@ impl Lowerer<'_> {
         if op == ast::BinaryOp::Union {
             let a = self.as_set(a, lhs.span, ctx)?;
             let b = self.as_set(b, rhs.span, ctx)?;
+            if let Some(merged) = self.union_of_filters(a, b, span) {
+                return Ok(Value::Set(merged));
+            }
             return Ok(Value::Set(self.combine_sets(
                 a,
                 b,
@@ -1462,6 +1465,38 @@ impl Lowerer<'_> {
             });
         }
         Ok(Value::Expr(h))
+    }
+
+    /// `base where P | base where Q` as the one filter `base where P or Q`: a single pass
+    /// over the base instead of two member lists merged.
+    fn union_of_filters(
+        &mut self,
+        a: Handle<Set>,
+        b: Handle<Set>,
+        span: Span,
+    ) -> Option<Handle<Set>> {
+        let (sa, sb) = (self.builder.set(a).clone(), self.builder.set(b).clone());
+        let (
+            SetKind::Filter { base, predicate: p },
+            SetKind::Filter {
+                base: other,
+                predicate: q,
+            },
+        ) = (sa.kind, sb.kind)
+        else {
+            return None;
+        };
+        if base != other || sa.block != sb.block {
+            return None;
+        }
+        let either = self.builder.binary(BinaryOp::Or, p, q).ok()?;
+        let kind = SetKind::Filter {
+            base,
+            predicate: either,
+        };
+        let h = self.builder.add_set(kind, sa.value, sa.shape, sa.block);
+        self.record_set_span(h, span);
+        Some(h)
     }
 
     /// The union or fallback of two sets of the same space and value.
