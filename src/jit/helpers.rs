@@ -6,7 +6,7 @@ use crate::runtime::sample::{WeightedSampler, stream};
 use std::cell::RefCell;
 
 /// A float type the kernels compute in.
-pub trait Lane: Copy + PartialOrd + 'static {
+pub trait Lane: Copy + PartialOrd + std::ops::Neg<Output = Self> + 'static {
     fn to_f64(self) -> f64;
 }
 
@@ -32,45 +32,60 @@ fn count(value: f64) -> Option<usize> {
 /// [`candidate_bound`] are sorted: a row's rank 16 of 1023 sorts a few dozen values.
 fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
     // Negation is exact, so `largest` is the same order on -v.
-    let sign = if largest { -1.0 } else { 1.0 };
-    let key = |p: u32| sign * values[p as usize].to_f64();
+    let key = |v: F| if largest { -v } else { v };
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
     }
-    let positions = 0..values.len() as u32;
-    let mut chosen: Vec<u32> = match candidate_bound(values, k, sign) {
-        Some(bound) => positions.filter(|&p| key(p) <= bound).collect(),
-        None => positions.collect(),
+    let mut chosen: Vec<u32> = match candidate_bound(values, k, key) {
+        Some(bound) => {
+            let mut within = Vec::new();
+            // Blocks of 8 are tested at once (on vector lanes); most hold no candidate.
+            for (b, block) in values.chunks(8).enumerate() {
+                if block.iter().fold(false, |any, &v| any | (key(v) <= bound)) {
+                    let start = 8 * b as u32;
+                    let hits = (start..).zip(block).filter(|&(_, &v)| key(v) <= bound);
+                    within.extend(hits.map(|(p, _)| p));
+                }
+            }
+            within
+        }
+        None => (0..values.len() as u32).collect(),
     };
-    chosen.sort_unstable_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+    let order = |p: u32| key(values[p as usize]).to_f64();
+    chosen.sort_unstable_by(|&a, &b| order(a).total_cmp(&order(b)).then(a.cmp(&b)));
     chosen.truncate(k);
     chosen
 }
 
-/// A key that the first `k` keys (`sign * value`) do not exceed, when `k` is small against
-/// the count: the k-th smallest of the minima of at least 2k blocks, since those minima are
-/// k values at or below it. None when every value must be sorted, or one is NaN (NaN sits
-/// at either end of the total order, past any bound).
-fn candidate_bound<F: Lane>(values: &[F], k: usize, sign: f64) -> Option<f64> {
+/// A key that the first `k` keys do not exceed, when `k` is small against the count: the
+/// k-th smallest of the minima of at least 2k disjoint subsets, since those minima are k
+/// values at or below it. The subsets are the residues modulo a multiple of 8, so that
+/// their minima are taken on vector lanes. None when every value must be sorted, or one is
+/// NaN (NaN sits at either end of the total order, past any bound).
+fn candidate_bound<F: Lane>(values: &[F], k: usize, key: impl Fn(F) -> F) -> Option<F> {
     if k * 8 >= values.len() {
         return None;
     }
+    // At most len/4 + 7 < len subsets, so none is empty.
+    let subsets = (2 * k).next_multiple_of(8);
+    let mut minima: Vec<F> = values[..subsets].iter().map(|&v| key(v)).collect();
     let mut nan = false;
-    let mut minima: Vec<f64> = values
-        .chunks(values.len() / (2 * k))
-        .map(|block| {
-            block.iter().fold(f64::INFINITY, |least, v| {
-                let key = sign * v.to_f64();
-                nan |= key.is_nan();
-                if key < least { key } else { least }
-            })
-        })
-        .collect();
+    for stride in values.chunks(subsets) {
+        for (least, &v) in minima.iter_mut().zip(stride) {
+            let v = key(v);
+            #[allow(clippy::eq_op)] // NaN is the one value unequal to itself
+            {
+                nan |= v != v;
+            }
+            *least = if v < *least { v } else { *least };
+        }
+    }
     if nan {
         return None;
     }
-    let (_, bound, _) = minima.select_nth_unstable_by(k - 1, f64::total_cmp);
+    let (_, bound, _) =
+        minima.select_nth_unstable_by(k - 1, |a, b| a.to_f64().total_cmp(&b.to_f64()));
     Some(*bound)
 }
 
@@ -288,4 +303,62 @@ pub fn symbols() -> Vec<(&'static str, *const u8)> {
         ("losscc_sample_f32", losscc_sample_f32 as *const u8),
         ("losscc_sample_f64", losscc_sample_f64 as *const u8),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_in_order;
+    use crate::runtime::sample::stream;
+    use rand_pcg::rand_core::Rng;
+
+    /// The definition: every position sorted by (value, position), or by (-value,
+    /// position) when `largest`, in the total order.
+    fn by_full_sort(values: &[f32], k: usize, largest: bool) -> Vec<u32> {
+        let key = |p: u32| {
+            if largest {
+                -values[p as usize]
+            } else {
+                values[p as usize]
+            }
+        };
+        let mut all: Vec<u32> = (0..values.len() as u32).collect();
+        all.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+        all.truncate(k);
+        all
+    }
+
+    #[test]
+    fn selection_matches_a_full_sort_with_ties_signed_zeros_and_nan() {
+        let mut rng = stream(7, 0, 0);
+        let mut checked = 0;
+        for case in 0..400u32 {
+            let len = 1 + (rng.next_u32() % 1100) as usize;
+            // Few distinct values make ties common; some cases carry ±0, inf and NaN.
+            let distinct = [2, 16, 1 << 20][case as usize % 3];
+            let mut values: Vec<f32> = (0..len)
+                .map(|_| (rng.next_u32() % distinct) as f32 / 7.0 - 1.0)
+                .collect();
+            if case % 4 == 1 {
+                for special in [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY] {
+                    let at = rng.next_u32() as usize % len;
+                    values[at] = special;
+                }
+            }
+            if case % 8 == 3 {
+                let at = rng.next_u32() as usize % len;
+                values[at] = if case % 16 == 3 { f32::NAN } else { -f32::NAN };
+            }
+            for k in [0, 1, 2, 17, 65, len / 9, len] {
+                for largest in [false, true] {
+                    assert_eq!(
+                        first_in_order(&values, k, largest),
+                        by_full_sort(&values, k, largest),
+                        "case {case}: len {len}, k {k}, largest {largest}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 400 * 14);
+    }
 }
