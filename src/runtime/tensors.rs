@@ -289,7 +289,7 @@ fn metric_backward<F: Real>(
         Metric::SqEuclid => Some(None),
         Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
-    let mut sparse = sparse::Compressed::of(g.view());
+    let mut sparse = sparse::Compressed::of(g.view(), threads);
     if let Some(floor) = floor {
         // dQ = dD / (2 D) where the clamp does not hold (D above its floor); the |a_i|^2
         // and |b_j|^2 terms take the row and column sums of dQ, the cross term -2 a_i . b_j
