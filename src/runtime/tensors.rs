@@ -8,6 +8,7 @@ use super::real::Real;
 use super::sparse;
 use crate::grad::TensorStep;
 use crate::ir::*;
+use multiversion::multiversion;
 use ndarray::{Array1, Array2, ArrayView2, Axis as NdAxis};
 
 /// The tensors of the module in order, up to and including `last` (all when `None`): the
@@ -132,7 +133,6 @@ pub fn pair_matrix<F: Real>(
         Metric::Euclid { eps } => Some(F::from_f64(eps)),
     };
     let (na, nb) = (row_norms(a), row_norms(b));
-    let two = F::from_f64(2.0);
     let floor = eps.map(|e| e.sqrt());
     let symmetric = matrix.is_symmetric();
     // Q = |a_i|^2 + |b_j|^2 - 2 a_i . b_j, then D = sqrt(Q) above the clamp: elementwise, so
@@ -145,20 +145,27 @@ pub fn pair_matrix<F: Real>(
     gemm::run_tasks(rows, threads, |(chunk, rows)| {
         for (r, row) in rows.chunks_mut(cols).enumerate() {
             let i = chunk * DISTANCE_ROWS + r;
-            let ni = na[i];
-            let squared = row.iter_mut().zip(nb);
-            match (eps, floor) {
-                (Some(eps), Some(floor)) => squared.for_each(|(v, &nj)| {
-                    let q = ni + nj - two * *v;
-                    *v = if q > eps { q.sqrt() } else { floor };
-                }),
-                _ => squared.for_each(|(v, &nj)| *v = ni + nj - two * *v),
-            }
+            distance_row(row, na[i], nb, eps.zip(floor));
             if symmetric {
                 row[i] = floor.unwrap_or(F::ZERO);
             }
         }
     });
+}
+
+/// One row of distances from its dot products `v`: `Q = n_i + n_j - 2 v`, then
+/// `D = sqrt(Q)` above the clamp `eps` (with `floor = sqrt(eps)` below it), or `Q` itself.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn distance_row<F: Real>(row: &mut [F], ni: F, nb: &[F], clamp: Option<(F, F)>) {
+    let two = F::from_f64(2.0);
+    let squared = row.iter_mut().zip(nb);
+    match clamp {
+        Some((eps, floor)) => squared.for_each(|(v, &nj)| {
+            let q = ni + nj - two * *v;
+            *v = if q > eps { q.sqrt() } else { floor };
+        }),
+        None => squared.for_each(|(v, &nj)| *v = ni + nj - two * *v),
+    }
 }
 
 /// The GEMM work of one matrix in a forward+backward, on stand-in adjoints: what
@@ -384,6 +391,7 @@ fn metric_backward<F: Real>(
 /// One row of the distance adjoint's dense pass: each entry `w` of `g` becomes `-2 dq(w, d)`
 /// and `dq` is added into `cols`; returns the row's sum of `dq`. Eight running sums,
 /// combined in a fixed order at the end, let the loop run on vector lanes.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn distance_adjoint_row<F: Real>(
     g: &mut [F],
     d: &[F],
