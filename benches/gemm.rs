@@ -48,7 +48,7 @@ fn products(c: &mut Criterion) {
     group.bench_function("g_x/gemm_crate", |b| {
         b.iter(|| {
             out.fill(0.0);
-            gemm::ab_acc(g.view(), x.view(), out.view_mut(), 1)
+            gemm::ab_acc(1.0, g.view(), x.view(), out.view_mut(), 1)
         })
     });
     group.finish();

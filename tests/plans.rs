@@ -32,6 +32,7 @@ fn plans_evaluate_like_their_modules() {
         let as_gradient = Gradient {
             module: plan.module.clone(),
             scatters: plan.scatters.clone(),
+            scales: plan.scales.clone(),
             tensor_steps: plan.tensor_steps.clone(),
             schedule: plan.schedule.clone(),
         };

@@ -70,6 +70,10 @@ pub struct Gradient {
     /// The forward module with the adjoint expressions appended.
     pub module: Module,
     pub scatters: Vec<Scatter>,
+    /// Per matrix: a batch-level factor its adjoint is multiplied by once the scatters are
+    /// done, before the tensor steps. Differentiation leaves them all `None`; the compiled
+    /// backend's plan takes shared factors out of the scatter weights into them.
+    pub scales: Vec<Option<Handle<Expr>>>,
     /// From the matrices' adjoints back to `x`, in order.
     pub tensor_steps: Vec<TensorStep>,
     /// Forward values, adjoints and scatters, in phases.
@@ -121,6 +125,7 @@ pub fn differentiate(module: &Module) -> Result<Gradient, GradError> {
     let effects: Vec<Effect> = scatters.iter().map(|s| effect(&module, s)).collect();
     let schedule = schedule(&module, &roots, &effects);
     Ok(Gradient {
+        scales: vec![None; module.matrices.len()],
         module,
         scatters,
         tensor_steps,

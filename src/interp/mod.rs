@@ -111,6 +111,12 @@ pub fn evaluate_with_gradient(
     for scatter in &gradient.scatters {
         interp.scatter(scatter, &mut adjoints[scatter.matrix.index()])?;
     }
+    for (adjoint, scale) in adjoints.iter_mut().zip(&gradient.scales) {
+        if let Some(scale) = *scale {
+            let scale = interp.num(scale, Point::Batch)?;
+            adjoint.mapv_inplace(|w| interp.r(w * scale));
+        }
+    }
     let grad = interp.tensor_backward(&gradient.tensor_steps, &adjoints);
     if let Some((_, &value)) = grad.indexed_iter().find(|(_, v)| !v.is_finite()) {
         return Err(RunError::NotFinite {

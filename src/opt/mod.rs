@@ -11,6 +11,7 @@
 //! stays at batch level, and [`Plan::row_local`] is false.
 
 use crate::grad::{Gradient, Scatter, ScatterTarget, TensorStep};
+use crate::ir::build::Builder;
 use crate::ir::rewrite::{Hook, Rewrite};
 use crate::ir::*;
 use std::collections::HashMap;
@@ -23,6 +24,9 @@ pub struct Plan {
     pub scatters: Vec<Scatter>,
     pub tensor_steps: Vec<TensorStep>,
     pub schedule: Schedule,
+    /// Per matrix: a batch-level factor of every scatter into its adjoint, taken out of the
+    /// weights and applied in the backward instead (see [`factor_batch_scales`]).
+    pub scales: Vec<Option<Handle<Expr>>>,
     /// Whether every pass over pair members runs per anchor row (no batch-level member sets).
     pub row_local: bool,
 }
@@ -31,14 +35,15 @@ pub struct Plan {
 pub fn forward_plan(module: &Module) -> Plan {
     let mut decompose = Decompose::default();
     let module = Rewrite::new(module).finish(&mut decompose);
-    finish(module, Vec::new(), Vec::new())
+    let scales = vec![None; module.matrices.len()];
+    finish(module, Vec::new(), scales, Vec::new())
 }
 
 /// The plan of the forward computation and its gradient.
 pub fn gradient_plan(gradient: &Gradient) -> Plan {
     let mut decompose = Decompose::default();
     let mut rewrite = Rewrite::new(&gradient.module);
-    let scatters: Vec<Scatter> = gradient
+    let mut scatters: Vec<Scatter> = gradient
         .scatters
         .iter()
         .map(|s| {
@@ -73,13 +78,20 @@ pub fn gradient_plan(gradient: &Gradient) -> Plan {
             }
         })
         .collect();
+    let scales = factor_batch_scales(&mut rewrite.builder, &mut scatters);
     let module = rewrite.finish(&mut decompose);
-    finish(module, scatters, gradient.tensor_steps.clone())
+    finish(module, scatters, scales, gradient.tensor_steps.clone())
 }
 
-fn finish(module: Module, scatters: Vec<Scatter>, tensor_steps: Vec<TensorStep>) -> Plan {
+fn finish(
+    module: Module,
+    scatters: Vec<Scatter>,
+    scales: Vec<Option<Handle<Expr>>>,
+    tensor_steps: Vec<TensorStep>,
+) -> Plan {
     let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr())
         .chain(module.stats.iter().map(|s| s.1))
+        .chain(scales.iter().flatten().copied())
         .collect();
     let effects: Vec<Effect> = scatters
         .iter()
@@ -96,7 +108,87 @@ fn finish(module: Module, scatters: Vec<Scatter>, tensor_steps: Vec<TensorStep>)
         scatters,
         tensor_steps,
         schedule,
+        scales,
         row_local,
+    }
+}
+
+/// Takes the batch-level factor out of the scatter weights of each matrix adjoint whose
+/// scatters all have the same one. A loss normalised by a batch total (`sum(term) /
+/// sum(count)`, a mean over the anchors not skipped) gives every weight such a factor,
+/// and it depends on every row: left in, it holds the scatters back to a second row pass
+/// after the batch values, which redoes the row's work (its selections, its member values).
+/// Taken out, the weights are row-level, the scatters run in the forward's row pass, and
+/// the backward, linear in the adjoint, applies the factor.
+fn factor_batch_scales(b: &mut Builder, scatters: &mut [Scatter]) -> Vec<Option<Handle<Expr>>> {
+    let mut scales = vec![None; b.module.matrices.len()];
+    for (m, scale) in scales.iter_mut().enumerate() {
+        let into: Vec<usize> = (0..scatters.len())
+            .filter(|&i| scatters[i].matrix.index() == m)
+            .collect();
+        let split: Vec<Option<(Handle<Expr>, Handle<Expr>)>> = into
+            .iter()
+            .map(|&i| batch_factor(b, scatters[i].weight))
+            .collect();
+        let Some(&Some((factor, _))) = split.first() else {
+            continue;
+        };
+        if split
+            .iter()
+            .all(|s| matches!(s, Some((f, _)) if *f == factor))
+        {
+            for (&i, (_, rest)) in into.iter().zip(split.into_iter().flatten()) {
+                scatters[i].weight = rest;
+            }
+            *scale = Some(factor);
+        }
+    }
+    scales
+}
+
+/// `h` as `factor * rest`, `factor` batch-level, through products, quotients and
+/// negations; None when `h` has no batch-level factor.
+fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handle<Expr>)> {
+    let e = b.expr(h).clone();
+    // A negation goes to the rest, so that `-f` and `f` share the factor `f`.
+    if let ExprKind::Unary {
+        op: UnaryOp::Neg,
+        arg,
+    } = e.kind
+    {
+        let (f, r) = batch_factor(b, arg)?;
+        return Some((f, b.unary(UnaryOp::Neg, r).ok()?));
+    }
+    if e.level == Level::Batch && e.ty == Type::Num {
+        return Some((h, b.constant_expr(1.0)));
+    }
+    let mul = |b: &mut Builder, x, y| b.binary(BinaryOp::Mul, x, y).ok();
+    match e.kind {
+        ExprKind::Binary {
+            op: BinaryOp::Mul,
+            lhs,
+            rhs,
+        } => match (batch_factor(b, lhs), batch_factor(b, rhs)) {
+            (None, None) => None,
+            (Some((f, r)), None) => Some((f, mul(b, r, rhs)?)),
+            (None, Some((f, r))) => Some((f, mul(b, lhs, r)?)),
+            (Some((f, r)), Some((g, s))) => Some((mul(b, f, g)?, mul(b, r, s)?)),
+        },
+        ExprKind::Binary {
+            op: BinaryOp::Div,
+            lhs,
+            rhs,
+        } => {
+            let numerator = batch_factor(b, lhs);
+            if b.expr(rhs).level == Level::Batch {
+                let (f, r) = numerator.unwrap_or((b.constant_expr(1.0), lhs));
+                Some((b.binary(BinaryOp::Div, f, rhs).ok()?, r))
+            } else {
+                let (f, r) = numerator?;
+                Some((f, b.binary(BinaryOp::Div, r, rhs).ok()?))
+            }
+        }
+        _ => None,
     }
 }
 

@@ -547,11 +547,15 @@ impl<'r, F: Real> Run<'r, F> {
                 groups: &self.groups,
                 seed: self.seed,
             };
+            let scales: Vec<F> = (self.plan.scales.iter())
+                .map(|s| s.map_or(F::ONE, |h| F::from_f64(self.values.numbers[h.index()])))
+                .collect();
             let started = Instant::now();
             let grad = tensors::backward(
                 &forward,
                 &self.plan.tensor_steps,
                 &mut self.adjoints,
+                &scales,
                 self.threads,
             );
             self.stages.backward_ms = elapsed_ms(started);

@@ -44,18 +44,19 @@ const ROW_ALIGN: usize = 16;
 const TRI_PANEL_MIN: usize = 64;
 const TRI_PANEL_MAX: usize = 256;
 
-/// `dst (= or +=) lhs · rhs`, single-threaded. `lhs`: r×k, `rhs`: k×c, `dst`: r×c.
+/// `dst = lhs · rhs`, or `dst += scale · lhs · rhs` with `accumulate = Some(scale)`,
+/// single-threaded. `lhs`: r×k, `rhs`: k×c, `dst`: r×c.
 fn kernel<T: Real>(
     mut dst: ArrayViewMut2<'_, T>,
     lhs: ArrayView2<'_, T>,
     rhs: ArrayView2<'_, T>,
-    accumulate: bool,
+    accumulate: Option<T>,
 ) {
     let (r, c) = dst.dim();
     let k = lhs.ncols();
     debug_assert_eq!(lhs.nrows(), r);
     debug_assert_eq!(rhs.dim(), (k, c));
-    if r == 0 || c == 0 || (k == 0 && accumulate) {
+    if r == 0 || c == 0 || (k == 0 && accumulate.is_some()) {
         return;
     }
     let [dst_rs, dst_cs] = [dst.strides()[0], dst.strides()[1]];
@@ -68,7 +69,7 @@ fn kernel<T: Real>(
     // the view (ndarray points `as_ptr` at element [0, 0] even for negative
     // strides, which gemm accepts). `dst` is borrowed mutably and exclusively,
     // so it cannot alias `lhs`/`rhs`. With `read_dst == false` gemm never
-    // reads `dst`; with `true` it computes dst := 1·dst + 1·lhs·rhs.
+    // reads `dst`; with `true` it computes dst := 1·dst + scale·lhs·rhs.
     unsafe {
         ::gemm::gemm(
             r,
@@ -77,7 +78,7 @@ fn kernel<T: Real>(
             dst.as_mut_ptr(),
             dst_cs,
             dst_rs,
-            accumulate,
+            accumulate.is_some(),
             lhs.as_ptr(),
             lhs_cs,
             lhs_rs,
@@ -85,7 +86,7 @@ fn kernel<T: Real>(
             rhs_cs,
             rhs_rs,
             T::ONE,
-            T::ONE,
+            accumulate.unwrap_or(T::ONE),
             false,
             false,
             false,
@@ -142,12 +143,12 @@ fn panel_rows<T>(rows: usize, cols: usize, depth: usize) -> usize {
     rows.div_ceil(panels).next_multiple_of(ROW_ALIGN)
 }
 
-/// `out (= or +=) lhs · rhs` split into fixed row panels.
+/// `out = lhs · rhs` (or `+= scale · lhs · rhs`) split into fixed row panels.
 fn panelled<T: Real>(
     lhs: ArrayView2<'_, T>,
     rhs: ArrayView2<'_, T>,
     mut out: ArrayViewMut2<'_, T>,
-    accumulate: bool,
+    accumulate: Option<T>,
     threads: usize,
 ) {
     let (rows, cols) = out.dim();
@@ -178,11 +179,12 @@ pub fn abt<T: Real>(
         (a.nrows(), b.nrows()),
         "abt: out has the wrong shape"
     );
-    panelled(a, b.t(), out, false, threads);
+    panelled(a, b.t(), out, None, threads);
 }
 
-/// `out += g · b`. `g`: n×m, `b`: m×d, `out`: n×d.
+/// `out += scale · g · b`. `g`: n×m, `b`: m×d, `out`: n×d.
 pub fn ab_acc<T: Real>(
+    scale: T,
     g: ArrayView2<'_, T>,
     b: ArrayView2<'_, T>,
     out: ArrayViewMut2<'_, T>,
@@ -200,11 +202,12 @@ pub fn ab_acc<T: Real>(
         (g.nrows(), b.ncols()),
         "ab_acc: out has the wrong shape"
     );
-    panelled(g, b, out, true, threads);
+    panelled(g, b, out, Some(scale), threads);
 }
 
-/// `out += gᵀ · a`. `g`: n×m, `a`: n×d, `out`: m×d.
+/// `out += scale · gᵀ · a`. `g`: n×m, `a`: n×d, `out`: m×d.
 pub fn atb_acc<T: Real>(
+    scale: T,
     g: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
     out: ArrayViewMut2<'_, T>,
@@ -222,7 +225,7 @@ pub fn atb_acc<T: Real>(
         (g.ncols(), a.ncols()),
         "atb_acc: out has the wrong shape"
     );
-    panelled(g.t(), a, out, true, threads);
+    panelled(g.t(), a, out, Some(scale), threads);
 }
 
 /// `out = x · xᵀ` (`x`: n×d, `out`: n×n, previous contents ignored).
@@ -262,7 +265,7 @@ pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, thread
     } else {
         1
     };
-    run_tasks(tasks, threads, |(o, xr, xc)| kernel(o, xr, xc.t(), false));
+    run_tasks(tasks, threads, |(o, xr, xc)| kernel(o, xr, xc.t(), None));
     let data = out.as_slice_mut().expect("standard layout checked above");
     let mirror_threads = if n >= MIRROR_PAR_MIN { threads } else { 1 };
     mirror_lower(data, n, 0, n, mirror_threads);
@@ -559,15 +562,15 @@ mod tests {
                 "gram not exactly symmetric, {ctx}"
             );
             let mut da = init_a.clone();
-            ab_acc(g.view(), b.view(), da.view_mut(), threads);
+            ab_acc(T::ONE, g.view(), b.view(), da.view_mut(), threads);
             close(&da, &want_ab, m, &format!("ab_acc {ctx}"));
             let mut db = init_b.clone();
-            atb_acc(g.view(), a.view(), db.view_mut(), threads);
+            atb_acc(T::ONE, g.view(), a.view(), db.view_mut(), threads);
             close(&db, &want_atb, n, &format!("atb_acc {ctx}"));
             let mut dx = init_a.clone();
             let mut sym = gs.clone();
             symmetrize(sym.view_mut(), threads);
-            ab_acc(sym.view(), a.view(), dx.view_mut(), threads);
+            ab_acc(T::ONE, sym.view(), a.view(), dx.view_mut(), threads);
             close(&dx, &want_sym, 2 * n, &format!("symmetrize + ab_acc {ctx}"));
 
             let now = [s, k, da, db, dx];
@@ -697,11 +700,11 @@ mod tests {
         assert!(bits(&k) == bits(&k.t().to_owned()));
 
         let mut da = Array2::<f64>::zeros((d, n)).reversed_axes();
-        ab_acc(g, b, da.view_mut(), 2);
+        ab_acc(1.0, g, b, da.view_mut(), 2);
         close(&da, &naive(&g64, &b64), m, "ab_acc strided");
 
         let mut db = Array2::<f64>::ones((2 * m, d));
-        atb_acc(g, a, db.slice_mut(s![..;-2, ..]), 2);
+        atb_acc(1.0, g, a, db.slice_mut(s![..;-2, ..]), 2);
         let want = naive(&g64.t().to_owned(), &a64).mapv(|v| v + 1.0);
         close(
             &db.slice(s![..;-2, ..]).to_owned(),

@@ -126,10 +126,11 @@ impl<F: Real> Compressed<F> {
         }
     }
 
-    /// `out += self · rhs`: each output row the sum of the rows of `rhs` its entries name,
+    /// `out += scale · self · rhs`: each output row the sum of the rows of `rhs` its entries name,
     /// scaled by them.
     pub fn accumulate(
         &self,
+        scale: F,
         rhs: ArrayView2<'_, F>,
         mut out: ArrayViewMut2<'_, F>,
         threads: usize,
@@ -157,10 +158,11 @@ impl<F: Real> Compressed<F> {
                 let columns = self.columns[entries.clone()].chunks(4);
                 for (columns, scales) in columns.zip(self.values[entries].chunks(4)) {
                     if let (&[c0, c1, c2, c3], &[s0, s1, s2, s3]) = (columns, scales) {
-                        add_scaled4(row, [s0, s1, s2, s3], [x(c0), x(c1), x(c2), x(c3)]);
+                        let scales = [s0, s1, s2, s3].map(|s| scale * s);
+                        add_scaled4(row, scales, [x(c0), x(c1), x(c2), x(c3)]);
                     } else {
                         for (&c, &s) in columns.iter().zip(scales) {
-                            add_scaled(row, s, x(c));
+                            add_scaled(row, scale * s, x(c));
                         }
                     }
                 }
@@ -237,8 +239,8 @@ mod tests {
         let by_column = by_row.transpose(g.ncols());
         for threads in [1, 2, 3] {
             let (mut da, mut db) = (Array2::zeros(a.dim()), Array2::zeros(b.dim()));
-            by_row.accumulate(b.view(), da.view_mut(), threads);
-            by_column.accumulate(a.view(), db.view_mut(), threads);
+            by_row.accumulate(1.0, b.view(), da.view_mut(), threads);
+            by_column.accumulate(1.0, a.view(), db.view_mut(), threads);
             let (want_a, want_b) = (g.dot(&b), g.t().dot(&a));
             assert!(da.iter().zip(&want_a).all(|(x, y)| (x - y).abs() < 1e-12));
             assert!(db.iter().zip(&want_b).all(|(x, y)| (x - y).abs() < 1e-12));

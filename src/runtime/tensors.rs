@@ -199,11 +199,11 @@ impl<'t, F: Real> GemmWork<'t, F> {
         let (a, b) = (self.a.view(), self.b.view());
         if self.symmetric {
             gemm::gram(a, self.s.view_mut(), threads);
-            gemm::ab_acc(self.s.view(), a, self.da.view_mut(), threads);
+            gemm::ab_acc(F::ONE, self.s.view(), a, self.da.view_mut(), threads);
         } else {
             gemm::abt(a, b, self.s.view_mut(), threads);
-            gemm::ab_acc(self.s.view(), b, self.da.view_mut(), threads);
-            gemm::atb_acc(self.s.view(), a, self.db.view_mut(), threads);
+            gemm::ab_acc(F::ONE, self.s.view(), b, self.da.view_mut(), threads);
+            gemm::atb_acc(F::ONE, self.s.view(), a, self.db.view_mut(), threads);
         }
     }
 }
@@ -218,11 +218,12 @@ pub struct Forward<'a, F> {
     pub seed: u64,
 }
 
-/// `dL/dx` from the matrices' adjoints, through the tensor steps.
+/// `dL/dx` from the matrices' adjoints (each times its scale), through the tensor steps.
 pub fn backward<F: Real>(
     forward: &Forward<'_, F>,
     steps: &[TensorStep],
     adjoints: &mut [Option<Array2<F>>],
+    scales: &[F],
     threads: usize,
 ) -> Array2<F> {
     let Forward {
@@ -241,6 +242,7 @@ pub fn backward<F: Real>(
                 };
                 metric_backward(
                     &module.matrices[m],
+                    scales[m.index()],
                     g,
                     &matrices[m.index()],
                     tensors,
@@ -279,10 +281,11 @@ fn written_zeros<F: Real>(dim: (usize, usize)) -> Array2<F> {
     Array2::from_shape_vec(dim, values).unwrap_or_else(|_| Array2::zeros(dim))
 }
 
-/// From a matrix's adjoint to its tensors'. For the distances, `dQ = dD / (2 D)` where the
+/// From a matrix's adjoint, times `scale`, to its tensors'. For the distances, `dQ = dD / (2 D)` where the
 /// clamp does not hold, then `dA_i += 2 (rowsum_i(dQ) a_i - (dQ B)_i)` and symmetrically for B.
 fn metric_backward<F: Real>(
     matrix: &Matrix,
+    scale: F,
     g: &mut Array2<F>,
     value: &Array2<F>,
     tensors: &[Array2<F>],
@@ -350,23 +353,25 @@ fn metric_backward<F: Real>(
         }
         let (a, b) = (&tensors[left], &tensors[right]);
         for (i, mut row) in grads[left].rows_mut().into_iter().enumerate() {
-            let scale = two * rows[i];
-            row.zip_mut_with(&a.row(i), |acc, &v| *acc = *acc + scale * v);
+            let factor = two * scale * rows[i];
+            row.zip_mut_with(&a.row(i), |acc, &v| *acc = *acc + factor * v);
         }
         for (j, mut row) in grads[right].rows_mut().into_iter().enumerate() {
-            let scale = two * cols[j];
-            row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + scale * v);
+            let factor = two * scale * cols[j];
+            row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + factor * v);
         }
     }
     if let Some(by_row) = sparse {
         let by_column = by_row.transpose(g.ncols());
-        by_row.accumulate(tensors[right].view(), grads[left].view_mut(), threads);
-        by_column.accumulate(tensors[left].view(), grads[right].view_mut(), threads);
+        let (x_left, x_right) = (tensors[left].view(), tensors[right].view());
+        by_row.accumulate(scale, x_right, grads[left].view_mut(), threads);
+        by_column.accumulate(scale, x_left, grads[right].view_mut(), threads);
         return;
     }
     if left == right {
         gemm::symmetrize(g.view_mut(), threads);
         gemm::ab_acc(
+            scale,
             g.view(),
             tensors[left].view(),
             grads[left].view_mut(),
@@ -374,12 +379,14 @@ fn metric_backward<F: Real>(
         );
     } else {
         gemm::ab_acc(
+            scale,
             g.view(),
             tensors[right].view(),
             grads[left].view_mut(),
             threads,
         );
         gemm::atb_acc(
+            scale,
             g.view(),
             tensors[left].view(),
             grads[right].view_mut(),
