@@ -138,6 +138,9 @@ enum Emit {
     Ast,
     Ir,
     Grad,
+    /// The compiled backend's plan: the gradient with batch work split into row passes,
+    /// scatter factors moved to matrix scales, and its phases.
+    Plan,
     Clif,
 }
 
@@ -201,10 +204,13 @@ fn compile(file: &Path, emit: Emit, set: &[String]) -> Outcome {
     let spec = load(file)?;
     match emit {
         Emit::Ast => Ok(format!("{:#?}\n", spec.program.main_file().ast)),
-        Emit::Clif => {
+        Emit::Clif | Emit::Plan => {
             let overrides = parse_overrides(set)?;
             let loss = Loss::from_spec(&spec, &overrides).map_err(|e| format!("{e}"))?;
             let plan = loss.plan(true);
+            if let Emit::Plan = emit {
+                return Ok(losscc::grad::print_gradient(&plan.to_gradient()));
+            }
             losscc::jit::emit_clif(plan, losscc::interp::Precision::F32)
                 .map_err(|e| format!("error: {e}\n"))
         }

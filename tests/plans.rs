@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use losscc::grad::Gradient;
 use losscc::interp::{Precision, evaluate, evaluate_with_gradient};
+use losscc::ir::Phase;
 use losscc::runtime::Batch;
 
 #[test]
@@ -29,13 +29,7 @@ fn plans_evaluate_like_their_modules() {
         if !plan.row_local {
             not_row_local.push(name.clone());
         }
-        let as_gradient = Gradient {
-            module: plan.module.clone(),
-            scatters: plan.scatters.clone(),
-            scales: plan.scales.clone(),
-            tensor_steps: plan.tensor_steps.clone(),
-            schedule: plan.schedule.clone(),
-        };
+        let as_gradient = plan.to_gradient();
         let planned = evaluate_with_gradient(&as_gradient, &batch, Precision::F64);
         match (&reference, &planned) {
             (Ok(a), Ok(b)) => {
@@ -71,4 +65,28 @@ fn plans_evaluate_like_their_modules() {
     }
     // Only the global selection of gaussian_metric stays at batch level.
     assert_eq!(not_row_local, vec!["gaussian_metric".to_string()]);
+}
+
+/// A loss normalised by a batch total (a mean over anchors, `sum(term) / sum(count)`) has
+/// that total as a factor of every scatter weight; the plan moves it to the matrix scale,
+/// so that the scatters run in the forward's row pass instead of a second pass that
+/// redoes each row. Two keep passes of scatters alone: histogram, whose weights read the
+/// batch histograms, and js_div_knn_softmax, whose matrices each take scatters from the
+/// knn_softmax term and from the agreement terms, with different batch factors.
+#[test]
+fn scatters_join_the_forward_row_pass() {
+    let mut second_pass = Vec::new();
+    for name in loss_names() {
+        let module = lower(&name, &small_params(&name, 20, 9));
+        let gradient = losscc::grad::differentiate(&module).unwrap();
+        let plan = losscc::opt::gradient_plan(&gradient);
+        let scatters_alone = plan.schedule.phases.iter().any(|phase| {
+            matches!(phase, Phase::Rows { outputs, effects, .. }
+                if outputs.is_empty() && !effects.is_empty())
+        });
+        if scatters_alone {
+            second_pass.push(name.clone());
+        }
+    }
+    assert_eq!(second_pass, ["histogram", "js_div_knn_softmax"]);
 }

@@ -33,6 +33,11 @@ pub fn print_gradient(gradient: &Gradient) -> String {
             scatter.matrix, scatter.weight
         );
     }
+    for (m, scale) in gradient.scales.iter().enumerate() {
+        if let Some(scale) = scale {
+            let _ = writeln!(out, "scale dm{m} by {scale}");
+        }
+    }
     for step in &gradient.tensor_steps {
         let _ = match *step {
             TensorStep::Metric(m) => {

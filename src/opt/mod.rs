@@ -31,6 +31,19 @@ pub struct Plan {
     pub row_local: bool,
 }
 
+impl Plan {
+    /// The plan as a gradient, to print or to evaluate with the interpreter.
+    pub fn to_gradient(&self) -> Gradient {
+        Gradient {
+            module: self.module.clone(),
+            scatters: self.scatters.clone(),
+            scales: self.scales.clone(),
+            tensor_steps: self.tensor_steps.clone(),
+            schedule: self.schedule.clone(),
+        }
+    }
+}
+
 /// The plan of the forward computation alone.
 pub fn forward_plan(module: &Module) -> Plan {
     let mut decompose = Decompose::default();
@@ -146,8 +159,8 @@ fn factor_batch_scales(b: &mut Builder, scatters: &mut [Scatter]) -> Vec<Option<
     scales
 }
 
-/// `h` as `factor * rest`, `factor` batch-level, through products, quotients and
-/// negations; None when `h` has no batch-level factor.
+/// `h` as `factor * rest`, `factor` batch-level, through products, quotients, negations
+/// and choices against zero; None when `h` has no batch-level factor.
 fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handle<Expr>)> {
     let e = b.expr(h).clone();
     // A negation goes to the rest, so that `-f` and `f` share the factor `f`.
@@ -187,6 +200,21 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
                 let (f, r) = numerator?;
                 Some((f, b.binary(BinaryOp::Div, r, rhs).ok()?))
             }
+        }
+        // `if c then 0 else f * r` is `f * (if c then 0 else r)`, and the mirror image.
+        ExprKind::Select {
+            cond,
+            then,
+            otherwise,
+        } => {
+            let (zero, other, then_is_zero) = match (b.constant(then), b.constant(otherwise)) {
+                (Some(0.0), _) => (then, otherwise, true),
+                (_, Some(0.0)) => (otherwise, then, false),
+                _ => return None,
+            };
+            let (f, r) = batch_factor(b, other)?;
+            let (then, otherwise) = if then_is_zero { (zero, r) } else { (r, zero) };
+            Some((f, b.select(cond, then, otherwise).ok()?))
         }
         _ => None,
     }
