@@ -14,13 +14,17 @@ use crate::interp::Precision;
 use crate::ir::{Block, Expr, ExprKind, Handle, Level, Node, Phase, Type, dependencies};
 use crate::opt::Plan;
 use abi::KernelFn;
+use cranelift_codegen::Context;
+use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::types::{F32, F64, I32, I64};
 use cranelift_codegen::ir::{AbiParam, Signature};
+use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{Linkage, Module, default_libcall_names};
+use cranelift_module::{FuncId, Linkage, Module, ModuleReloc, default_libcall_names};
 use kernel::{Helpers, PassLayout};
+use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -197,8 +201,7 @@ fn build(
     let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
     let math = math::MathBuilder::new(module.isa());
     let target = module.target_config();
-    let mut ctx = module.make_context();
-    let mut pending = Vec::new();
+    let mut built = Vec::new();
     let mut texts = Vec::new();
     // Per block with a pass built: the per-anchor numbers its passes stored, which later
     // passes load (as they load which anchors are skipped) instead of computing again.
@@ -215,6 +218,7 @@ fn build(
         };
         let outputs: Vec<Handle<Expr>> = outputs.iter().chain(&shared[phase]).copied().collect();
         let outputs = &outputs;
+        let mut ctx = module.make_context();
         ctx.func.signature = kernel_sig.clone();
         let refs: Vec<_> = import_ids
             .iter()
@@ -226,7 +230,6 @@ fn build(
             rank: refs[2],
             sample: refs[3],
         };
-        // A fresh builder context per kernel: one left dirty by a failed build must not leak.
         let mut fctx = FunctionBuilderContext::new();
         let builder = FunctionBuilder::new(&mut ctx.func, &mut fctx);
         let machine = kernel::Machine {
@@ -263,15 +266,21 @@ fn build(
         let id = module
             .declare_function(&format!("pass{phase}"), Linkage::Local, &kernel_sig)
             .map_err(module_error)?;
-        module.define_function(id, &mut ctx).map_err(|e| match e {
-            cranelift_module::ModuleError::Compilation(
-                cranelift_codegen::CodegenError::Verifier(errors),
-            ) => CodegenError::Module(cranelift_codegen::print_errors::pretty_verifier_error(
-                &ctx.func, None, errors,
-            )),
-            other => module_error(other),
-        })?;
-        module.clear_context(&mut ctx);
+        built.push((phase, layout, id, ctx));
+    }
+    // Cranelift compiles the kernels (the larger part of the compile time) side by side;
+    // the module links them in phase order.
+    let isa = module.isa();
+    let machine_code: Vec<Result<MachineCode, CodegenError>> = built
+        .par_iter_mut()
+        .map(|(_, _, id, ctx)| machine_code(isa, *id, ctx))
+        .collect();
+    let mut pending = Vec::new();
+    for ((phase, layout, id, _), code) in built.into_iter().zip(machine_code) {
+        let code = code?;
+        module
+            .define_function_bytes(id, code.alignment, &code.bytes, &code.relocs)
+            .map_err(module_error)?;
         pending.push((phase, layout, id));
     }
     module.finalize_definitions().map_err(module_error)?;
@@ -298,6 +307,39 @@ fn build(
         },
         texts,
     ))
+}
+
+/// One kernel's compiled bytes, with what linking them needs.
+struct MachineCode {
+    alignment: u64,
+    bytes: Vec<u8>,
+    relocs: Vec<ModuleReloc>,
+}
+
+fn machine_code(
+    isa: &dyn TargetIsa,
+    id: FuncId,
+    ctx: &mut Context,
+) -> Result<MachineCode, CodegenError> {
+    ctx.compile(isa, &mut ControlPlane::default())
+        .map_err(|e| match e.inner {
+            cranelift_codegen::CodegenError::Verifier(errors) => CodegenError::Module(
+                cranelift_codegen::print_errors::pretty_verifier_error(e.func, None, errors),
+            ),
+            other => CodegenError::Module(other.to_string()),
+        })?;
+    let compiled = (ctx.compiled_code())
+        .ok_or_else(|| CodegenError::Module("a kernel compiled to nothing".into()))?;
+    let alignment = u64::from(compiled.buffer.alignment);
+    let bytes = compiled.code_buffer().to_vec();
+    let relocs = (compiled.buffer.relocs().iter())
+        .map(|reloc| ModuleReloc::from_mach_reloc(reloc, &ctx.func, id))
+        .collect();
+    Ok(MachineCode {
+        alignment,
+        bytes,
+        relocs,
+    })
 }
 
 /// The kernels of every row pass of `plan`, for the given float type.
