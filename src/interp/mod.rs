@@ -45,7 +45,20 @@ pub struct Output {
 
 /// The loss and stats of `module` on `batch`.
 pub fn evaluate(module: &Module, batch: &Batch<'_>, precision: Precision) -> Result<Output> {
-    let mut interp = Interp::new(module, batch, precision, Mode::Plain)?;
+    let mut interp = Interp::new(module, batch, precision, Mode::Plain, None)?;
+    interp.outputs()
+}
+
+/// [`evaluate`] on pair matrices computed elsewhere, which must be the module's matrices
+/// on this batch: the compiled backend, falling back to the interpreter, hands over the
+/// matrices its GEMMs made instead of having them recomputed entry by entry.
+pub fn evaluate_on(
+    module: &Module,
+    batch: &Batch<'_>,
+    precision: Precision,
+    matrices: Vec<Array2<f64>>,
+) -> Result<Output> {
+    let mut interp = Interp::new(module, batch, precision, Mode::Plain, Some(matrices))?;
     interp.outputs()
 }
 
@@ -61,7 +74,13 @@ pub struct Frozen {
 
 /// Evaluates `module` on `batch`, recording what [`evaluate_frozen`] holds fixed.
 pub fn freeze(module: &Module, batch: &Batch<'_>, precision: Precision) -> Result<Frozen> {
-    let mut interp = Interp::new(module, batch, precision, Mode::Record(Frozen::default()))?;
+    let mut interp = Interp::new(
+        module,
+        batch,
+        precision,
+        Mode::Record(Frozen::default()),
+        None,
+    )?;
     interp.outputs()?;
     match interp.mode {
         Mode::Record(frozen) => Ok(frozen),
@@ -78,7 +97,7 @@ pub fn evaluate_frozen(
     precision: Precision,
     frozen: Frozen,
 ) -> Result<(Output, Frozen)> {
-    let mut interp = Interp::new(module, batch, precision, Mode::Replay(frozen))?;
+    let mut interp = Interp::new(module, batch, precision, Mode::Replay(frozen), None)?;
     let output = interp.outputs()?;
     match interp.mode {
         Mode::Replay(frozen) => Ok((output, frozen)),
@@ -101,7 +120,26 @@ pub fn evaluate_with_gradient(
     batch: &Batch<'_>,
     precision: Precision,
 ) -> Result<Output> {
-    let mut interp = Interp::new(&gradient.module, batch, precision, Mode::Plain)?;
+    gradient_on(gradient, batch, precision, None)
+}
+
+/// [`evaluate_with_gradient`] on given pair matrices, as [`evaluate_on`].
+pub fn evaluate_with_gradient_on(
+    gradient: &Gradient,
+    batch: &Batch<'_>,
+    precision: Precision,
+    matrices: Vec<Array2<f64>>,
+) -> Result<Output> {
+    gradient_on(gradient, batch, precision, Some(matrices))
+}
+
+fn gradient_on(
+    gradient: &Gradient,
+    batch: &Batch<'_>,
+    precision: Precision,
+    matrices: Option<Vec<Array2<f64>>>,
+) -> Result<Output> {
+    let mut interp = Interp::new(&gradient.module, batch, precision, Mode::Plain, matrices)?;
     let mut output = interp.outputs()?;
     let mut adjoints: Vec<Array2<f64>> = interp
         .matrices
@@ -236,6 +274,7 @@ impl<'m> Interp<'m> {
         batch: &Batch<'_>,
         precision: Precision,
         mut mode: Mode,
+        given: Option<Vec<Array2<f64>>>,
     ) -> Result<Interp<'m>> {
         batch.validate(module)?;
         let x = batch.x.mapv(|v| precision.round(v));
@@ -277,18 +316,20 @@ impl<'m> Interp<'m> {
                 }
             }
         }
-        let matrices = module
-            .matrices
-            .iter()
-            .map(|(_, m)| {
-                tensors::pair_matrix(
-                    m,
-                    &tensors_out[m.left.index()],
-                    &tensors_out[m.right.index()],
-                    precision,
-                )
-            })
-            .collect();
+        let matrices = given.unwrap_or_else(|| {
+            module
+                .matrices
+                .iter()
+                .map(|(_, m)| {
+                    tensors::pair_matrix(
+                        m,
+                        &tensors_out[m.left.index()],
+                        &tensors_out[m.right.index()],
+                        precision,
+                    )
+                })
+                .collect()
+        });
         Ok(Interp {
             module,
             precision,

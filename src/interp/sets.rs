@@ -183,16 +183,24 @@ impl Interp<'_> {
             } => {
                 let base_members = self.members(*base, at)?;
                 let k = self.count(*count, at, set)?;
-                let mut sorted: Vec<(f64, usize)> = Vec::with_capacity(base_members.len());
+                let mut ranked: Vec<(f64, usize)> = Vec::with_capacity(base_members.len());
                 for (position, point) in base_members.points(at).enumerate() {
-                    sorted.push((self.num(s.value, point)?, position));
+                    ranked.push((self.num(s.value, point)?, position));
                 }
-                if *largest {
-                    sorted.sort_by(|a, b| b.0.total_cmp(&a.0));
-                } else {
-                    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+                // The order: by value (descending when `largest`), ties to the lower position.
+                // Selecting the k-th puts the first k before it, in some order.
+                let order = |a: &(f64, usize), b: &(f64, usize)| {
+                    let by_value = if *largest {
+                        b.0.total_cmp(&a.0)
+                    } else {
+                        a.0.total_cmp(&b.0)
+                    };
+                    by_value.then(a.1.cmp(&b.1))
+                };
+                if (1..ranked.len()).contains(&k) {
+                    ranked.select_nth_unstable_by(k - 1, order);
                 }
-                let mut keep: Vec<usize> = sorted.iter().take(k).map(|&(_, p)| p).collect();
+                let mut keep: Vec<usize> = ranked.iter().take(k).map(|&(_, p)| p).collect();
                 keep.sort_unstable();
                 base_members.select(&keep)
             }

@@ -100,31 +100,56 @@ fn dot(a: ndarray::ArrayView1<f64>, b: ndarray::ArrayView1<f64>, precision: Prec
 
 /// Squared distances |a_i|^2 + |b_j|^2 - 2 a_i . b_j, with an exact zero diagonal when a
 /// tensor is paired with itself.
+/// `|a_i|^2 + |b_j|^2 - 2 a_i . b_j` entry by entry, with an exact zero diagonal when
+/// `a` is `b`.
+struct SquaredDistances<'t> {
+    a: &'t Array2<f64>,
+    b: &'t Array2<f64>,
+    norms_a: Vec<f64>,
+    norms_b: Vec<f64>,
+    symmetric: bool,
+    precision: Precision,
+}
+
+impl<'t> SquaredDistances<'t> {
+    fn new(a: &'t Array2<f64>, b: &'t Array2<f64>, symmetric: bool, precision: Precision) -> Self {
+        let norms = |t: &Array2<f64>| -> Vec<f64> {
+            t.rows()
+                .into_iter()
+                .map(|row| dot(row, row, precision))
+                .collect()
+        };
+        SquaredDistances {
+            norms_a: norms(a),
+            norms_b: norms(b),
+            a,
+            b,
+            symmetric,
+            precision,
+        }
+    }
+
+    fn at(&self, i: usize, j: usize) -> f64 {
+        if self.symmetric && i == j {
+            return 0.0;
+        }
+        let r = |v: f64| self.precision.round(v);
+        let cross = dot(self.a.row(i), self.b.row(j), self.precision);
+        r(r(self.norms_a[i] + self.norms_b[j]) - r(2.0 * cross))
+    }
+
+    fn matrix(&self) -> Array2<f64> {
+        Array2::from_shape_fn((self.a.nrows(), self.b.nrows()), |(i, j)| self.at(i, j))
+    }
+}
+
 fn squared_distances(
     a: &Array2<f64>,
     b: &Array2<f64>,
     symmetric: bool,
     precision: Precision,
 ) -> Array2<f64> {
-    let r = |v: f64| precision.round(v);
-    let sa: Vec<f64> = a
-        .rows()
-        .into_iter()
-        .map(|row| dot(row, row, precision))
-        .collect();
-    let sb: Vec<f64> = b
-        .rows()
-        .into_iter()
-        .map(|row| dot(row, row, precision))
-        .collect();
-    Array2::from_shape_fn((a.nrows(), b.nrows()), |(i, j)| {
-        if symmetric && i == j {
-            0.0
-        } else {
-            let cross = dot(a.row(i), b.row(j), precision);
-            r(r(sa[i] + sb[j]) - r(2.0 * cross))
-        }
-    })
+    SquaredDistances::new(a, b, symmetric, precision).matrix()
 }
 
 pub fn pair_matrix(
@@ -174,7 +199,9 @@ pub fn backward(
                 let mut db = Array2::zeros(b.dim());
                 match matrix.metric {
                     Metric::Dot => {
-                        for ((i, j), &w) in g.indexed_iter() {
+                        // An entry of zero adds nothing: skipping it keeps a sparse
+                        // adjoint's backward at O(nonzeros · d).
+                        for ((i, j), &w) in g.indexed_iter().filter(|(_, w)| **w != 0.0) {
                             for k in 0..a.ncols() {
                                 add(&mut da, i, k, r(w * b[(j, k)]));
                                 add(&mut db, j, k, r(w * a[(i, k)]));
@@ -183,11 +210,11 @@ pub fn backward(
                     }
                     Metric::SqEuclid | Metric::Euclid { .. } => {
                         let value = &matrices[m.index()];
-                        let squared = squared_distances(a, b, matrix.is_symmetric(), precision);
-                        for ((i, j), &w) in g.indexed_iter() {
+                        let squared = SquaredDistances::new(a, b, matrix.is_symmetric(), precision);
+                        for ((i, j), &w) in g.indexed_iter().filter(|(_, w)| **w != 0.0) {
                             let wq = match matrix.metric {
                                 // Zero where the clamp holds.
-                                Metric::Euclid { eps } if squared[(i, j)] > eps => {
+                                Metric::Euclid { eps } if squared.at(i, j) > eps => {
                                     r(w / r(2.0 * value[(i, j)]))
                                 }
                                 Metric::Euclid { .. } => 0.0,
