@@ -264,7 +264,32 @@ impl Loss {
                 return Ok(output);
             }
         }
-        self.interpret_batch(&batch, with_gradient)
+        let matrices = self.pair_matrices(&batch, with_gradient, options.threads.max(1))?;
+        self.interpret_batch(&batch, with_gradient, Some(matrices))
+    }
+
+    /// The pair matrices of the module the interpreter will evaluate, from the GEMMs.
+    fn pair_matrices<F: Real>(
+        &self,
+        batch: &Batch<'_, F>,
+        with_gradient: bool,
+        threads: usize,
+    ) -> Result<Vec<Array2<f64>>, RunError> {
+        let module = if with_gradient {
+            &self.gradient.module
+        } else {
+            &self.module
+        };
+        let groups = batch_groupings(module, batch, threads)?;
+        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None, None)?;
+        let mut values = Array2::zeros((0, 0));
+        let mut matrices = Vec::with_capacity(module.matrices.len());
+        for (_, m) in module.matrices.iter() {
+            let (left, right) = (&tensors[m.left.index()], &tensors[m.right.index()]);
+            tensors::pair_matrix(m, left, right, threads, &mut values);
+            matrices.push(values.mapv(|v| v.to_f64()));
+        }
+        Ok(matrices)
     }
 
     /// The buffers a previous call left for this float type, or new ones.
@@ -307,7 +332,7 @@ impl Loss {
             inputs: options.inputs,
             seed: options.seed,
         };
-        self.interpret_batch(&batch, with_gradient)
+        self.interpret_batch(&batch, with_gradient, None)
     }
 
     /// The time of the GEMM work of one forward+backward alone, in milliseconds: every
@@ -341,11 +366,12 @@ impl Loss {
         elapsed_ms(start)
     }
 
-    /// The interpreter's evaluation of the same batch.
+    /// The interpreter's evaluation of the same batch, on the given pair matrices or its own.
     fn interpret_batch<F: Real>(
         &self,
         batch: &Batch<'_, F>,
         with_gradient: bool,
+        matrices: Option<Vec<Array2<f64>>>,
     ) -> Result<Output<F>, RunError> {
         let x = batch.x.mapv(|v| v.to_f64());
         let batch64 = Batch {
@@ -354,10 +380,14 @@ impl Loss {
             inputs: batch.inputs,
             seed: batch.seed,
         };
-        let out = if with_gradient {
-            interp::evaluate_with_gradient(&self.gradient, &batch64, F::PRECISION)?
-        } else {
-            interp::evaluate(&self.module, &batch64, F::PRECISION)?
+        let precision = F::PRECISION;
+        let out = match (with_gradient, matrices) {
+            (true, None) => interp::evaluate_with_gradient(&self.gradient, &batch64, precision)?,
+            (true, Some(m)) => {
+                interp::evaluate_with_gradient_on(&self.gradient, &batch64, precision, m)?
+            }
+            (false, None) => interp::evaluate(&self.module, &batch64, precision)?,
+            (false, Some(m)) => interp::evaluate_on(&self.module, &batch64, precision, m)?,
         };
         Ok(Output {
             loss: out.loss,
