@@ -51,7 +51,7 @@
 //! unless there are fewer than `k` distinct points, when re-seeding is what
 //! keeps all `k` clusters non-empty.
 
-use super::gemm::run_tasks;
+use super::gemm::{self, run_tasks};
 use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 use rand_pcg::Pcg64Mcg;
 use rand_pcg::rand_core::Rng;
@@ -282,26 +282,63 @@ fn nth_unchosen(is_centre: &[bool], j: usize) -> usize {
 
 /// Writes into `labels` the nearest centre of every row (lowest index on ties),
 /// blocks of rows shared out between `threads`.
+///
+/// The exact distances (the four-sum order above) decide, but most rows need not compute
+/// them: a GEMM gives every `|c|^2 - 2 x.c` (the row's distances less `|x|^2`) within a
+/// known rounding bound, and when the nearest centre leads the others by more than that
+/// bound it is the exact nearest too. Only rows with a closer race take the exact path.
 fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>, threads: usize) {
     const ROWS: usize = 64;
     labels.clear();
     labels.resize(data.nrows(), 0);
+    let mut cross = Array2::zeros((data.nrows(), centres.nrows()));
+    gemm::abt(data.view(), centres.view(), cross.view_mut(), threads);
+    let centre_norms: Vec<f64> = centres.outer_iter().map(|c| c.dot(&c)).collect();
+    let largest_centre = centre_norms.iter().fold(0.0f64, |m, &v| m.max(v));
+    // Both the GEMM's value and the exact sum are within `m ε` times the sum of the
+    // magnitudes they add (at most 2 (|x|^2 + |c|^2) for each), m the dimension: a
+    // lead above `16 m ε (|x|^2 + max |c|^2)` is beyond both errors, with room.
+    let bound = 16.0 * data.ncols().max(1) as f64 * f64::EPSILON;
     let tasks: Vec<_> = labels
         .chunks_mut(ROWS)
         .zip(data.axis_chunks_iter(Axis(0), ROWS))
+        .zip(cross.axis_chunks_iter(Axis(0), ROWS))
         .collect();
-    run_tasks(tasks, threads, |(labels, rows)| {
-        for (label, x) in labels.iter_mut().zip(rows.outer_iter()) {
-            let mut best_d2 = f64::INFINITY;
-            for (c, centre) in centres.outer_iter().enumerate() {
-                let d2 = squared_distance(x, centre);
-                if d2 < best_d2 {
-                    *label = c;
-                    best_d2 = d2;
+    run_tasks(tasks, threads, |((labels, rows), cross)| {
+        for ((label, x), cross) in labels
+            .iter_mut()
+            .zip(rows.outer_iter())
+            .zip(cross.outer_iter())
+        {
+            let (mut best, mut best_d, mut runner_up) = (0, f64::INFINITY, f64::INFINITY);
+            for (c, (&norm, &dot)) in centre_norms.iter().zip(&cross).enumerate() {
+                let d = norm - 2.0 * dot;
+                if d < best_d {
+                    (best, best_d, runner_up) = (c, d, best_d);
+                } else if d < runner_up {
+                    runner_up = d;
                 }
             }
+            let margin = bound * (x.dot(&x) + largest_centre);
+            *label = if runner_up - best_d > margin {
+                best
+            } else {
+                nearest_exactly(x, centres)
+            };
         }
     });
+}
+
+/// The nearest centre by the exact squared distance, lowest index on ties.
+fn nearest_exactly(x: ArrayView1<f64>, centres: &Array2<f64>) -> usize {
+    let mut best = (0, f64::INFINITY);
+    for (c, centre) in centres.outer_iter().enumerate() {
+        let d2 = squared_distance(x, centre);
+        if d2 < best.1 {
+            best = (c, d2);
+        }
+    }
+    best.0
 }
 
 /// Gives every empty cluster, in increasing index order, the point farthest
@@ -391,6 +428,42 @@ mod tests {
             centres[[truth[i], j]] + 2.0 * uniform_unit(&mut rng) - 1.0
         });
         (points, truth)
+    }
+
+    #[test]
+    fn screened_assignment_is_the_exact_one() {
+        let random = |n, d, k, seed| {
+            let data = normalised(random_points(n, d, seed).view());
+            let centres = seed_centres(&data, k, &mut generator(seed + 1));
+            (data, centres)
+        };
+        // Grid points against grid points: distances tie exactly, and the screen must
+        // hand those rows to the exact path, whose lowest-index rule decides.
+        let grid = Array2::from_shape_fn((300, 6), |(i, j)| ((i * 7 + j * 3) % 5) as f64);
+        let grid_centres = grid.slice(s![10..19, ..]).to_owned();
+        let tied = grid.outer_iter().any(|x| {
+            let d: Vec<f64> = grid_centres
+                .outer_iter()
+                .map(|c| squared_distance(x, c))
+                .collect();
+            let best = d.iter().copied().fold(f64::INFINITY, f64::min);
+            d.iter().filter(|&&v| v == best).count() > 1
+        });
+        assert!(tied, "the grid case has ties");
+        for (data, centres) in [
+            random(500, 40, 12, 3),
+            random(64, 512, 16, 5),
+            (grid, grid_centres),
+        ] {
+            let exact: Vec<usize> = (data.outer_iter())
+                .map(|x| nearest_exactly(x, &centres))
+                .collect();
+            for threads in [1, 2, 3] {
+                let mut labels = Vec::new();
+                assign(&data, &centres, &mut labels, threads);
+                assert_eq!(labels, exact);
+            }
+        }
     }
 
     /// Canonical renumbering of arbitrary labels, for comparing partitions.
