@@ -90,3 +90,49 @@ fn scatters_join_the_forward_row_pass() {
     }
     assert_eq!(second_pass, ["histogram", "js_div_knn_softmax"]);
 }
+
+/// Triplet mining conditions `softplus(p - q) > c` compare `p - q` with `ln(e^c - 1)` in
+/// the plan: no comparison of a shipped loss's plan is left on `exp` or `softplus` of a
+/// value, and the triplet plans hold the moved threshold.
+#[test]
+fn comparisons_move_to_the_arguments_of_increasing_functions() {
+    use losscc::ir::{BinaryOp, ExprKind, UnaryOp};
+    for name in loss_names() {
+        let module = lower(&name, &small_params(&name, 20, 9));
+        let gradient = losscc::grad::differentiate(&module).unwrap();
+        let plan = losscc::opt::gradient_plan(&gradient);
+        let exprs = &plan.module.exprs;
+        let increasing = |h| {
+            matches!(
+                exprs[h].kind,
+                ExprKind::Unary {
+                    op: UnaryOp::Exp | UnaryOp::Softplus,
+                    ..
+                }
+            )
+        };
+        let constant = |h| matches!(exprs[h].kind, ExprKind::Const(c) if c.0 > 0.0);
+        for (h, e) in exprs.iter() {
+            if let ExprKind::Binary { op, lhs, rhs } = e.kind
+                && matches!(
+                    op,
+                    BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge
+                )
+            {
+                let left = increasing(lhs) && constant(rhs);
+                let right = increasing(rhs) && constant(lhs);
+                assert!(
+                    !left && !right,
+                    "{name}: {h} still compares a transcendental"
+                );
+            }
+        }
+        if name == "triplet" {
+            let threshold = 0.7f64.exp_m1().ln();
+            let moved = exprs.iter().any(
+                |(_, e)| matches!(e.kind, ExprKind::Const(c) if (c.0 - threshold).abs() < 1e-15),
+            );
+            assert!(moved, "triplet's plan compares p - q with {threshold}");
+        }
+    }
+}

@@ -260,7 +260,65 @@ fn splits_by_rows(module: &Module, set: Handle<Set>) -> bool {
         }
 }
 
-/// The hook that splits batch-level reductions over pair members by rows.
+/// `f(x) < c` as `x < f⁻¹(c)` (and `<=`, `>`, `>=`, either side) for the increasing `exp`
+/// and `softplus` and a positive constant `c`: a mining condition like triplet's
+/// `softplus(p - q) > 0.7` then costs a comparison where a scatter loop, which needs the
+/// condition but not the value, would evaluate the transcendental again. The two differ
+/// only for `x` within rounding of the threshold.
+fn compare_arguments(
+    rewrite: &mut Rewrite<'_>,
+    old: Handle<Expr>,
+    hook: &mut dyn Hook,
+) -> Option<Handle<Expr>> {
+    let ExprKind::Binary { op, lhs, rhs } = rewrite.old.exprs[old].kind else {
+        return None;
+    };
+    if !matches!(
+        op,
+        BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge
+    ) {
+        return None;
+    }
+    let inverse = |h: Handle<Expr>| match rewrite.old.exprs[h].kind {
+        ExprKind::Unary {
+            op: UnaryOp::Exp,
+            arg,
+        } => Some((arg, UnaryOp::Exp)),
+        ExprKind::Unary {
+            op: UnaryOp::Softplus,
+            arg,
+        } => Some((arg, UnaryOp::Softplus)),
+        _ => None,
+    };
+    let at = |f: UnaryOp, c: f64| match f {
+        UnaryOp::Exp => c.ln(),
+        _ => c.exp_m1().ln(),
+    };
+    let constant = |h: Handle<Expr>| match rewrite.old.exprs[h].kind {
+        ExprKind::Const(Real(c)) if c > 0.0 && c.is_finite() => Some(c),
+        _ => None,
+    };
+    let (arg, threshold, arg_on_left) =
+        match (inverse(lhs), constant(rhs), inverse(rhs), constant(lhs)) {
+            (Some((arg, f)), Some(c), _, _) => (arg, at(f, c), true),
+            (_, _, Some((arg, f)), Some(c)) => (arg, at(f, c), false),
+            _ => return None,
+        };
+    if !threshold.is_finite() {
+        return None;
+    }
+    let arg = rewrite.expr(arg, hook);
+    let threshold = rewrite.builder.constant_expr(threshold);
+    let (lhs, rhs) = if arg_on_left {
+        (arg, threshold)
+    } else {
+        (threshold, arg)
+    };
+    rewrite.builder.binary(op, lhs, rhs).ok()
+}
+
+/// The hook that splits batch-level reductions over pair members by rows (and moves
+/// comparisons to the arguments of increasing functions, [`compare_arguments`]).
 #[derive(Default)]
 struct Decompose {
     /// The row pass created for each kind of row.
@@ -293,6 +351,9 @@ impl Decompose {
 
 impl Hook for Decompose {
     fn replace(&mut self, rewrite: &mut Rewrite<'_>, old: Handle<Expr>) -> Option<Handle<Expr>> {
+        if let Some(new) = compare_arguments(rewrite, old, self) {
+            return Some(new);
+        }
         let e = rewrite.old.exprs[old].clone();
         let (set, space) = match e.kind {
             ExprKind::Reduce {
