@@ -9,6 +9,10 @@
 //! per-row histograms. The same move turns batch-level scatters into per-row ones. What
 //! cannot be split by rows (the smallest members of a set across the whole batch, say)
 //! stays at batch level, and [`Plan::row_local`] is false.
+//!
+//! Two more rewrites serve the kernels: a batch-level factor shared by every scatter into
+//! a matrix becomes the matrix's scale ([`factor_batch_scales`]), and `f(x) < c` for an
+//! increasing `f` becomes `x < f⁻¹(c)` ([`compare_arguments`]).
 
 use crate::grad::{Gradient, Scatter, ScatterTarget, TensorStep};
 use crate::ir::build::Builder;
