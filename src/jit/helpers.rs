@@ -243,10 +243,10 @@ pub unsafe extern "C" fn losscc_union(
 
 macro_rules! typed_helpers {
     ($lane:ty, $extreme:ident, $rank:ident, $sample:ident) => {
-        /// See [`extreme`].
+        /// See `extreme`.
         ///
         /// # Safety
-        /// As for [`extreme`].
+        /// As for `extreme`.
         pub unsafe extern "C" fn $extreme(
             values: *const $lane,
             indices: *const u32,
@@ -259,19 +259,19 @@ macro_rules! typed_helpers {
             unsafe { extreme(values, indices, len, wanted, largest, out) }
         }
 
-        /// See [`rank`].
+        /// See `rank`.
         ///
         /// # Safety
-        /// As for [`rank`].
+        /// As for `rank`.
         pub unsafe extern "C" fn $rank(values: *const $lane, len: u64, k: f64) -> i64 {
             // SAFETY: forwarded from the caller.
             unsafe { rank(values, len, k) }
         }
 
-        /// See [`sample`].
+        /// See `sample`.
         ///
         /// # Safety
-        /// As for [`sample`].
+        /// As for `sample`.
         #[allow(clippy::too_many_arguments)]
         pub unsafe extern "C" fn $sample(
             values: *const $lane,

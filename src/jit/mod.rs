@@ -1,6 +1,6 @@
 //! The Cranelift backend: one native kernel per row pass of a plan.
 //!
-//! [`compile`] turns each `Rows` phase of a [`Plan`](crate::opt::Plan) into a function
+//! [`compile`] turns each `Rows` phase of a [`Plan`] into a function
 //! (see [`kernel`]) and links them, with the [`helpers`] they call, into one JIT module
 //! for the run's float type. The runtime calls a kernel once per anchor, from as many
 //! threads as it likes: kernels write only their anchor's outputs and matrix-adjoint rows.

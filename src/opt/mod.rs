@@ -11,8 +11,8 @@
 //! stays at batch level, and [`Plan::row_local`] is false.
 //!
 //! Two more rewrites serve the kernels: a batch-level factor shared by every scatter into
-//! a matrix becomes the matrix's scale ([`factor_batch_scales`]), and `f(x) < c` for an
-//! increasing `f` becomes `x < f⁻¹(c)` ([`compare_arguments`]).
+//! a matrix becomes the matrix's scale (`factor_batch_scales`), and `f(x) < c` for an
+//! increasing `f` becomes `x < f⁻¹(c)` (`compare_arguments`).
 
 use crate::grad::{Gradient, Scatter, ScatterTarget, TensorStep};
 use crate::ir::build::Builder;
@@ -29,7 +29,7 @@ pub struct Plan {
     pub tensor_steps: Vec<TensorStep>,
     pub schedule: Schedule,
     /// Per matrix: a batch-level factor of every scatter into its adjoint, taken out of the
-    /// weights and applied in the backward instead (see [`factor_batch_scales`]).
+    /// weights and applied in the backward instead (see `factor_batch_scales`).
     pub scales: Vec<Option<Handle<Expr>>>,
     /// Whether every pass over pair members runs per anchor row (no batch-level member sets).
     pub row_local: bool,

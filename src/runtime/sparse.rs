@@ -30,7 +30,7 @@ pub struct Compressed<F> {
 
 impl<F: Real> Compressed<F> {
     /// `g`'s nonzero entries (a NaN counts as one), or `None` when more than
-    /// [`MAX_DENSITY`] of them are nonzero. Blocks of rows are scanned on the threads and
+    /// `MAX_DENSITY` (1/16) of them are nonzero. Blocks of rows are scanned on the threads and
     /// joined in row order.
     pub fn of(g: ArrayView2<'_, F>, threads: usize) -> Option<Self> {
         let (rows, cols) = g.dim();
