@@ -133,16 +133,17 @@ pub fn kmeans(
 
     let data = normalised(points);
     let mut rng = generator(seed);
-    let mut centres = seed_centres(&data, k, &mut rng);
+    let mut centres = seed_centres(&data, k, &mut rng, threads);
+    let norms: Vec<f64> = data.outer_iter().map(|x| x.dot(&x)).collect();
 
     let mut labels = Vec::with_capacity(n);
-    assign(&data, &centres, &mut labels, threads);
+    assign(&data, &norms, &centres, &mut labels, threads);
     reseed_empty(&data, &mut labels, &mut centres);
 
     let mut next = Vec::with_capacity(n);
     for _ in 0..MAX_ITERATIONS {
         update_centres(&data, &labels, &mut centres);
-        assign(&data, &centres, &mut next, threads);
+        assign(&data, &norms, &centres, &mut next, threads);
         reseed_empty(&data, &mut next, &mut centres);
         if next == labels {
             break;
@@ -224,7 +225,7 @@ fn squared_distance_of(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// k-means++ seeding: `k` distinct rows of `data` chosen as initial centres.
-fn seed_centres(data: &Array2<f64>, k: usize, rng: &mut Pcg64Mcg) -> Array2<f64> {
+fn seed_centres(data: &Array2<f64>, k: usize, rng: &mut Pcg64Mcg, threads: usize) -> Array2<f64> {
     let n = data.nrows();
     let mut chosen = Vec::with_capacity(k);
     let mut is_centre = vec![false; n];
@@ -237,9 +238,16 @@ fn seed_centres(data: &Array2<f64>, k: usize, rng: &mut Pcg64Mcg) -> Array2<f64>
             return data.select(Axis(0), &chosen);
         }
         let centre = data.row(next);
-        for (d2, x) in nearest.iter_mut().zip(data.outer_iter()) {
-            *d2 = d2.min(squared_distance(x, centre));
-        }
+        // Each row's nearest distance on its own, so blocks of rows go to the threads.
+        const ROWS: usize = 128;
+        let tasks: Vec<_> = (nearest.chunks_mut(ROWS))
+            .zip(data.axis_chunks_iter(Axis(0), ROWS))
+            .collect();
+        run_tasks(tasks, threads, |(nearest, rows)| {
+            for (d2, x) in nearest.iter_mut().zip(rows.outer_iter()) {
+                *d2 = d2.min(squared_distance(x, centre));
+            }
+        });
         let total = nearest.iter().fold(0.0, |acc, &d2| acc + d2);
         next = if total > 0.0 {
             pick_proportional(&nearest, uniform_unit(rng) * total)
@@ -287,7 +295,13 @@ fn nth_unchosen(is_centre: &[bool], j: usize) -> usize {
 /// them: a GEMM gives every `|c|^2 - 2 x.c` (the row's distances less `|x|^2`) within a
 /// known rounding bound, and when the nearest centre leads the others by more than that
 /// bound it is the exact nearest too. Only rows with a closer race take the exact path.
-fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>, threads: usize) {
+fn assign(
+    data: &Array2<f64>,
+    norms: &[f64],
+    centres: &Array2<f64>,
+    labels: &mut Vec<usize>,
+    threads: usize,
+) {
     const ROWS: usize = 64;
     labels.clear();
     labels.resize(data.nrows(), 0);
@@ -303,13 +317,11 @@ fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>, th
         .chunks_mut(ROWS)
         .zip(data.axis_chunks_iter(Axis(0), ROWS))
         .zip(cross.axis_chunks_iter(Axis(0), ROWS))
+        .zip(norms.chunks(ROWS))
         .collect();
-    run_tasks(tasks, threads, |((labels, rows), cross)| {
-        for ((label, x), cross) in labels
-            .iter_mut()
-            .zip(rows.outer_iter())
-            .zip(cross.outer_iter())
-        {
+    run_tasks(tasks, threads, |(((labels, rows), cross), norms)| {
+        let rows = rows.outer_iter().zip(cross.outer_iter()).zip(norms);
+        for (label, ((x, cross), &norm)) in labels.iter_mut().zip(rows) {
             let (mut best, mut best_d, mut runner_up) = (0, f64::INFINITY, f64::INFINITY);
             for (c, (&norm, &dot)) in centre_norms.iter().zip(&cross).enumerate() {
                 let d = norm - 2.0 * dot;
@@ -319,7 +331,7 @@ fn assign(data: &Array2<f64>, centres: &Array2<f64>, labels: &mut Vec<usize>, th
                     runner_up = d;
                 }
             }
-            let margin = bound * (x.dot(&x) + largest_centre);
+            let margin = bound * (norm + largest_centre);
             *label = if runner_up - best_d > margin {
                 best
             } else {
@@ -434,7 +446,7 @@ mod tests {
     fn screened_assignment_is_the_exact_one() {
         let random = |n, d, k, seed| {
             let data = normalised(random_points(n, d, seed).view());
-            let centres = seed_centres(&data, k, &mut generator(seed + 1));
+            let centres = seed_centres(&data, k, &mut generator(seed + 1), 1);
             (data, centres)
         };
         // Grid points against grid points: distances tie exactly, and the screen must
@@ -460,7 +472,8 @@ mod tests {
                 .collect();
             for threads in [1, 2, 3] {
                 let mut labels = Vec::new();
-                assign(&data, &centres, &mut labels, threads);
+                let norms: Vec<f64> = data.outer_iter().map(|x| x.dot(&x)).collect();
+                assign(&data, &norms, &centres, &mut labels, threads);
                 assert_eq!(labels, exact);
             }
         }
