@@ -70,9 +70,9 @@ fn plans_evaluate_like_their_modules() {
 /// A loss normalised by a batch total (a mean over anchors, `sum(term) / sum(count)`) has
 /// that total as a factor of every scatter weight; the plan moves it to the matrix scale,
 /// so that the scatters run in the forward's row pass instead of a second pass that
-/// redoes each row. Two keep passes of scatters alone: histogram, whose weights read the
-/// batch histograms, and js_div_knn_softmax, whose matrices each take scatters from the
-/// knn_softmax term and from the agreement terms, with different batch factors.
+/// redoes each row (a matrix whose scatters carry different totals, as
+/// js_div_knn_softmax's, takes one adjoint slot per total). Only histogram, whose weights
+/// read the batch histograms, keeps a pass of scatters alone.
 #[test]
 fn scatters_join_the_forward_row_pass() {
     let mut second_pass = Vec::new();
@@ -88,7 +88,7 @@ fn scatters_join_the_forward_row_pass() {
             second_pass.push(name.clone());
         }
     }
-    assert_eq!(second_pass, ["histogram", "js_div_knn_softmax"]);
+    assert_eq!(second_pass, ["histogram"]);
 }
 
 /// Triplet mining conditions `softplus(p - q) > c` compare `p - q` with `ln(e^c - 1)` in

@@ -42,8 +42,19 @@ pub enum ScatterTarget {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scatter {
     pub matrix: Handle<Matrix>,
+    /// The adjoint buffer it adds into ([`Gradient::slots`]); the matrix's own, numbered as
+    /// the matrix, unless a plan gave it another.
+    pub slot: usize,
     pub target: ScatterTarget,
     pub weight: Handle<Expr>,
+}
+
+/// An adjoint buffer: the matrix it belongs to and the batch-level factor it is taken
+/// with (`None`: one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdjointSlot {
+    pub matrix: Handle<Matrix>,
+    pub scale: Option<Handle<Expr>>,
 }
 
 impl Scatter {
@@ -70,10 +81,12 @@ pub struct Gradient {
     /// The forward module with the adjoint expressions appended.
     pub module: Module,
     pub scatters: Vec<Scatter>,
-    /// Per matrix: a batch-level factor its adjoint is multiplied by once the scatters are
-    /// done, before the tensor steps. Differentiation leaves them all `None`; the compiled
-    /// backend's plan takes shared factors out of the scatter weights into them.
-    pub scales: Vec<Option<Handle<Expr>>>,
+    /// The adjoint buffers the scatters add into: first one per matrix (slot `i` for
+    /// matrix `i`), then any more a plan adds. A matrix's adjoint is the sum of its slots,
+    /// each times its scale, taken once the scatters are done. Differentiation leaves one
+    /// slot per matrix and no scales; the compiled backend's plan takes batch-level
+    /// factors out of the scatter weights into them.
+    pub slots: Vec<AdjointSlot>,
     /// From the matrices' adjoints back to `x`, in order.
     pub tensor_steps: Vec<TensorStep>,
     /// Forward values, adjoints and scatters, in phases.
@@ -125,7 +138,14 @@ pub fn differentiate(module: &Module) -> Result<Gradient, GradError> {
     let effects: Vec<Effect> = scatters.iter().map(|s| effect(&module, s)).collect();
     let schedule = schedule(&module, &roots, &effects);
     Ok(Gradient {
-        scales: vec![None; module.matrices.len()],
+        slots: module
+            .matrices
+            .handles()
+            .map(|matrix| AdjointSlot {
+                matrix,
+                scale: None,
+            })
+            .collect(),
         module,
         scatters,
         tensor_steps,
@@ -141,6 +161,7 @@ fn prune(module: &Module, scatters: &[Scatter]) -> (Module, Vec<Scatter>) {
         .iter()
         .map(|s| Scatter {
             matrix: s.matrix,
+            slot: s.slot,
             target: match s.target {
                 ScatterTarget::Members { set, scope } => ScatterTarget::Members {
                     set: rewrite.set(set, keep),
@@ -362,6 +383,7 @@ impl Pass {
             match self.b.expr(leaf).kind {
                 ExprKind::Entry(matrix) => self.scatters.push(Scatter {
                     matrix,
+                    slot: matrix.index(),
                     target: ScatterTarget::Members { set, scope },
                     weight: partial,
                 }),
@@ -387,6 +409,7 @@ impl Pass {
             match self.b.expr(leaf).kind {
                 ExprKind::Entry(matrix) => self.scatters.push(Scatter {
                     matrix,
+                    slot: matrix.index(),
                     target: ScatterTarget::At { index },
                     weight: partial,
                 }),
@@ -424,6 +447,7 @@ impl Pass {
                         match self.b.expr(inner).kind {
                             ExprKind::Entry(matrix) => self.scatters.push(Scatter {
                                 matrix,
+                                slot: matrix.index(),
                                 target: ScatterTarget::Cross { set, side },
                                 weight: combined,
                             }),

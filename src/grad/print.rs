@@ -27,16 +27,31 @@ pub fn print_gradient(gradient: &Gradient) -> String {
                 )
             }
         };
+        let slot = if scatter.slot == scatter.matrix.index() {
+            String::new()
+        } else {
+            format!(" (adjoint slot {})", scatter.slot)
+        };
         let _ = writeln!(
             out,
-            "scatter{index}: d{} += {} at {target}",
+            "scatter{index}: d{}{slot} += {} at {target}",
             scatter.matrix, scatter.weight
         );
     }
-    for (m, scale) in gradient.scales.iter().enumerate() {
-        if let Some(scale) = scale {
-            let _ = writeln!(out, "scale dm{m} by {scale}");
-        }
+    for (index, slot) in gradient.slots.iter().enumerate() {
+        let own = index == slot.matrix.index();
+        let _ = match (own, slot.scale) {
+            (true, Some(scale)) => writeln!(out, "scale d{} by {scale}", slot.matrix),
+            (true, None) => Ok(()),
+            (false, Some(scale)) => {
+                writeln!(
+                    out,
+                    "add adjoint slot {index} to d{} times {scale}",
+                    slot.matrix
+                )
+            }
+            (false, None) => writeln!(out, "add adjoint slot {index} to d{}", slot.matrix),
+        };
     }
     for step in &gradient.tensor_steps {
         let _ = match *step {

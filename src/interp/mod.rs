@@ -141,19 +141,29 @@ fn gradient_on(
 ) -> Result<Output> {
     let mut interp = Interp::new(&gradient.module, batch, precision, Mode::Plain, matrices)?;
     let mut output = interp.outputs()?;
-    let mut adjoints: Vec<Array2<f64>> = interp
-        .matrices
-        .iter()
-        .map(|m| Array2::zeros(m.dim()))
+    let mut slots: Vec<Array2<f64>> = (gradient.slots.iter())
+        .map(|slot| Array2::zeros(interp.matrices[slot.matrix.index()].dim()))
         .collect();
     for scatter in &gradient.scatters {
-        interp.scatter(scatter, &mut adjoints[scatter.matrix.index()])?;
+        interp.scatter(scatter, &mut slots[scatter.slot])?;
     }
-    for (adjoint, scale) in adjoints.iter_mut().zip(&gradient.scales) {
-        if let Some(scale) = *scale {
-            let scale = interp.num(scale, Point::Batch)?;
-            adjoint.mapv_inplace(|w| interp.r(w * scale));
-        }
+    // Each matrix's adjoint: its slots, each times its scale, added in slot order. An entry
+    // no scatter reached stays zero whatever the scale: the factor came out of weights like
+    // `if c then 0 else f * r`, zero where `f` may be infinite.
+    let mut adjoints: Vec<Array2<f64>> = (interp.matrices.iter())
+        .map(|m| Array2::zeros(m.dim()))
+        .collect();
+    for (slot, values) in gradient.slots.iter().zip(slots) {
+        let scale = match slot.scale {
+            Some(scale) => interp.num(scale, Point::Batch)?,
+            None => 1.0,
+        };
+        let adjoint = &mut adjoints[slot.matrix.index()];
+        adjoint.zip_mut_with(&values, |a, &w| {
+            if w != 0.0 {
+                *a = interp.r(*a + interp.r(w * scale));
+            }
+        });
     }
     let grad = interp.tensor_backward(&gradient.tensor_steps, &adjoints);
     if let Some((_, &value)) = grad.indexed_iter().find(|(_, v)| !v.is_finite()) {

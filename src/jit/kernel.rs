@@ -586,15 +586,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         (node, low, high)
     }
 
-    /// The anchor's row of the adjoint of matrix `m`.
-    fn grad_row(&mut self, m: Handle<Matrix>) -> Value {
+    /// The anchor's row of the adjoint slot a scatter adds into.
+    fn grad_row(&mut self, scatter: &Scatter) -> Value {
         let table = self.arg_field(offset_of!(KernelArgs, grads));
-        let base = self.load_ptr(table, m.index());
-        self.row_address(base, m)
+        let base = self.load_ptr(table, scatter.slot);
+        self.row_address(base, scatter.matrix)
     }
 
     fn scatter(&mut self, scatter: &Scatter) -> Result<()> {
-        let grad_row = self.grad_row(scatter.matrix);
+        let grad_row = self.grad_row(scatter);
         let weight = scatter.weight;
         let add = |g: &mut Self, col: Value, w: Value| {
             let offset = g.b.ins().imul_imm_u(col, g.fb);

@@ -11,10 +11,10 @@
 //! stays at batch level, and [`Plan::row_local`] is false.
 //!
 //! Two more rewrites serve the kernels: a batch-level factor shared by every scatter into
-//! a matrix becomes the matrix's scale (`factor_batch_scales`), and `f(x) < c` for an
+//! a matrix becomes the scale of an adjoint slot (`factor_into_slots`), and `f(x) < c` for an
 //! increasing `f` becomes `x < f⁻¹(c)` (`compare_arguments`).
 
-use crate::grad::{Gradient, Scatter, ScatterTarget, TensorStep};
+use crate::grad::{AdjointSlot, Gradient, Scatter, ScatterTarget, TensorStep};
 use crate::ir::build::Builder;
 use crate::ir::rewrite::{Hook, Rewrite};
 use crate::ir::*;
@@ -28,9 +28,9 @@ pub struct Plan {
     pub scatters: Vec<Scatter>,
     pub tensor_steps: Vec<TensorStep>,
     pub schedule: Schedule,
-    /// Per matrix: a batch-level factor of every scatter into its adjoint, taken out of the
-    /// weights and applied in the backward instead (see `factor_batch_scales`).
-    pub scales: Vec<Option<Handle<Expr>>>,
+    /// The adjoint buffers the scatters add into, with the batch-level factors taken out
+    /// of their weights (see `factor_into_slots`).
+    pub slots: Vec<AdjointSlot>,
     /// Whether every pass over pair members runs per anchor row (no batch-level member sets).
     pub row_local: bool,
 }
@@ -41,7 +41,7 @@ impl Plan {
         Gradient {
             module: self.module.clone(),
             scatters: self.scatters.clone(),
-            scales: self.scales.clone(),
+            slots: self.slots.clone(),
             tensor_steps: self.tensor_steps.clone(),
             schedule: self.schedule.clone(),
         }
@@ -52,8 +52,8 @@ impl Plan {
 pub fn forward_plan(module: &Module) -> Plan {
     let mut decompose = Decompose::default();
     let module = Rewrite::new(module).finish(&mut decompose);
-    let scales = vec![None; module.matrices.len()];
-    finish(module, Vec::new(), scales, Vec::new())
+    let slots = own_slots(&module);
+    finish(module, Vec::new(), slots, Vec::new())
 }
 
 /// The plan of the forward computation and its gradient.
@@ -90,25 +90,26 @@ pub fn gradient_plan(gradient: &Gradient) -> Plan {
             };
             Scatter {
                 matrix: s.matrix,
+                slot: s.slot,
                 target,
                 weight: rewrite.expr(s.weight, &mut decompose),
             }
         })
         .collect();
-    let scales = factor_batch_scales(&mut rewrite.builder, &mut scatters);
+    let slots = factor_into_slots(&mut rewrite.builder, &mut scatters);
     let module = rewrite.finish(&mut decompose);
-    finish(module, scatters, scales, gradient.tensor_steps.clone())
+    finish(module, scatters, slots, gradient.tensor_steps.clone())
 }
 
 fn finish(
     module: Module,
     scatters: Vec<Scatter>,
-    scales: Vec<Option<Handle<Expr>>>,
+    slots: Vec<AdjointSlot>,
     tensor_steps: Vec<TensorStep>,
 ) -> Plan {
     let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr())
         .chain(module.stats.iter().map(|s| s.1))
-        .chain(scales.iter().flatten().copied())
+        .chain(slots.iter().filter_map(|s| s.scale))
         .collect();
     let effects: Vec<Effect> = scatters
         .iter()
@@ -125,46 +126,80 @@ fn finish(
         scatters,
         tensor_steps,
         schedule,
-        scales,
+        slots,
         row_local,
     }
 }
 
-/// Takes the batch-level factor out of the scatter weights of each matrix adjoint whose
-/// scatters all have the same one. A loss normalised by a batch total (`sum(term) /
-/// sum(count)`, a mean over the anchors not skipped) gives every weight such a factor,
-/// and it depends on every row: left in, it holds the scatters back to a second row pass
-/// after the batch values, which redoes the row's work (its selections, its member values).
-/// Taken out, the weights are row-level, the scatters run in the forward's row pass, and
-/// the backward, linear in the adjoint, applies the factor.
-fn factor_batch_scales(b: &mut Builder, scatters: &mut [Scatter]) -> Vec<Option<Handle<Expr>>> {
-    let mut scales = vec![None; b.module.matrices.len()];
-    for (m, scale) in scales.iter_mut().enumerate() {
-        let into: Vec<usize> = (0..scatters.len())
-            .filter(|&i| scatters[i].matrix.index() == m)
-            .collect();
-        let split: Vec<Option<(Handle<Expr>, Handle<Expr>)>> = into
-            .iter()
-            .map(|&i| batch_factor(b, scatters[i].weight))
-            .collect();
-        let Some(&Some((factor, _))) = split.first() else {
-            continue;
-        };
-        if split
-            .iter()
-            .all(|s| matches!(s, Some((f, _)) if *f == factor))
-        {
-            for (&i, (_, rest)) in into.iter().zip(split.into_iter().flatten()) {
-                scatters[i].weight = rest;
-            }
-            *scale = Some(factor);
-        }
-    }
-    scales
+/// One adjoint slot per matrix, unscaled.
+fn own_slots(module: &Module) -> Vec<AdjointSlot> {
+    (module.matrices.handles())
+        .map(|matrix| AdjointSlot {
+            matrix,
+            scale: None,
+        })
+        .collect()
 }
 
-/// `h` as `factor * rest`, `factor` batch-level, through products, quotients, negations
-/// and choices against zero; None when `h` has no batch-level factor.
+/// Takes the batch-level factor out of each scatter weight that has one, and sends the
+/// scatter to an adjoint slot of its matrix scaled by that factor: the matrix's own slot
+/// for the first factor (when every scatter into the matrix has one), a slot of its own
+/// for each other. A loss normalised by a batch total (`sum(term) / sum(count)`, a mean
+/// over the anchors not skipped) gives every weight such a factor, and it depends on every
+/// row: left in, it holds the scatters back to a second row pass after the batch values,
+/// which redoes the row's work (its selections, its member values). Taken out, the
+/// weights are row-level, the scatters run in the forward's row pass, and the backward,
+/// linear in the adjoint, applies the factor (a sum of terms with different totals, as
+/// js_div_knn_softmax's, takes one slot per total).
+fn factor_into_slots(b: &mut Builder, scatters: &mut [Scatter]) -> Vec<AdjointSlot> {
+    let mut slots = own_slots(&b.module);
+    for matrix in b.module.matrices.handles().collect::<Vec<_>>() {
+        let into: Vec<usize> = (0..scatters.len())
+            .filter(|&i| scatters[i].matrix == matrix)
+            .collect();
+        // A factor known before the row passes holds nothing back: it stays in the weight.
+        let waits_for_rows = |b: &Builder, f: Handle<Expr>| {
+            dependencies(&b.module, [Node::Expr(f)])
+                .into_iter()
+                .any(|h| matches!(b.module.exprs[h].level, Level::Row(_)))
+        };
+        let split: Vec<Option<(Handle<Expr>, Handle<Expr>)>> = into
+            .iter()
+            .map(|&i| batch_factor(b, scatters[i].weight).filter(|&(f, _)| waits_for_rows(b, f)))
+            .collect();
+        let own_is_free = split.iter().all(Option::is_some);
+        let mut slot_of: Vec<(Handle<Expr>, usize)> = Vec::new();
+        for (&i, part) in into.iter().zip(split) {
+            let Some((factor, rest)) = part else {
+                continue;
+            };
+            let slot = match slot_of.iter().find(|&&(f, _)| f == factor) {
+                Some(&(_, slot)) => slot,
+                None => {
+                    let slot = if own_is_free && slot_of.is_empty() {
+                        slots[matrix.index()].scale = Some(factor);
+                        matrix.index()
+                    } else {
+                        slots.push(AdjointSlot {
+                            matrix,
+                            scale: Some(factor),
+                        });
+                        slots.len() - 1
+                    };
+                    slot_of.push((factor, slot));
+                    slot
+                }
+            };
+            scatters[i].weight = rest;
+            scatters[i].slot = slot;
+        }
+    }
+    slots
+}
+
+/// `h` as `factor * rest`, `factor` batch-level, through products, quotients, negations,
+/// sums of terms with the same factor, row sums and means, and choices against zero; None
+/// when `h` has no batch-level factor.
 fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handle<Expr>)> {
     let e = b.expr(h).clone();
     // A negation goes to the rest, so that `-f` and `f` share the factor `f`.
@@ -191,6 +226,27 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
             (None, Some((f, r))) => Some((f, mul(b, lhs, r)?)),
             (Some((f, r)), Some((g, s))) => Some((mul(b, f, g)?, mul(b, r, s)?)),
         },
+        // A sum (or mean) over a row's members of `f * r` is `f` times the sum of `r`.
+        ExprKind::Reduce {
+            op: op @ (ReduceOp::Sum | ReduceOp::Mean),
+            set,
+            body,
+            scope: scope @ Scope::Row(_),
+        } => {
+            let (f, r) = batch_factor(b, body)?;
+            Some((f, b.reduce(op, set, r, scope)))
+        }
+        // `f * r + f * s` is `f * (r + s)`: the terms must share the factor.
+        ExprKind::Binary {
+            op: op @ (BinaryOp::Add | BinaryOp::Sub),
+            lhs,
+            rhs,
+        } => {
+            let (f, r) = batch_factor(b, lhs)?;
+            let (g, s) = batch_factor(b, rhs)?;
+            (f == g).then_some(())?;
+            Some((f, b.binary(op, r, s).ok()?))
+        }
         ExprKind::Binary {
             op: BinaryOp::Div,
             lhs,

@@ -9,7 +9,7 @@ use super::gemm;
 use super::groups::{GroupValues, evaluate_groupings};
 use super::real::Real;
 use super::tensors;
-use crate::grad::Gradient;
+use crate::grad::{AdjointSlot, Gradient};
 use crate::interp::{self, Precision};
 use crate::ir::*;
 use crate::jit::abi::{KernelArgs, RowBuffer, domain_slot};
@@ -470,12 +470,11 @@ impl<'r, F: Real> Run<'r, F> {
         }
         stages.matrices_ms = elapsed_ms(started);
         let mut spare = std::mem::take(&mut workspace.adjoints);
-        let mut adjoints: Vec<Option<Array2<F>>> = vec![None; module.matrices.len()];
+        let mut adjoints: Vec<Option<Array2<F>>> = vec![None; plan.slots.len()];
         for scatter in &plan.scatters {
-            let m = scatter.matrix.index();
-            if adjoints[m].is_none() {
-                let dim = matrices[m].dim();
-                adjoints[m] = Some(match spare.iter().position(|a| a.dim() == dim) {
+            if adjoints[scatter.slot].is_none() {
+                let dim = matrices[scatter.matrix.index()].dim();
+                adjoints[scatter.slot] = Some(match spare.iter().position(|a| a.dim() == dim) {
                     Some(at) => {
                         let mut reused = spare.swap_remove(at);
                         zero_on_threads(&mut reused, threads);
@@ -577,14 +576,19 @@ impl<'r, F: Real> Run<'r, F> {
                 groups: &self.groups,
                 seed: self.seed,
             };
-            let scales: Vec<F> = (self.plan.scales.iter())
-                .map(|s| s.map_or(F::ONE, |h| F::from_f64(self.values.numbers[h.index()])))
-                .collect();
             let started = Instant::now();
+            let matrices = module.matrices.len();
+            let scales = fold_slots(
+                &self.plan.slots,
+                matrices,
+                &self.values,
+                &mut self.adjoints,
+                self.threads,
+            );
             let grad = tensors::backward(
                 &forward,
                 &self.plan.tensor_steps,
-                &mut self.adjoints,
+                &mut self.adjoints[..matrices],
                 &scales,
                 self.threads,
             );
@@ -798,6 +802,58 @@ unsafe impl Sync for Shared {}
 
 /// Sets every entry to zero, blocks of rows on the threads: one thread's memset of a
 /// 1024 x 1024 adjoint takes a few tenths of a millisecond.
+/// Adds each extra adjoint slot, times its scale, into its matrix's own slot (scaled
+/// first by its own factor); returns the scale each matrix's own slot is still to be taken
+/// with: its factor when it has no extra slot, else one.
+fn fold_slots<F: Real>(
+    slots: &[AdjointSlot],
+    matrices: usize,
+    values: &BatchValues,
+    adjoints: &mut [Option<Array2<F>>],
+    threads: usize,
+) -> Vec<F> {
+    let scale_of = |slot: &AdjointSlot| {
+        slot.scale
+            .map_or(F::ONE, |h| F::from_f64(values.numbers[h.index()]))
+    };
+    let mut scales: Vec<F> = slots[..matrices].iter().map(scale_of).collect();
+    let (own, extra) = adjoints.split_at_mut(matrices);
+    for (slot, values) in slots[matrices..].iter().zip(extra) {
+        let Some(values) = values.as_ref() else {
+            continue;
+        };
+        let m = slot.matrix.index();
+        let target = own[m].get_or_insert_with(|| Array2::zeros(values.dim()));
+        let (own_scale, scale) = (scales[m], scale_of(slot));
+        scaled_add_on_threads(target, own_scale, values, scale, threads);
+        scales[m] = F::ONE;
+    }
+    scales
+}
+
+/// `a = a_scale · a + b_scale · b`, elementwise, blocks of rows on the threads.
+fn scaled_add_on_threads<F: Real>(
+    a: &mut Array2<F>,
+    a_scale: F,
+    b: &Array2<F>,
+    b_scale: F,
+    threads: usize,
+) {
+    const BLOCK: usize = 64 * 1024;
+    match (a.as_slice_mut(), b.as_slice()) {
+        (Some(a), Some(b)) => gemm::run_tasks(
+            a.chunks_mut(BLOCK).zip(b.chunks(BLOCK)).collect(),
+            threads,
+            |(a, b)| {
+                for (x, &y) in a.iter_mut().zip(b) {
+                    *x = a_scale * *x + b_scale * y;
+                }
+            },
+        ),
+        _ => a.zip_mut_with(b, |x, &y| *x = a_scale * *x + b_scale * y),
+    }
+}
+
 fn zero_on_threads<F: Real>(a: &mut Array2<F>, threads: usize) {
     const BLOCK: usize = 64 * 1024;
     match a.as_slice_mut() {

@@ -141,7 +141,7 @@ impl Gen<'_, '_> {
                 };
                 scatters.push(LaneScatter {
                     weight: scatter.weight,
-                    grad_row: self.grad_row(scatter.matrix),
+                    grad_row: self.grad_row(&scatter),
                     side,
                 });
             }
