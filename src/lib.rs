@@ -16,8 +16,8 @@
 //!    in the same arenas; per-member weights end in scatters into the adjoints of the pair
 //!    matrices, and tensor steps carry those back to `x`.
 //! 4. [`opt`]: plans for the compiled backend, which moves batch-level work over pairs
-//!    into per-row passes, takes batch-level factors out of scatter weights into
-//!    per-matrix scales (so scatters run in the forward's row pass), compares the
+//!    into per-row passes, takes batch-level factors out of scatter weights into the
+//!    scales of adjoint slots (so scatters run in the forward's row pass), compares the
 //!    arguments of increasing functions against inverted constants, and schedules the
 //!    result in phases.
 //! 5. [`interp`]: the reference evaluator, in float64 (or rounding like float32), for

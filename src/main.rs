@@ -139,7 +139,7 @@ enum Emit {
     Ir,
     Grad,
     /// The compiled backend's plan: the gradient with batch work split into row passes,
-    /// scatter factors moved to matrix scales, and its phases.
+    /// scatter factors moved to the scales of adjoint slots, and its phases.
     Plan,
     Clif,
 }
