@@ -152,17 +152,17 @@ fn own_slots(module: &Module) -> Vec<AdjointSlot> {
 /// linear in the adjoint, applies the factor (a sum of terms with different totals, as
 /// js_div_knn_softmax's, takes one slot per total).
 fn factor_into_slots(b: &mut Builder, scatters: &mut [Scatter]) -> Vec<AdjointSlot> {
+    // A factor known before the row passes holds nothing back: it stays in the weight.
+    let waits_for_rows = |b: &Builder, f: Handle<Expr>| {
+        dependencies(&b.module, [Node::Expr(f)])
+            .into_iter()
+            .any(|h| matches!(b.module.exprs[h].level, Level::Row(_)))
+    };
     let mut slots = own_slots(&b.module);
     for matrix in b.module.matrices.handles().collect::<Vec<_>>() {
         let into: Vec<usize> = (0..scatters.len())
             .filter(|&i| scatters[i].matrix == matrix)
             .collect();
-        // A factor known before the row passes holds nothing back: it stays in the weight.
-        let waits_for_rows = |b: &Builder, f: Handle<Expr>| {
-            dependencies(&b.module, [Node::Expr(f)])
-                .into_iter()
-                .any(|h| matches!(b.module.exprs[h].level, Level::Row(_)))
-        };
         let split: Vec<Option<(Handle<Expr>, Handle<Expr>)>> = into
             .iter()
             .map(|&i| batch_factor(b, scatters[i].weight).filter(|&(f, _)| waits_for_rows(b, f)))
