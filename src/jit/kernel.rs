@@ -1481,6 +1481,17 @@ impl<'a, 'f> Gen<'a, 'f> {
                     matches!(module.exprs[lhs].kind, ExprKind::Index(_))
                         || matches!(module.exprs[rhs].kind, ExprKind::Index(_))
                 }
+                // Below the k-th value of the row: k members (knn_softmax's neighbourhood).
+                ExprKind::Binary {
+                    op: BinaryOp::Lt | BinaryOp::Le,
+                    rhs,
+                    ..
+                } => matches!(module.exprs[rhs].kind, ExprKind::Rank { .. }),
+                ExprKind::Binary {
+                    op: BinaryOp::Gt | BinaryOp::Ge,
+                    lhs,
+                    ..
+                } => matches!(module.exprs[lhs].kind, ExprKind::Rank { .. }),
                 _ => false,
             }
         }
