@@ -800,8 +800,6 @@ struct Shared(KernelArgs);
 // every thread before the tables are touched again.
 unsafe impl Sync for Shared {}
 
-/// Sets every entry to zero, blocks of rows on the threads: one thread's memset of a
-/// 1024 x 1024 adjoint takes a few tenths of a millisecond.
 /// Adds each extra adjoint slot, times its scale, into its matrix's own slot (scaled
 /// first by its own factor); returns the scale each matrix's own slot is still to be taken
 /// with: its factor when it has no extra slot, else one.
@@ -854,6 +852,8 @@ fn scaled_add_on_threads<F: Real>(
     }
 }
 
+/// Sets every entry to zero, blocks of rows on the threads: one thread's memset of a
+/// 1024 x 1024 adjoint takes a few tenths of a millisecond.
 fn zero_on_threads<F: Real>(a: &mut Array2<F>, threads: usize) {
     const BLOCK: usize = 64 * 1024;
     match a.as_slice_mut() {

@@ -85,8 +85,6 @@ impl<F: Real> Compressed<F> {
             whole.columns.extend(block.columns);
             whole.values.extend(block.values);
         }
-        // An empty matrix still has its `rows + 1` starts.
-        whole.starts.resize(rows + 1, 0);
         Some(whole)
     }
 
