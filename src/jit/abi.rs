@@ -10,20 +10,22 @@
 
 use crate::ir::Domain;
 
-/// Everything a kernel reads and writes besides its per-thread buffers. Pointers to
-/// per-handle tables are indexed by the handle's index.
+/// Everything a kernel reads and writes besides its per-thread buffers. The tables of
+/// matrices, batch values, stored values, vectors and adjoints hold what the pass's
+/// [`Bindings`](super::kernel::Bindings) list, in that order; the per-domain and
+/// per-grouping tables are indexed by [`domain_slot`] and the grouping's index.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct KernelArgs {
-    /// Per matrix: its values, row-major, in the run's float type.
+    /// Per bound matrix: its values, row-major, in the run's float type.
     pub matrices: *const *const u8,
-    /// Per matrix: its number of columns.
+    /// Per bound matrix: its number of columns.
     pub matrix_cols: *const u64,
-    /// Per expression: the value of each batch-level scalar (f64).
+    /// Per bound batch-level number or condition: its value (f64).
     pub batch: *const f64,
-    /// Per expression: its values per anchor (f64) when an earlier pass stored them, or null.
+    /// Per bound per-anchor number: its values per anchor (f64), which an earlier pass stored.
     pub stored: *const *const f64,
-    /// Per expression: the values of each batch-level vector (f64), or null.
+    /// Per bound batch-level vector: its values (f64).
     pub vectors: *const *const f64,
     /// Per output slot of the pass: one value (or `width` values) per anchor.
     pub outputs: *const *mut u8,
@@ -32,7 +34,7 @@ pub struct KernelArgs {
     /// Per anchor of the block: 1 when an earlier pass over it skipped the anchor (all
     /// zeros in the first pass).
     pub was_skipped: *const u8,
-    /// Per matrix: its adjoint `dL/dM`, row-major, or null.
+    /// Per bound adjoint slot: its matrix's adjoint `dL/dM` (or a part of it), row-major.
     pub grads: *const *mut u8,
     /// Per domain slot ([`domain_slot`]): the label of each row of the domain.
     pub labels: *const *const i64,

@@ -39,6 +39,33 @@ pub struct PassLayout {
     pub outputs: Vec<(Handle<Expr>, usize)>,
     /// The row buffers the kernel uses, in slot order.
     pub buffers: Vec<RowBuffer>,
+    /// What the slots of the kernel's tables hold.
+    pub bindings: Bindings,
+}
+
+/// The handles behind the slots of a kernel's tables: slot `k` of its matrix table holds
+/// matrix `matrices[k]`, and so on. A kernel numbers what it reads from 0, in the order it
+/// reads it, so that the kernels of passes that differ only in what they read (a loss
+/// applied to one branch and to the next) are the same function, compiled once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bindings {
+    pub matrices: Vec<Handle<Matrix>>,
+    /// Batch-level numbers and conditions.
+    pub batch: Vec<Handle<Expr>>,
+    /// Per-anchor numbers an earlier pass over the block stored.
+    pub stored: Vec<Handle<Expr>>,
+    /// Batch-level vectors.
+    pub vectors: Vec<Handle<Expr>>,
+    /// Adjoint slots ([`Plan::slots`]).
+    pub slots: Vec<usize>,
+}
+
+/// The slot of `item` in `bound`, given the next one when it has none yet.
+fn bind<T: PartialEq + Copy>(bound: &mut Vec<T>, item: T) -> usize {
+    bound.iter().position(|&x| x == item).unwrap_or_else(|| {
+        bound.push(item);
+        bound.len() - 1
+    })
 }
 
 /// The helper functions imported into the function being built.
@@ -124,6 +151,7 @@ pub fn build(
             .map(|&h| (h, width(&plan.module, h)))
             .collect(),
         buffers: g.buffers.clone(),
+        bindings: std::mem::take(&mut g.bindings),
     };
     g.b.seal_all_blocks();
     g.b.finalize(target);
@@ -187,6 +215,7 @@ struct Gen<'a, 'f> {
     vectors: HashMap<Handle<Expr>, Value>,
     sets: HashMap<Handle<Set>, Repr>,
     buffers: Vec<RowBuffer>,
+    bindings: Bindings,
     matrix_rows: HashMap<Handle<Matrix>, Value>,
     /// Set sizes already counted.
     counts: HashMap<Handle<Set>, Value>,
@@ -271,6 +300,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             vectors: HashMap::new(),
             sets: HashMap::new(),
             buffers: Vec::new(),
+            bindings: Bindings::default(),
             matrix_rows: HashMap::new(),
             lists_of: HashMap::new(),
             counts: HashMap::new(),
@@ -371,17 +401,31 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// The address of the anchor's row of matrix `m`, computed in the entry block so that
     /// it dominates every loop.
-    fn matrix_row(&self, m: Handle<Matrix>) -> Value {
-        self.matrix_rows[&m]
+    fn matrix_row(&self, m: Handle<Matrix>) -> Result<Value> {
+        self.matrix_rows
+            .get(&m)
+            .copied()
+            .ok_or_else(|| internal(format!("matrix {m} read but not loaded")))
     }
 
     /// Loads what every loop may read, in the entry block, so that loops do not reload
-    /// it and every later block sees it: each matrix's row for the anchor, each domain's
-    /// labels and the anchor's own label, each grouping's tables.
-    fn load_common(&mut self) {
+    /// it and every later block sees it: the anchor's row of each matrix the pass reads or
+    /// adds to, each domain's labels and the anchor's own label, each grouping's tables.
+    fn load_common(&mut self, effects: &[usize]) {
         let table = self.arg_field(offset_of!(KernelArgs, matrices));
-        for m in self.module.matrices.handles() {
-            let base = self.load_ptr(table, m.index());
+        let read = dependencies(self.module, self.roots.iter().copied().map(Node::Expr))
+            .into_iter()
+            .filter_map(|h| match self.module.exprs[h].kind {
+                ExprKind::Entry(m) => Some(m),
+                _ => None,
+            });
+        let written = effects.iter().map(|&e| self.plan.scatters[e].matrix);
+        let mut matrices: Vec<Handle<Matrix>> = read.chain(written).collect();
+        matrices.sort_unstable();
+        matrices.dedup();
+        for m in matrices {
+            let slot = bind(&mut self.bindings.matrices, m);
+            let base = self.load_ptr(table, slot);
             let row = self.row_address(base, m);
             self.matrix_rows.insert(m, row);
         }
@@ -432,10 +476,11 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// `base + anchor * cols(m) * size of float`.
     fn row_address(&mut self, base: Value, m: Handle<Matrix>) -> Value {
         let cols_table = self.arg_field(offset_of!(KernelArgs, matrix_cols));
+        let slot = bind(&mut self.bindings.matrices, m);
         let cols = self
             .b
             .ins()
-            .load(I64, Self::flags(), cols_table, (8 * m.index()) as i32);
+            .load(I64, Self::flags(), cols_table, (8 * slot) as i32);
         let offset = self.b.ins().imul(self.anchor, cols);
         let bytes = self.b.ins().imul_imm_u(offset, self.fb);
         self.b.ins().iadd(base, bytes)
@@ -444,9 +489,9 @@ impl<'a, 'f> Gen<'a, 'f> {
     // ---- the pass --------------------------------------------------------------------------
 
     fn body(&mut self, outputs: &[Handle<Expr>], effects: &[usize]) -> Result<()> {
-        self.load_common();
-        let skips = self.module.blocks[self.block].skips.clone();
         self.roots = pass_roots(self.plan, self.block, outputs, effects);
+        self.load_common(effects);
+        let skips = self.module.blocks[self.block].skips.clone();
         let scatter_loops = self.plan_scatter_loops(effects);
         let skipped_ptr = self.arg_field(offset_of!(KernelArgs, skipped));
         let flag_at = self.b.ins().iadd(skipped_ptr, self.anchor);
@@ -589,7 +634,8 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// The anchor's row of the adjoint slot a scatter adds into.
     fn grad_row(&mut self, scatter: &Scatter) -> Value {
         let table = self.arg_field(offset_of!(KernelArgs, grads));
-        let base = self.load_ptr(table, scatter.slot);
+        let slot = bind(&mut self.bindings.slots, scatter.slot);
+        let base = self.load_ptr(table, slot);
         self.row_address(base, scatter.matrix)
     }
 
@@ -693,7 +739,8 @@ impl<'a, 'f> Gen<'a, 'f> {
                 _ if matches!(expr.ty, Type::Vector(_)) => {
                     if !self.vectors.contains_key(&e) {
                         let table = self.arg_field(offset_of!(KernelArgs, vectors));
-                        let ptr = self.load_ptr(table, e.index());
+                        let slot = bind(&mut self.bindings.vectors, e);
+                        let ptr = self.load_ptr(table, slot);
                         self.vectors.insert(e, ptr);
                     }
                 }
@@ -741,15 +788,17 @@ impl<'a, 'f> Gen<'a, 'f> {
                     return Err(internal(format!("vector {h} used as a number")));
                 }
                 let table = self.arg_field(offset_of!(KernelArgs, batch));
+                let slot = bind(&mut self.bindings.batch, h);
                 let v = self
                     .b
                     .ins()
-                    .load(F64, Self::flags(), table, (8 * h.index()) as i32);
+                    .load(F64, Self::flags(), table, (8 * slot) as i32);
                 self.stored_value(v, e.ty)
             }
             Level::Row(_) if self.stored.contains(&h) => {
                 let table = self.arg_field(offset_of!(KernelArgs, stored));
-                let values = self.load_ptr(table, h.index());
+                let slot = bind(&mut self.bindings.stored, h);
+                let values = self.load_ptr(table, slot);
                 let offset = self.b.ins().imul_imm_u(self.anchor, 8);
                 let addr = self.b.ins().iadd(values, offset);
                 let v = self.b.ins().load(F64, Self::flags(), addr, 0);
@@ -1753,7 +1802,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let (rows, cols) = (at.space.rows, at.space.cols);
         let v = match e.kind {
             ExprKind::Entry(m) => {
-                let row = self.matrix_row(m);
+                let row = self.matrix_row(m)?;
                 let offset = self.b.ins().imul_imm_u(at.j, self.fb);
                 let addr = self.b.ins().iadd(row, offset);
                 self.b.ins().load(self.float, Self::flags(), addr, 0)

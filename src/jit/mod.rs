@@ -13,7 +13,7 @@ pub mod math;
 use crate::interp::Precision;
 use crate::ir::{Block, Expr, ExprKind, Handle, Level, Node, Phase, Type, dependencies};
 use crate::opt::Plan;
-use abi::KernelFn;
+use abi::{KernelFn, RowBuffer};
 use cranelift_codegen::Context;
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::types::{F32, F64, I32, I64};
@@ -201,7 +201,11 @@ fn build(
     let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
     let math = math::MathBuilder::new(module.isa());
     let target = module.target_config();
-    let mut built = Vec::new();
+    // Per pass: its phase, layout and the index of its code in `distinct`, which holds
+    // each different kernel once, with the row buffers it expects.
+    let mut passes = Vec::new();
+    let mut distinct: Vec<(FuncId, Context, Vec<RowBuffer>)> = Vec::new();
+    let mut by_size: HashMap<(usize, usize, usize), Vec<usize>> = HashMap::new();
     let mut texts = Vec::new();
     // Per block with a pass built: the per-anchor numbers its passes stored, which later
     // passes load (as they load which anchors are skipped) instead of computing again.
@@ -263,31 +267,46 @@ fn build(
                 ctx.func.display()
             ));
         }
-        let id = module
-            .declare_function(&format!("pass{phase}"), Linkage::Local, &kernel_sig)
-            .map_err(module_error)?;
-        built.push((phase, layout, id, ctx));
+        // Kernels of different passes nearly always differ in size: only those of one
+        // size are compared in full.
+        let dfg = &ctx.func.dfg;
+        let size = (dfg.num_insts(), dfg.num_values(), dfg.num_blocks());
+        let candidates = by_size.entry(size).or_default();
+        let same = candidates.iter().copied().find(|&at| {
+            let (_, other, buffers) = &distinct[at];
+            other.func == ctx.func && *buffers == layout.buffers
+        });
+        let code = match same {
+            Some(at) => at,
+            None => {
+                let id = module
+                    .declare_function(&format!("pass{phase}"), Linkage::Local, &kernel_sig)
+                    .map_err(module_error)?;
+                candidates.push(distinct.len());
+                distinct.push((id, ctx, layout.buffers.clone()));
+                distinct.len() - 1
+            }
+        };
+        passes.push((phase, layout, code));
     }
     // Cranelift compiles the kernels (the larger part of the compile time) side by side;
-    // the module links them in phase order.
+    // the module links them in order.
     let isa = module.isa();
-    let machine_code: Vec<Result<MachineCode, CodegenError>> = built
+    let machine_code: Vec<Result<MachineCode, CodegenError>> = distinct
         .par_iter_mut()
-        .map(|(_, _, id, ctx)| machine_code(isa, *id, ctx))
+        .map(|(id, ctx, _)| machine_code(isa, *id, ctx))
         .collect();
-    let mut pending = Vec::new();
-    for ((phase, layout, id, _), code) in built.into_iter().zip(machine_code) {
+    for ((id, _, _), code) in distinct.iter().zip(machine_code) {
         let code = code?;
         module
-            .define_function_bytes(id, code.alignment, &code.bytes, &code.relocs)
+            .define_function_bytes(*id, code.alignment, &code.bytes, &code.relocs)
             .map_err(module_error)?;
-        pending.push((phase, layout, id));
     }
     module.finalize_definitions().map_err(module_error)?;
-    let passes = pending
+    let passes = passes
         .into_iter()
-        .map(|(phase, layout, id)| {
-            let address = module.get_finalized_function(id);
+        .map(|(phase, layout, code)| {
+            let address = module.get_finalized_function(distinct[code].0);
             // SAFETY: `address` is the entry of a function just defined with `kernel_sig`
             // (five pointer-sized integers in, a 32-bit integer out, the host's C calling
             // convention), which is `KernelFn`'s signature; the module that owns the code

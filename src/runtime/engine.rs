@@ -195,10 +195,14 @@ impl Loss {
         self.run(x, labels, &Options::default(), true)
     }
 
-    /// Builds the kernels for a float type now rather than at the first call.
+    /// Builds the kernels for a float type now rather than at the first call: the
+    /// forward-only ones beside the forward+backward ones.
     pub fn prepare(&self, precision: Precision) -> Result<(), RunError> {
-        self.kernels(precision, false)?;
-        self.kernels(precision, true).map(|_| ())
+        let (forward, backward) = rayon::join(
+            || self.kernels(precision, false).map(|_| ()),
+            || self.kernels(precision, true).map(|_| ()),
+        );
+        forward.and(backward)
     }
 
     pub fn module(&self) -> &Module {
@@ -622,27 +626,41 @@ impl<'r, F: Real> Run<'r, F> {
         let mut skipped = vec![0u8; rows];
 
         // The tables the kernel reads, alive until the pass ends.
-        let matrix_ptrs: Vec<*const u8> = self
+        let bound = &pass.layout.bindings;
+        let matrix_ptrs: Vec<*const u8> = bound
             .matrices
             .iter()
-            .map(|m| m.as_ptr() as *const u8)
+            .map(|m| self.matrices[m.index()].as_ptr() as *const u8)
             .collect();
-        let matrix_cols: Vec<u64> = self.matrices.iter().map(|m| m.ncols() as u64).collect();
-        let vector_ptrs: Vec<*const f64> = self
-            .values
+        let matrix_cols: Vec<u64> = bound
+            .matrices
+            .iter()
+            .map(|m| self.matrices[m.index()].ncols() as u64)
+            .collect();
+        let batch: Vec<f64> = bound
+            .batch
+            .iter()
+            .map(|h| self.values.numbers[h.index()])
+            .collect();
+        let vector_ptrs: Vec<*const f64> = bound
             .vectors
             .iter()
-            .map(|v| v.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()))
+            .map(|h| {
+                self.values.vectors[h.index()]
+                    .as_ref()
+                    .map_or(std::ptr::null(), |v| v.as_ptr())
+            })
             .collect();
         let output_ptrs: Vec<*mut u8> = outputs
             .iter_mut()
             .map(|o| o.as_mut_ptr() as *mut u8)
             .collect();
-        let grad_ptrs: Vec<*mut u8> = self
-            .adjoints
-            .iter_mut()
-            .map(|a| {
-                a.as_mut()
+        let grad_ptrs: Vec<*mut u8> = bound
+            .slots
+            .iter()
+            .map(|&slot| {
+                self.adjoints[slot]
+                    .as_mut()
                     .map_or(std::ptr::null_mut(), |a| a.as_mut_ptr() as *mut u8)
             })
             .collect();
@@ -702,12 +720,17 @@ impl<'r, F: Real> Run<'r, F> {
             .get(&pass.layout.block)
             .cloned()
             .unwrap_or_else(|| vec![0; rows]);
-        let mut stored: Vec<*const f64> = vec![std::ptr::null(); module.exprs.len()];
-        for ((block, h), values) in &self.rows.outputs {
-            if *block == pass.layout.block && values.width == 1 {
-                stored[h.index()] = values.values.as_ptr();
-            }
-        }
+        let stored: Vec<*const f64> = bound
+            .stored
+            .iter()
+            .map(|&h| {
+                self.rows
+                    .outputs
+                    .get(&(pass.layout.block, h))
+                    .filter(|values| values.width == 1)
+                    .map_or(std::ptr::null(), |values| values.values.as_ptr())
+            })
+            .collect();
         let (class_starts, class_members) = self
             .groups
             .first()
@@ -716,7 +739,7 @@ impl<'r, F: Real> Run<'r, F> {
         let args = Shared(KernelArgs {
             matrices: matrix_ptrs.as_ptr(),
             matrix_cols: matrix_cols.as_ptr(),
-            batch: self.values.numbers.as_ptr(),
+            batch: batch.as_ptr(),
             vectors: vector_ptrs.as_ptr(),
             stored: stored.as_ptr(),
             outputs: output_ptrs.as_ptr(),

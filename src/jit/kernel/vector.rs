@@ -308,7 +308,7 @@ impl Gen<'_, '_> {
         }
         let v = match e.kind {
             ExprKind::Entry(m) => {
-                let row = self.matrix_rows[&m];
+                let row = self.matrix_row(m)?;
                 self.load_lanes(row, at)?
             }
             ExprKind::Same => {
