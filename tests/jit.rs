@@ -321,3 +321,29 @@ fn every_kernel_passes_the_verifier() {
         }
     }
 }
+
+/// Passes that differ only in what they read (one branch of a loss and the next) run one
+/// compiled kernel: js_div_knn_softmax's four knn_softmax passes share theirs, and its six
+/// passes over pairs of branches need at most two (the first pair adds into each branch's
+/// own adjoint, the others into separately scaled ones).
+#[test]
+fn passes_alike_share_a_kernel() {
+    let module = lower("js_div_knn_softmax", &Vec::new());
+    let gradient = losscc::grad::differentiate(&module).unwrap();
+    let plan = losscc::opt::gradient_plan(&gradient);
+    let kernels = losscc::jit::compile(&plan, Precision::F32).unwrap();
+    let codes: Vec<usize> = kernels.passes.iter().map(|p| p.code as usize).collect();
+    assert_eq!(codes.len(), 10, "4 knn_softmax passes and 6 pair passes");
+    let distinct = |codes: &[usize]| {
+        let mut codes = codes.to_vec();
+        codes.sort_unstable();
+        codes.dedup();
+        codes.len()
+    };
+    assert_eq!(distinct(&codes[..4]), 1, "{codes:x?}");
+    assert!(distinct(&codes[4..]) <= 2, "{codes:x?}");
+    assert_eq!(
+        distinct(&codes),
+        distinct(&codes[..4]) + distinct(&codes[4..])
+    );
+}
