@@ -176,10 +176,18 @@ impl Gen<'_, '_> {
         repr: &Repr,
         body: Option<Handle<Expr>>,
     ) -> Result<Value> {
+        // What the body needs comes first: a sibling may need the same reductions over the
+        // set (a sum of softmax terms and the log-sum-exp under them), which are then known.
+        if let Some(body) = body {
+            self.prepare(body)?;
+        }
         let (loop_repr, sets) = self.fusion_scope(set, repr);
         let condition_of =
             |s: Handle<Set>| sets.iter().find(|&&(t, _)| t == s).and_then(|&(_, c)| c);
-        let in_loop = |module: &Module, x: Handle<Expr>| matches!(module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if sets.iter().any(|&(t, _)| t == s));
+        let in_loop = |g: &Self, x: Handle<Expr>| {
+            !g.known(x)
+                && matches!(g.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if sets.iter().any(|&(t, _)| t == s))
+        };
         // (the expression, when a sibling; its set; its operation; its body)
         let mut members = vec![(None, set, op, body)];
         for &(over, _) in &sets {
@@ -191,7 +199,7 @@ impl Gen<'_, '_> {
                     other_op == ReduceOp::Count || self.lanes_can_read(&loop_repr, other_body);
                 let independent = !dependencies(self.module, [Node::Expr(other_body)])
                     .into_iter()
-                    .any(|x| in_loop(self.module, x));
+                    .any(|x| in_loop(self, x));
                 if !same && readable && independent && !self.reserved.contains(&h) {
                     members.push((Some(h), over, other_op, Some(other_body)));
                 }
@@ -331,9 +339,15 @@ impl Gen<'_, '_> {
         Ok(self.b.ins().fdiv(total, n))
     }
 
+    /// Whether a per-anchor value is at hand without a loop: computed, or stored by an
+    /// earlier pass.
+    fn known(&self, h: Handle<Expr>) -> bool {
+        self.row.contains_key(&h) || self.stored.contains(&h)
+    }
+
     /// The counts, sums, means, minima, maxima and log-sum-exps over `set` in this block
     /// that the pass needs, not computed yet, and whose bodies depend on no reduction over
-    /// the set.
+    /// the set that is not known yet.
     fn set_reductions(
         &self,
         set: Handle<Set>,
@@ -359,10 +373,11 @@ impl Gen<'_, '_> {
                     | ReduceOp::Lse
             );
             let over_set = |x: Handle<Expr>| {
-                matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set)
+                !self.known(x)
+                    && matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set)
             };
             let independent = !dependencies(self.module, [Node::Expr(body)]).into_iter().any(over_set);
-            (fold && over == set && block == self.block && !self.row.contains_key(&h) && independent)
+            (fold && over == set && block == self.block && !self.known(h) && independent)
                 .then_some((h, op, body))
         })
     }
