@@ -28,7 +28,7 @@ use std::mem::offset_of;
 mod fusion;
 mod vector;
 
-use vector::LaneScatter;
+use vector::{Fold, LaneScatter};
 
 /// What the runtime must provide to a pass's kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -1153,47 +1153,72 @@ impl<'a, 'f> Gen<'a, 'f> {
                 Ok(self.b.ins().sqrt(variance))
             }
             ReduceOp::Lse => {
-                let max = match self.lse_max.get(&(set, body)) {
-                    Some(&max) => max,
-                    None => self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?,
-                };
-                self.pin(max);
-                // A pair set has no per-column buffer.
-                let kept = match repr {
-                    Repr::Range { space, .. }
-                    | Repr::List { space, .. }
-                    | Repr::Masked { space, .. }
-                        if self.softmax_wanted.contains(&(set, body)) =>
-                    {
-                        let cols = space
-                            .cols
-                            .ok_or_else(|| internal("a set without columns"))?;
-                        Some(self.new_buffer(RowBuffer::Floats(cols)))
-                    }
-                    _ => None,
-                };
-                let shifted_exp = |g: &mut Self, v: Value| {
-                    let m = if g.b.func.dfg.value_type(v).is_vector() {
-                        g.splat(max)
-                    } else {
-                        max
+                // The other log-sum-exps over the set that the pass needs sum their
+                // exponentials in the same loop.
+                let siblings: Vec<(Handle<Expr>, Handle<Expr>)> = self
+                    .set_reductions(set)
+                    .filter(|&(_, op, other)| {
+                        op == ReduceOp::Lse && other != body && self.lanes_can_read(repr, other)
+                    })
+                    .map(|(h, _, other)| (h, other))
+                    .collect();
+                let mut folds = Vec::with_capacity(1 + siblings.len());
+                for other in std::iter::once(body).chain(siblings.iter().map(|&(_, b)| b)) {
+                    self.prepare(other)?;
+                    let max = match self.lse_max.get(&(set, other)) {
+                        Some(&max) => max,
+                        None => self.fused_reduce(ReduceOp::Max, set, repr, Some(other))?,
                     };
-                    let d = g.b.ins().fsub(v, m);
-                    g.math.exp(&mut g.b, d)
-                };
-                let total = self.vector_reduce(repr, body, 0.0, &shifted_exp, &add, kept)?;
-                if let Some(buffer) = kept {
-                    let one = self.fconst(1.0);
-                    let inverse = self.b.ins().fdiv(one, total);
-                    self.pin(inverse);
-                    self.softmax_rows.insert((set, body), (buffer, inverse));
+                    self.pin(max);
+                    // A pair set has no per-column buffer.
+                    let kept = match repr {
+                        Repr::Range { space, .. }
+                        | Repr::List { space, .. }
+                        | Repr::Masked { space, .. }
+                            if self.softmax_wanted.contains(&(set, other)) =>
+                        {
+                            let cols = space
+                                .cols
+                                .ok_or_else(|| internal("a set without columns"))?;
+                            Some(self.new_buffer(RowBuffer::Floats(cols)))
+                        }
+                        _ => None,
+                    };
+                    let fold = Fold::ShiftedExp {
+                        body: other,
+                        max,
+                        kept,
+                    };
+                    folds.push((fold, None));
                 }
-                let ln = self.math.ln(&mut self.b, total);
-                let lse = self.b.ins().fadd(max, ln);
-                let inf = self.fconst(f64::INFINITY);
-                let magnitude = self.b.ins().fabs(max);
-                let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
-                Ok(self.b.ins().select(finite, lse, max))
+                let totals = self.vector_loop(repr, &folds, &[])?;
+                let mut lses = Vec::with_capacity(folds.len());
+                for ((fold, _), total) in folds.into_iter().zip(totals) {
+                    let Fold::ShiftedExp {
+                        body: other,
+                        max,
+                        kept,
+                    } = fold
+                    else {
+                        return Err(internal("a log-sum-exp without its sum"));
+                    };
+                    if let Some(buffer) = kept {
+                        let one = self.fconst(1.0);
+                        let inverse = self.b.ins().fdiv(one, total);
+                        self.pin(inverse);
+                        self.softmax_rows.insert((set, other), (buffer, inverse));
+                    }
+                    let ln = self.math.ln(&mut self.b, total);
+                    let lse = self.b.ins().fadd(max, ln);
+                    let inf = self.fconst(f64::INFINITY);
+                    let magnitude = self.b.ins().fabs(max);
+                    let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
+                    lses.push(self.b.ins().select(finite, lse, max));
+                }
+                for (&(h, _), &lse) in siblings.iter().zip(&lses[1..]) {
+                    self.row.insert(h, lse);
+                }
+                Ok(lses[0])
             }
             _ => Err(internal(format!("{op:?} is not reduced in two loops"))),
         }

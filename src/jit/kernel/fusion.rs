@@ -348,7 +348,7 @@ impl Gen<'_, '_> {
     /// The counts, sums, means, minima, maxima and log-sum-exps over `set` in this block
     /// that the pass needs, not computed yet, and whose bodies depend on no reduction over
     /// the set that is not known yet.
-    fn set_reductions(
+    pub(super) fn set_reductions(
         &self,
         set: Handle<Set>,
     ) -> impl Iterator<Item = (Handle<Expr>, ReduceOp, Handle<Expr>)> + '_ {

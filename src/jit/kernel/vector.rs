@@ -28,19 +28,26 @@ pub(super) struct VAt {
 }
 
 /// What a vector loop computes over a set: its size, or the sum, minimum or maximum of a
-/// per-member expression.
+/// per-member expression, or a log-sum-exp's sum.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Fold {
     Count,
     Sum(Handle<Expr>),
     Min(Handle<Expr>),
     Max(Handle<Expr>),
+    /// The sum of `exp(body - max)`; with a row buffer `kept`, each member's term is also
+    /// stored at its column (masked lanes too: their columns are not read).
+    ShiftedExp {
+        body: Handle<Expr>,
+        max: Value,
+        kept: Option<Value>,
+    },
 }
 
 impl Fold {
     fn identity(self) -> f64 {
         match self {
-            Fold::Count | Fold::Sum(_) => 0.0,
+            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } => 0.0,
             Fold::Min(_) => f64::INFINITY,
             Fold::Max(_) => f64::NEG_INFINITY,
         }
@@ -49,7 +56,9 @@ impl Fold {
     pub(super) fn body(self) -> Option<Handle<Expr>> {
         match self {
             Fold::Count => None,
-            Fold::Sum(h) | Fold::Min(h) | Fold::Max(h) => Some(h),
+            Fold::Sum(h) | Fold::Min(h) | Fold::Max(h) | Fold::ShiftedExp { body: h, .. } => {
+                Some(h)
+            }
         }
     }
 }
@@ -675,6 +684,14 @@ impl Gen<'_, '_> {
                         Some(body) => g.vmember(body, at, &mut cache)?,
                         None => g.vconst(1.0),
                     };
+                    if let Fold::ShiftedExp { max, kept, .. } = *fold {
+                        let max = g.splat(max);
+                        let shifted = g.b.ins().fsub(v, max);
+                        v = g.math.exp(&mut g.b, shifted);
+                        if let Some(buffer) = kept {
+                            g.store_lanes(buffer, at, v);
+                        }
+                    }
                     let only = match only {
                         Some(condition) => Some(g.vmember(*condition, at, &mut cache)?),
                         None => None,
@@ -782,10 +799,19 @@ impl Gen<'_, '_> {
         at: At,
         cache: &mut HashMap<Handle<Expr>, Value>,
     ) -> Result<()> {
-        let v = match fold.body() {
+        let mut v = match fold.body() {
             Some(body) => self.member(body, at, cache)?,
             None => self.fconst(1.0),
         };
+        if let Fold::ShiftedExp { max, kept, .. } = fold {
+            let shifted = self.b.ins().fsub(v, max);
+            v = self.math.exp(&mut self.b, shifted);
+            if let Some(buffer) = kept {
+                let offset = self.b.ins().imul_imm_u(at.j, self.fb);
+                let addr = self.b.ins().iadd(buffer, offset);
+                self.b.ins().store(Self::flags(), v, addr, 0);
+            }
+        }
         let current = self.b.use_var(tail);
         let next = self.fold_step(fold, current, v);
         self.b.def_var(tail, next);
@@ -795,7 +821,7 @@ impl Gen<'_, '_> {
     /// One step of a fold, on values of either width.
     fn fold_step(&mut self, fold: Fold, acc: Value, v: Value) -> Value {
         match fold {
-            Fold::Count | Fold::Sum(_) => self.b.ins().fadd(acc, v),
+            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } => self.b.ins().fadd(acc, v),
             Fold::Min(_) => self.extreme_of(acc, v, true),
             Fold::Max(_) => self.extreme_of(acc, v, false),
         }
