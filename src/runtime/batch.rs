@@ -1,6 +1,6 @@
 //! A batch to evaluate a loss on, and the checks every backend runs before touching it.
 
-use super::real::Real;
+use super::real::{Real, all_finite};
 use crate::ir::{Grouping, Module};
 use ndarray::ArrayView2;
 
@@ -72,13 +72,17 @@ impl<F: Real> Batch<'_, F> {
                 labels: self.labels.len(),
             });
         }
-        for ((row, col), &value) in self.x.indexed_iter() {
-            if !value.is_finite() {
-                return Err(InputError::NotFinite {
-                    row,
-                    col,
-                    value: value.to_f64(),
-                });
+        // The first non-finite value is looked for once there is one.
+        let finite = self.x.as_slice_memory_order().is_some_and(all_finite);
+        if !finite {
+            for ((row, col), &value) in self.x.indexed_iter() {
+                if !value.is_finite() {
+                    return Err(InputError::NotFinite {
+                        row,
+                        col,
+                        value: value.to_f64(),
+                    });
+                }
             }
         }
         for (index, (name, values)) in self.inputs.iter().enumerate() {

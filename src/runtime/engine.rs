@@ -7,7 +7,7 @@ use super::batch_eval::{self, BatchValues, RowStore, Stored};
 use super::error::RunError;
 use super::gemm;
 use super::groups::{GroupValues, evaluate_groupings};
-use super::real::Real;
+use super::real::{self, Real};
 use super::tensors;
 use crate::grad::{AdjointSlot, Gradient};
 use crate::interp::{self, Precision};
@@ -597,7 +597,11 @@ impl<'r, F: Real> Run<'r, F> {
                 self.threads,
             );
             self.stages.backward_ms = elapsed_ms(started);
-            if grad.iter().any(|v| !v.is_finite()) {
+            let finite = match grad.as_slice_memory_order() {
+                Some(values) => real::all_finite(values),
+                None => grad.iter().all(|v| v.is_finite()),
+            };
+            if !finite {
                 return Ok(None);
             }
             Some(grad)
