@@ -24,6 +24,7 @@
 //! transposed reads then run in the GEMM's critical path, once per panel.)
 
 use super::real::Real;
+use multiversion::multiversion;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
 use std::sync::Mutex;
 
@@ -273,22 +274,55 @@ pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, thread
 
 /// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
 /// that `dX += (G + Gᵀ) X` is then one [`ab_acc`]. The result is exactly
-/// symmetric. Pairs of 64 x 64 tiles (one above the diagonal, its mirror
-/// below) are shared out between the threads; each element is written once,
-/// so the result does not depend on the thread count.
-pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
+/// symmetric and does not depend on the thread count.
+pub fn symmetrize<T: Real>(g: ArrayViewMut2<'_, T>, threads: usize) {
+    symmetrize_with(
+        g,
+        threads,
+        || (),
+        |_, _, _, upper, lower| {
+            for (u, l) in upper.iter_mut().zip(lower) {
+                let v = *u + *l;
+                *u = v;
+                *l = v;
+            }
+        },
+    );
+}
+
+/// Tasks of [`symmetrize_with`]: a fixed number, whatever the thread count, so that
+/// what each accumulates does not depend on it; a few per thread, since sharing out
+/// single tiles costs more than it balances.
+const SYMMETRIZE_TASKS: usize = 8;
+
+/// Makes the leading `min(rows, cols)` square block of `g` symmetric by combining each
+/// entry above the diagonal with its mirror: `combine(state, i, j, upper, lower)` gets
+/// the entries `(i, j..j + len)` in `upper` and `(j..j + len, i)` in `lower` (with
+/// `i <= j`; on the diagonal, `len` is 1 and both are the one entry) and leaves the same
+/// values in both. Pairs of 64 x 64 tiles (one above the diagonal, its mirror below) are
+/// shared out between [`SYMMETRIZE_TASKS`] tasks in a fixed order, each with its own
+/// `state` from `init`; the states come back in task order, and each element is written
+/// once, so nothing depends on the thread count.
+pub fn symmetrize_with<T: Real, S: Send>(
+    mut g: ArrayViewMut2<'_, T>,
+    threads: usize,
+    init: impl Fn() -> S,
+    combine: impl Fn(&mut S, usize, usize, &mut [T], &mut [T]) + Sync,
+) -> Vec<S> {
     const TILE: usize = 64;
     let n = g.nrows().min(g.ncols());
     let ld = g.ncols();
     let Some(data) = g.as_slice_mut() else {
+        let mut state = init();
         for i in 0..n {
             for j in i..n {
-                let v = g[(i, j)] + g[(j, i)];
-                g[(i, j)] = v;
-                g[(j, i)] = v;
+                let (mut upper, mut lower) = ([g[(i, j)]], [g[(j, i)]]);
+                combine(&mut state, i, j, &mut upper, &mut lower);
+                g[(i, j)] = upper[0];
+                g[(j, i)] = lower[0];
             }
         }
-        return;
+        return vec![state];
     };
     let tiles = n.div_ceil(TILE);
     let pairs: Vec<(usize, usize)> = (0..tiles)
@@ -296,16 +330,21 @@ pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
         .collect();
     let threads = if n < 512 { 1 } else { threads };
     let base = SharedMut(data.as_mut_ptr());
-    // A few tasks per thread: sharing out single tiles costs more than it balances.
-    let per_task = pairs.len().div_ceil(4 * threads).max(1);
-    run_tasks(pairs.chunks(per_task).collect(), threads, |chunk| {
+    let per_task = pairs.len().div_ceil(SYMMETRIZE_TASKS).max(1);
+    let chunks: Vec<&[(usize, usize)]> = pairs.chunks(per_task).collect();
+    let mut states: Vec<S> = chunks.iter().map(|_| init()).collect();
+    let tasks: Vec<_> = chunks.into_iter().zip(states.iter_mut()).collect();
+    run_tasks(tasks, threads, |(chunk, state)| {
         for &(i0, j0) in chunk {
             let (h, w) = (TILE.min(n - i0), TILE.min(n - j0));
+            let mut combine =
+                |i, j, upper: &mut [T], lower: &mut [T]| combine(state, i, j, upper, lower);
             // SAFETY: the tile at (i0, j0) and its mirror lie inside the n x ld buffer, and
             // no other task touches them.
-            unsafe { symmetrize_tile(&base, ld, i0, j0, h, w) }
+            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w), &mut combine) }
         }
     });
+    states
 }
 
 /// A pointer tasks share to write disjoint parts of one buffer.
@@ -314,52 +353,50 @@ struct SharedMut<T>(*mut T);
 // buffer is used again.
 unsafe impl<T> Sync for SharedMut<T> {}
 
-/// Adds to the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
-/// length `ld`) the transpose of its mirror tile (row `j0`, column `i0`) and
-/// writes the sum to both, 8 x 8 blocks at a time off the diagonal.
+/// Combines the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
+/// length `ld`) with the transpose of its mirror tile (row `j0`, column `i0`), as
+/// [`symmetrize_with`] describes, 8 x 8 blocks at a time off the diagonal. Compiled for
+/// AVX2 and AVX-512 too: the combinations run on vector lanes.
 ///
 /// # Safety
 /// Both tiles lie inside the buffer at `base`, and nothing else reads or writes
 /// them while this runs.
-unsafe fn symmetrize_tile<T: Real>(
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+unsafe fn symmetrize_tile<T: Real, C: FnMut(usize, usize, &mut [T], &mut [T])>(
     base: &SharedMut<T>,
     ld: usize,
-    i0: usize,
-    j0: usize,
-    h: usize,
-    w: usize,
+    (i0, j0): (usize, usize),
+    (h, w): (usize, usize),
+    combine: &mut C,
 ) {
     const M: usize = 8;
     // SAFETY (for every use): the caller keeps (i, j) inside the buffer.
     let at = |i: usize, j: usize| unsafe { base.0.add(i * ld + j) };
-    if i0 == j0 {
-        for i in 0..h {
-            for j in i..w {
-                let (upper, lower) = (at(i0 + i, j0 + j), at(j0 + j, i0 + i));
-                unsafe {
-                    let v = *upper + *lower;
-                    *upper = v;
-                    *lower = v;
-                }
-            }
+    let single = |i: usize, j: usize, combine: &mut C| {
+        let (upper, lower) = (at(i, j), at(j, i));
+        // SAFETY: both entries lie in the tiles (they are one entry on the diagonal).
+        unsafe {
+            let (mut u, mut l) = ([*upper], [*lower]);
+            combine(i, j, &mut u, &mut l);
+            *upper = u[0];
+            *lower = l[0];
         }
-        return;
-    }
+    };
+    let full_blocks = i0 != j0;
     for i in (0..h).step_by(M) {
         let rows = M.min(h - i);
         for j in (0..w).step_by(M) {
             let cols = M.min(w - j);
-            if rows == M && cols == M {
-                unsafe { symmetrize_block::<T, M>(at(i0 + i, j0 + j), at(j0 + j, i0 + i), ld) };
+            if full_blocks && rows == M && cols == M {
+                let (upper, lower) = (at(i0 + i, j0 + j), at(j0 + j, i0 + i));
+                unsafe { symmetrize_block::<T, M, C>(upper, lower, ld, (i0 + i, j0 + j), combine) };
                 continue;
             }
             for a in 0..rows {
                 for b in 0..cols {
-                    let (upper, lower) = (at(i0 + i + a, j0 + j + b), at(j0 + j + b, i0 + i + a));
-                    unsafe {
-                        let v = *upper + *lower;
-                        *upper = v;
-                        *lower = v;
+                    let (gi, gj) = (i0 + i + a, j0 + j + b);
+                    if gi <= gj {
+                        single(gi, gj, combine);
                     }
                 }
             }
@@ -367,27 +404,38 @@ unsafe fn symmetrize_tile<T: Real>(
     }
 }
 
-/// [`symmetrize_tile`] of one `M × M` block at `upper` and its mirror at `lower`,
-/// both read and written a row at a time.
+/// [`symmetrize_tile`] of one `M × M` block at `upper` (whose first entry is `(i, j)`)
+/// and its mirror at `lower`, a row of `upper` and the matching column of `lower` at a
+/// time.
 ///
 /// # Safety
 /// Both blocks (rows of length `ld`) are valid, disjoint and not used elsewhere.
-unsafe fn symmetrize_block<T: Real, const M: usize>(upper: *mut T, lower: *mut T, ld: usize) {
-    // mirror[b][a] is lower's row b, column a: upper's (a, b).
-    let mut mirror = [[T::ZERO; M]; M];
-    for (b, line) in mirror.iter_mut().enumerate() {
-        unsafe { std::ptr::copy_nonoverlapping(lower.add(b * ld), line.as_mut_ptr(), M) };
-    }
-    for a in 0..M {
-        let row = unsafe { &mut *std::ptr::slice_from_raw_parts_mut(upper.add(a * ld), M) };
-        for (b, line) in mirror.iter_mut().enumerate() {
-            let v = row[b] + line[a];
-            row[b] = v;
-            line[a] = v;
+#[inline(always)]
+unsafe fn symmetrize_block<T: Real, const M: usize, C: FnMut(usize, usize, &mut [T], &mut [T])>(
+    upper: *mut T,
+    lower: *mut T,
+    ld: usize,
+    (i, j): (usize, usize),
+    combine: &mut C,
+) {
+    // SAFETY: row `b` of either block, inside it as the caller guarantees.
+    let line = |block: *mut T, b: usize| unsafe {
+        &mut *std::ptr::slice_from_raw_parts_mut(block.add(b * ld), M)
+    };
+    // column[a][b] is lower's row b, column a: the mirror of upper's (a, b).
+    let mut column = [[T::ZERO; M]; M];
+    for (b, values) in (0..M).map(|b| (b, line(lower, b))) {
+        for (a, &v) in values.iter().enumerate() {
+            column[a][b] = v;
         }
     }
-    for (b, line) in mirror.iter().enumerate() {
-        unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), lower.add(b * ld), M) };
+    for (a, column) in column.iter_mut().enumerate() {
+        combine(i + a, j, line(upper, a), column);
+    }
+    for (b, values) in (0..M).map(|b| (b, line(lower, b))) {
+        for (a, v) in values.iter_mut().enumerate() {
+            *v = column[a][b];
+        }
     }
 }
 

@@ -300,15 +300,53 @@ fn metric_backward<F: Real>(
         Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
     let mut sparse = sparse::Compressed::of(g.view(), threads);
+    let (symmetric, dense) = (left == right, sparse.is_none());
+    if let (Some(floor), true, true) = (floor, symmetric, dense) {
+        // One pass over the pairs (i, j), (j, i) of a symmetric matrix (the distances are
+        // symmetric too) takes both adjoint entries to dQ, sums them into each side's
+        // coefficient and writes -2 (dQ + dQᵀ) to both: the symmetrised adjoint of the
+        // cross term, ready for the GEMM.
+        let dq = squared_adjoint(floor);
+        let n = g.nrows();
+        let d = value
+            .as_slice()
+            .expect("pair matrices are allocated in standard layout");
+        let minus_two = F::from_f64(-2.0);
+        let partial = gemm::symmetrize_with(
+            g.view_mut(),
+            threads,
+            || vec![F::ZERO; n],
+            |coefficients: &mut Vec<F>, i, j, upper: &mut [F], lower: &mut [F]| {
+                let distances = &d[i * n + j..][..upper.len()];
+                let mut row_total = F::ZERO;
+                let pairs = upper.iter_mut().zip(lower.iter_mut()).zip(distances);
+                for (((u, l), &distance), c) in pairs.zip(&mut coefficients[j..]) {
+                    let both = dq(*u, distance) + dq(*l, distance);
+                    row_total = row_total + both;
+                    *c = *c + both;
+                    *u = minus_two * both;
+                    *l = *u;
+                }
+                // On the diagonal, (i, i) went into its coefficient once already.
+                if j != i {
+                    coefficients[i] = coefficients[i] + row_total;
+                }
+            },
+        );
+        let mut coefficients = vec![F::ZERO; n];
+        for part in partial {
+            add_into(&mut coefficients, &part);
+        }
+        let x = &tensors[left];
+        add_scaled_rows(&mut grads[left], x, &coefficients, two * scale);
+        gemm::ab_acc(scale, g.view(), x.view(), grads[left].view_mut(), threads);
+        return;
+    }
     if let Some(floor) = floor {
         // dQ = dD / (2 D) where the clamp does not hold (D above its floor); the |a_i|^2
         // and |b_j|^2 terms take the row and column sums of dQ, the cross term -2 a_i . b_j
         // takes -2 dQ, which replaces the adjoint (only its nonzero entries can change).
-        let dq = |w: F, d: F| match floor {
-            Some(floor) if d > floor => w / (two * d),
-            Some(_) => F::ZERO,
-            None => w,
-        };
+        let dq = squared_adjoint(floor);
         let mut rows = vec![F::ZERO; g.nrows()];
         let mut cols = vec![F::ZERO; g.ncols()];
         match sparse.as_mut() {
@@ -347,19 +385,12 @@ fn metric_backward<F: Real>(
                     },
                 );
                 for block in block_cols {
-                    cols.iter_mut().zip(block).for_each(|(c, b)| *c = *c + b);
+                    add_into(&mut cols, &block);
                 }
             }
         }
-        let (a, b) = (&tensors[left], &tensors[right]);
-        for (i, mut row) in grads[left].rows_mut().into_iter().enumerate() {
-            let factor = two * scale * rows[i];
-            row.zip_mut_with(&a.row(i), |acc, &v| *acc = *acc + factor * v);
-        }
-        for (j, mut row) in grads[right].rows_mut().into_iter().enumerate() {
-            let factor = two * scale * cols[j];
-            row.zip_mut_with(&b.row(j), |acc, &v| *acc = *acc + factor * v);
-        }
+        add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
+        add_scaled_rows(&mut grads[right], &tensors[right], &cols, two * scale);
     }
     if let Some(by_row) = sparse {
         let by_column = by_row.transpose(g.ncols());
@@ -392,6 +423,30 @@ fn metric_backward<F: Real>(
             grads[right].view_mut(),
             threads,
         );
+    }
+}
+
+/// `total += part`, elementwise.
+fn add_into<F: Real>(total: &mut [F], part: &[F]) {
+    total.iter_mut().zip(part).for_each(|(t, &p)| *t = *t + p);
+}
+
+/// Row `i` of `grad` gains `scale · coefficients[i]` times row `i` of `x`.
+fn add_scaled_rows<F: Real>(grad: &mut Array2<F>, x: &Array2<F>, coefficients: &[F], scale: F) {
+    for ((mut row, x_row), &c) in grad.rows_mut().into_iter().zip(x.rows()).zip(coefficients) {
+        let factor = scale * c;
+        row.zip_mut_with(&x_row, |acc, &v| *acc = *acc + factor * v);
+    }
+}
+
+/// `dQ = dD / (2 D)` from an entry `w` of the adjoint of a distance `d` (zero where the clamp
+/// holds, `d` at its `floor`); the adjoint itself for a squared distance (`floor` None).
+fn squared_adjoint<F: Real>(floor: Option<F>) -> impl Fn(F, F) -> F + Copy + Sync {
+    let two = F::from_f64(2.0);
+    move |w, d| match floor {
+        Some(floor) if d > floor => w / (two * d),
+        Some(_) => F::ZERO,
+        None => w,
     }
 }
 
