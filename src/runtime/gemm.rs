@@ -234,7 +234,19 @@ pub fn atb_acc<T: Real>(
 /// Only the lower triangle (in row panels, each including its diagonal
 /// block) is computed; the upper triangle is then copied from it, so `out` is
 /// exactly symmetric.
-pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, threads: usize) {
+pub fn gram<T: Real>(x: ArrayView2<'_, T>, out: ArrayViewMut2<'_, T>, threads: usize) {
+    gram_with(x, out, threads, |_, _| {});
+}
+
+/// [`gram`], with `transform(i, row)` applied to each row `i`'s lower part (columns `0..=i`)
+/// as soon as its panel is computed, while it is in cache, and before the mirroring: an
+/// elementwise function of a symmetric matrix, on half of it.
+pub fn gram_with<T: Real>(
+    x: ArrayView2<'_, T>,
+    mut out: ArrayViewMut2<'_, T>,
+    threads: usize,
+    transform: impl Fn(usize, &mut [T]) + Sync,
+) {
     let n = x.nrows();
     assert_eq!(out.dim(), (n, n), "gram: out must be {n}x{n}");
     if n == 0 {
@@ -243,7 +255,7 @@ pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, thread
     if !out.is_standard_layout() {
         let mut tmp = vec![T::ZERO; n * n];
         let view = ArrayViewMut2::from_shape((n, n), &mut tmp[..]).expect("n*n buffer");
-        gram(x, view, threads);
+        gram_with(x, view, threads, transform);
         out.assign(&ArrayView2::from_shape((n, n), &tmp[..]).expect("n*n buffer"));
         return;
     }
@@ -256,7 +268,12 @@ pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, thread
         .enumerate()
         .map(|(i, (o, xr))| {
             let end = (i * p + xr.nrows()).min(n);
-            (o.slice_move(s![.., ..end]), xr, x.slice_move(s![..end, ..]))
+            (
+                i * p,
+                o.slice_move(s![.., ..end]),
+                xr,
+                x.slice_move(s![..end, ..]),
+            )
         })
         .collect();
     tasks.reverse(); // largest panels first: better balance
@@ -266,7 +283,14 @@ pub fn gram<T: Real>(x: ArrayView2<'_, T>, mut out: ArrayViewMut2<'_, T>, thread
     } else {
         1
     };
-    run_tasks(tasks, threads, |(o, xr, xc)| kernel(o, xr, xc.t(), None));
+    run_tasks(tasks, threads, |(first, mut o, xr, xc)| {
+        kernel(o.view_mut(), xr, xc.t(), None);
+        for (i, mut row) in (first..).zip(o.rows_mut()) {
+            if let Some(row) = row.as_slice_mut() {
+                transform(i, &mut row[..=i]);
+            }
+        }
+    });
     let data = out.as_slice_mut().expect("standard layout checked above");
     let mirror_threads = if n >= MIRROR_PAR_MIN { threads } else { 1 };
     mirror_lower(data, n, 0, n, mirror_threads);

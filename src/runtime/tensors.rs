@@ -122,33 +122,41 @@ pub fn pair_matrix<F: Real>(
     if values.dim() != (a.nrows(), b.nrows()) || !values.is_standard_layout() {
         *values = Array2::zeros((a.nrows(), b.nrows()));
     }
-    if matrix.is_symmetric() {
-        gemm::gram(a.view(), values.view_mut(), threads);
-    } else {
-        gemm::abt(a.view(), b.view(), values.view_mut(), threads);
-    }
     let eps = match matrix.metric {
-        Metric::Dot => return,
-        Metric::SqEuclid => None,
-        Metric::Euclid { eps } => Some(F::from_f64(eps)),
+        Metric::Dot => None,
+        Metric::SqEuclid => Some(None),
+        Metric::Euclid { eps } => Some(Some(F::from_f64(eps))),
     };
+    let Some(eps) = eps else {
+        if matrix.is_symmetric() {
+            gemm::gram(a.view(), values.view_mut(), threads);
+        } else {
+            gemm::abt(a.view(), b.view(), values.view_mut(), threads);
+        }
+        return;
+    };
+    // Q = |a_i|^2 + |b_j|^2 - 2 a_i . b_j, then D = sqrt(Q) above the clamp: elementwise, so
+    // shared out by rows without changing a bit (and on the lower triangle alone, mirrored
+    // with the products, when the matrix is symmetric).
     let (na, nb) = (row_norms(a), row_norms(b));
     let floor = eps.map(|e| e.sqrt());
-    let symmetric = matrix.is_symmetric();
-    // Q = |a_i|^2 + |b_j|^2 - 2 a_i . b_j, then D = sqrt(Q) above the clamp: elementwise, so
-    // shared out by rows without changing a bit.
-    let (cols, nb) = (values.ncols(), nb.as_slice().unwrap_or(&[]));
+    let nb = nb.as_slice().unwrap_or(&[]);
+    if matrix.is_symmetric() {
+        gemm::gram_with(a.view(), values.view_mut(), threads, |i, row| {
+            distance_row(row, na[i], &nb[..row.len()], eps.zip(floor));
+            row[i] = floor.unwrap_or(F::ZERO);
+        });
+        return;
+    }
+    gemm::abt(a.view(), b.view(), values.view_mut(), threads);
+    let cols = values.ncols();
     let Some(data) = values.as_slice_mut() else {
         return;
     };
     let rows: Vec<_> = data.chunks_mut(cols * DISTANCE_ROWS).enumerate().collect();
     gemm::run_tasks(rows, threads, |(chunk, rows)| {
         for (r, row) in rows.chunks_mut(cols).enumerate() {
-            let i = chunk * DISTANCE_ROWS + r;
-            distance_row(row, na[i], nb, eps.zip(floor));
-            if symmetric {
-                row[i] = floor.unwrap_or(F::ZERO);
-            }
+            distance_row(row, na[chunk * DISTANCE_ROWS + r], nb, eps.zip(floor));
         }
     });
 }
