@@ -17,7 +17,7 @@
 
 mod print;
 mod rules;
-mod tensors;
+pub(crate) mod tensors;
 
 pub use print::print_gradient;
 pub use tensors::TensorStep;

@@ -356,11 +356,13 @@ impl Loss {
         let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, None) else {
             return f64::NAN;
         };
+        let reaches = crate::grad::tensors::reaches_embedding(module);
         let mut work: Vec<_> = module
             .matrices
             .iter()
             .map(|(_, m)| {
-                tensors::GemmWork::new(m, &tensors[m.left.index()], &tensors[m.right.index()])
+                let (a, b) = (&tensors[m.left.index()], &tensors[m.right.index()]);
+                tensors::GemmWork::new(m, a, b, &reaches)
             })
             .collect();
         // Once to touch the buffers (as a training loop's later steps find them), once timed.

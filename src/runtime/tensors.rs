@@ -181,6 +181,8 @@ fn distance_row<F: Real>(row: &mut [F], ni: F, nb: &[F], clamp: Option<(F, F)>) 
 /// [`GemmWork::run`] times the products alone.
 pub struct GemmWork<'t, F> {
     symmetric: bool,
+    /// Whether the gradient reaches the embedding through the left and the right tensor.
+    reaches: [bool; 2],
     a: &'t Array2<F>,
     b: &'t Array2<F>,
     s: Array2<F>,
@@ -189,10 +191,13 @@ pub struct GemmWork<'t, F> {
 }
 
 impl<'t, F: Real> GemmWork<'t, F> {
-    pub fn new(matrix: &Matrix, a: &'t Array2<F>, b: &'t Array2<F>) -> Self {
+    /// The work of `matrix` on its tensors `a` and `b`, with `reaches` per tensor of the
+    /// module as the backward has it.
+    pub fn new(matrix: &Matrix, a: &'t Array2<F>, b: &'t Array2<F>, reaches: &[bool]) -> Self {
         let symmetric = matrix.is_symmetric();
         GemmWork {
             symmetric,
+            reaches: [reaches[matrix.left.index()], reaches[matrix.right.index()]],
             a,
             b,
             s: Array2::zeros((a.nrows(), b.nrows())),
@@ -201,17 +206,25 @@ impl<'t, F: Real> GemmWork<'t, F> {
         }
     }
 
-    /// `S = A Bᵀ` and `dA += S B`, `dB += Sᵀ A` (one triangle and one product when
-    /// symmetric, as the backward does).
+    /// `S = A Bᵀ` and `dA += S B`, `dB += Sᵀ A` for the sides the gradient reaches the
+    /// embedding through (one triangle and one product when symmetric), as the backward
+    /// does.
     pub fn run(&mut self, threads: usize) {
         let (a, b) = (self.a.view(), self.b.view());
+        let [left, right] = self.reaches;
         if self.symmetric {
             gemm::gram(a, self.s.view_mut(), threads);
-            gemm::ab_acc(F::ONE, self.s.view(), a, self.da.view_mut(), threads);
+            if left {
+                gemm::ab_acc(F::ONE, self.s.view(), a, self.da.view_mut(), threads);
+            }
         } else {
             gemm::abt(a, b, self.s.view_mut(), threads);
-            gemm::ab_acc(F::ONE, self.s.view(), b, self.da.view_mut(), threads);
-            gemm::atb_acc(F::ONE, self.s.view(), a, self.db.view_mut(), threads);
+            if left {
+                gemm::ab_acc(F::ONE, self.s.view(), b, self.da.view_mut(), threads);
+            }
+            if right {
+                gemm::atb_acc(F::ONE, self.s.view(), a, self.db.view_mut(), threads);
+            }
         }
     }
 }
@@ -242,6 +255,7 @@ pub fn backward<F: Real>(
         seed,
     } = *forward;
     let mut grads: Vec<Array2<F>> = tensors.iter().map(|t| written_zeros(t.dim())).collect();
+    let reaches = crate::grad::tensors::reaches_embedding(module);
     for step in steps {
         match *step {
             TensorStep::Metric(m) => {
@@ -254,7 +268,7 @@ pub fn backward<F: Real>(
                     g,
                     &matrices[m.index()],
                     tensors,
-                    &mut grads,
+                    (&mut grads, &reaches),
                     threads,
                 );
             }
@@ -297,10 +311,13 @@ fn metric_backward<F: Real>(
     g: &mut Array2<F>,
     value: &Array2<F>,
     tensors: &[Array2<F>],
-    grads: &mut [Array2<F>],
+    (grads, reaches): (&mut [Array2<F>], &[bool]),
     threads: usize,
 ) {
     let (left, right) = (matrix.left.index(), matrix.right.index());
+    // A side the gradient does not reach the embedding through (stopped centres, say) is
+    // not computed.
+    let (to_left, to_right) = (reaches[left], reaches[right]);
     let two = F::from_f64(2.0);
     let floor = match matrix.metric {
         Metric::Dot => None,
@@ -397,14 +414,22 @@ fn metric_backward<F: Real>(
                 }
             }
         }
-        add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
-        add_scaled_rows(&mut grads[right], &tensors[right], &cols, two * scale);
+        if to_left {
+            add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
+        }
+        if to_right {
+            add_scaled_rows(&mut grads[right], &tensors[right], &cols, two * scale);
+        }
     }
     if let Some(by_row) = sparse {
-        let by_column = by_row.transpose(g.ncols());
         let (x_left, x_right) = (tensors[left].view(), tensors[right].view());
-        by_row.accumulate(scale, x_right, grads[left].view_mut(), threads);
-        by_column.accumulate(scale, x_left, grads[right].view_mut(), threads);
+        if to_left {
+            by_row.accumulate(scale, x_right, grads[left].view_mut(), threads);
+        }
+        if to_right {
+            let by_column = by_row.transpose(g.ncols());
+            by_column.accumulate(scale, x_left, grads[right].view_mut(), threads);
+        }
         return;
     }
     if left == right {
@@ -417,20 +442,24 @@ fn metric_backward<F: Real>(
             threads,
         );
     } else {
-        gemm::ab_acc(
-            scale,
-            g.view(),
-            tensors[right].view(),
-            grads[left].view_mut(),
-            threads,
-        );
-        gemm::atb_acc(
-            scale,
-            g.view(),
-            tensors[left].view(),
-            grads[right].view_mut(),
-            threads,
-        );
+        if to_left {
+            gemm::ab_acc(
+                scale,
+                g.view(),
+                tensors[right].view(),
+                grads[left].view_mut(),
+                threads,
+            );
+        }
+        if to_right {
+            gemm::atb_acc(
+                scale,
+                g.view(),
+                tensors[left].view(),
+                grads[right].view_mut(),
+                threads,
+            );
+        }
     }
 }
 
