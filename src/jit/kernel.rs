@@ -1096,12 +1096,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     Ok(())
                 })?;
                 let total = self.b.use_var(sum);
-                let ln = self.math.ln(&mut self.b, total);
-                let lse = self.b.ins().fadd(max, ln);
-                let inf = self.fconst(f64::INFINITY);
-                let magnitude = self.b.ins().fabs(max);
-                let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
-                Ok(self.b.ins().select(finite, lse, max))
+                Ok(self.lse_from(max, total))
             }
             ReduceOp::Std => {
                 let mean = self.reduce(ReduceOp::Mean, set, body)?;
@@ -1151,7 +1146,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let d = g.b.ins().fsub(v, m);
                     g.b.ins().fmul(d, d)
                 };
-                let squares = self.vector_reduce(repr, body, 0.0, &square_gap, &add, None)?;
+                let squares = self.vector_reduce(repr, body, 0.0, &square_gap, &add)?;
                 let variance = self.b.ins().fdiv(squares, count);
                 Ok(self.b.ins().sqrt(variance))
             }
@@ -1211,12 +1206,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                         self.pin(inverse);
                         self.softmax_rows.insert((set, other), (buffer, inverse));
                     }
-                    let ln = self.math.ln(&mut self.b, total);
-                    let lse = self.b.ins().fadd(max, ln);
-                    let inf = self.fconst(f64::INFINITY);
-                    let magnitude = self.b.ins().fabs(max);
-                    let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
-                    lses.push(self.b.ins().select(finite, lse, max));
+                    lses.push(self.lse_from(max, total));
                 }
                 for (&(h, _), &lse) in siblings.iter().zip(&lses[1..]) {
                     self.row.insert(h, lse);
@@ -1225,6 +1215,17 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             _ => Err(internal(format!("{op:?} is not reduced in two loops"))),
         }
+    }
+
+    /// `max + ln(total)` from a log-sum-exp's maximum and its sum of `exp(v - max)`; a
+    /// non-finite maximum (an empty set, or an infinite member) is the result.
+    fn lse_from(&mut self, max: Value, total: Value) -> Value {
+        let ln = self.math.ln(&mut self.b, total);
+        let lse = self.b.ins().fadd(max, ln);
+        let inf = self.fconst(f64::INFINITY);
+        let magnitude = self.b.ins().fabs(max);
+        let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
+        self.b.ins().select(finite, lse, max)
     }
 
     /// The minimum (or maximum) of `body` over the members into `acc`: the first strictly

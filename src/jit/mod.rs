@@ -3,8 +3,9 @@
 //! [`compile`] turns each `Rows` phase of a [`Plan`] into a function
 //! (see [`kernel`]) and links them, with the [`helpers`] they call, into one JIT module
 //! for the run's float type. Passes whose functions come out the same (they differ only in
-//! which matrices and values they read: see [`kernel::Bindings`]) share one compiled kernel. The runtime calls a kernel once per anchor, from as many
-//! threads as it likes: kernels write only their anchor's outputs and matrix-adjoint rows.
+//! which matrices and values they read: see [`kernel::Bindings`]) share one compiled
+//! kernel. The runtime calls a kernel once per anchor, from as many threads as it likes:
+//! kernels write only their anchor's outputs and matrix-adjoint rows.
 
 pub mod abi;
 pub mod helpers;

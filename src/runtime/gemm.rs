@@ -286,9 +286,10 @@ pub fn gram_with<T: Real>(
     run_tasks(tasks, threads, |(first, mut o, xr, xc)| {
         kernel(o.view_mut(), xr, xc.t(), None);
         for (i, mut row) in (first..).zip(o.rows_mut()) {
-            if let Some(row) = row.as_slice_mut() {
-                transform(i, &mut row[..=i]);
-            }
+            let row = row
+                .as_slice_mut()
+                .expect("rows of a standard-layout matrix are contiguous");
+            transform(i, &mut row[..=i]);
         }
     });
     let data = out.as_slice_mut().expect("standard layout checked above");

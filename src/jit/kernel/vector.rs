@@ -572,7 +572,6 @@ impl Gen<'_, '_> {
 
     /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
     /// tail; returns the reduced scalar. `map` and `combine` take values of either width.
-    /// With `kept` (a row buffer), each member's `map(body)` is also stored at its column.
     pub(super) fn vector_reduce(
         &mut self,
         repr: &Repr,
@@ -580,7 +579,6 @@ impl Gen<'_, '_> {
         start: f64,
         map: &dyn Fn(&mut Self, Value) -> Value,
         combine: &dyn Fn(&mut Self, Value, Value) -> Value,
-        kept: Option<Value>,
     ) -> Result<Value> {
         let vty = self.vector_type();
         let vacc = self.b.declare_var(vty);
@@ -596,10 +594,6 @@ impl Gen<'_, '_> {
             &mut |g, at| {
                 let v = g.vmember(body, at, &mut HashMap::new())?;
                 let mut v = map(g, v);
-                if let Some(buffer) = kept {
-                    // Masked lanes too: their columns are not read.
-                    g.store_lanes(buffer, at, v);
-                }
                 if let Some(mask) = at.mask {
                     let identity = g.vconst(start);
                     v = g.vselect(mask, v, identity);
@@ -612,11 +606,6 @@ impl Gen<'_, '_> {
             &mut |g, at| {
                 let v = g.member(body, at, &mut HashMap::new())?;
                 let v = map(g, v);
-                if let Some(buffer) = kept {
-                    let offset = g.b.ins().imul_imm_u(at.j, g.fb);
-                    let addr = g.b.ins().iadd(buffer, offset);
-                    g.b.ins().store(Self::flags(), v, addr, 0);
-                }
                 let current = g.b.use_var(acc);
                 let next = combine(g, current, v);
                 g.b.def_var(acc, next);
