@@ -10,6 +10,7 @@
 
 use super::CodegenError;
 use super::abi::{KernelArgs, RowBuffer, Status, domain_slot};
+use super::constants::{ConstantTable, Constants};
 use super::math::MathBuilder;
 use crate::grad::{Scatter, ScatterTarget};
 use crate::ir::*;
@@ -22,6 +23,7 @@ use cranelift_codegen::ir::{
 };
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, Variable};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::mem::offset_of;
 
@@ -78,13 +80,15 @@ pub struct Helpers {
 }
 
 /// What the code is generated for: the machine's math routines and configuration, the
-/// float type, and the imported helpers.
+/// float type, the imported helpers and the build's table of vector constants.
 #[derive(Clone, Copy)]
-pub struct Machine {
+pub struct Machine<'t> {
     pub math: MathBuilder,
     pub float: ClifType,
     pub helpers: Helpers,
     pub target: TargetFrontendConfig,
+    /// Where the vector loops of the build's kernels read their constants.
+    pub constants: &'t RefCell<ConstantTable>,
 }
 
 /// How a set is visited.
@@ -140,7 +144,7 @@ pub fn build(
     machine: &Machine,
 ) -> Result<PassLayout> {
     let target = machine.target;
-    let mut g = Gen::new(plan, block, b, machine.math, machine.float, machine.helpers);
+    let mut g = Gen::new(plan, block, b, machine);
     g.earlier_pass = stored.is_some();
     g.stored = stored.cloned().unwrap_or_default();
     g.body(outputs, effects)?;
@@ -257,6 +261,9 @@ struct Gen<'a, 'f> {
     /// Whether the skip conditions are being computed (a mean computed then could flag an
     /// empty set of an anchor that is skipped).
     in_skips: bool,
+    constants: &'a RefCell<ConstantTable>,
+    /// In a vector loop: the base its constants are read relative to.
+    lane_base: Option<Value>,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -268,10 +275,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         plan: &'a Plan,
         block: Handle<Block>,
         mut b: FunctionBuilder<'f>,
-        math: MathBuilder,
-        float: ClifType,
-        helpers: Helpers,
+        machine: &Machine<'a>,
     ) -> Self {
+        let Machine {
+            math,
+            float,
+            helpers,
+            constants,
+            ..
+        } = *machine;
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -320,6 +332,20 @@ impl<'a, 'f> Gen<'a, 'f> {
             softmax_reads: HashMap::new(),
             lse_max: HashMap::new(),
             in_skips: false,
+            constants,
+            lane_base: None,
+        }
+    }
+
+    /// Where the code being emitted reads vector constants: inside a vector loop, from the
+    /// table relative to the loop's base.
+    fn constants(&self) -> Constants<'a> {
+        match self.lane_base {
+            Some(base) => Constants::Table {
+                table: self.constants,
+                base,
+            },
+            None => Constants::Splat,
         }
     }
 
@@ -896,15 +922,16 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// `op` applied to a scalar or, lane by lane, to a vector.
     fn unary(&mut self, op: UnaryOp, a: Value) -> Value {
         let lanes = self.b.func.dfg.value_type(a).is_vector();
+        let constants = self.constants();
         match op {
             UnaryOp::Neg => self.b.ins().fneg(a),
             UnaryOp::Not if lanes => self.b.ins().bnot(a),
             UnaryOp::Not => self.b.ins().bxor_imm_u(a, 1),
-            UnaryOp::Exp => self.math.exp(&mut self.b, a),
-            UnaryOp::Log => self.math.ln(&mut self.b, a),
-            UnaryOp::Log1p => self.math.log1p(&mut self.b, a),
-            UnaryOp::Softplus => self.math.softplus(&mut self.b, a),
-            UnaryOp::Sigmoid => self.math.sigmoid(&mut self.b, a),
+            UnaryOp::Exp => self.math.exp(&mut self.b, a, constants),
+            UnaryOp::Log => self.math.ln(&mut self.b, a, constants),
+            UnaryOp::Log1p => self.math.log1p(&mut self.b, a, constants),
+            UnaryOp::Softplus => self.math.softplus(&mut self.b, a, constants),
+            UnaryOp::Sigmoid => self.math.sigmoid(&mut self.b, a, constants),
             UnaryOp::Sqrt => self.b.ins().sqrt(a),
             UnaryOp::Abs => self.b.ins().fabs(a),
             UnaryOp::Floor => self.b.ins().floor(a),
@@ -999,10 +1026,11 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             result
         } else {
-            let ln = self.math.ln(&mut self.b, a);
+            let constants = self.constants();
+            let ln = self.math.ln(&mut self.b, a, constants);
             let c = self.float_like(a, c);
             let scaled = self.b.ins().fmul(c, ln);
-            self.math.exp(&mut self.b, scaled)
+            self.math.exp(&mut self.b, scaled, constants)
         }
     }
 
@@ -1089,7 +1117,8 @@ impl<'a, 'f> Gen<'a, 'f> {
                 self.each(&repr, &mut |g, at| {
                     let v = g.member(body, at, &mut HashMap::new())?;
                     let shifted = g.b.ins().fsub(v, max);
-                    let e = g.math.exp(&mut g.b, shifted);
+                    let constants = g.constants();
+                    let e = g.math.exp(&mut g.b, shifted, constants);
                     let current = g.b.use_var(sum);
                     let next = g.b.ins().fadd(current, e);
                     g.b.def_var(sum, next);
@@ -1220,7 +1249,8 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// `max + ln(total)` from a log-sum-exp's maximum and its sum of `exp(v - max)`; a
     /// non-finite maximum (an empty set, or an infinite member) is the result.
     fn lse_from(&mut self, max: Value, total: Value) -> Value {
-        let ln = self.math.ln(&mut self.b, total);
+        let constants = self.constants();
+        let ln = self.math.ln(&mut self.b, total, constants);
         let lse = self.b.ins().fadd(max, ln);
         let inf = self.fconst(f64::INFINITY);
         let magnitude = self.b.ins().fabs(max);

@@ -69,12 +69,15 @@ use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type, Value};
 use cranelift_codegen::isa::TargetIsa;
 use cranelift_frontend::FunctionBuilder;
 
+use super::constants::Constants;
+
 /// Emits inline transcendental functions into Cranelift functions.
 ///
 /// Every method takes the value to transform, reads its type (`f32`, `f64`,
 /// `f32x4` or `f64x2`) and returns a value of the same type. The instructions
 /// are appended at the builder's current position; no block, branch, stack
-/// slot or call is created.
+/// slot or call is created. Vector constants come from `constants` (see
+/// [`super::constants`]) when it has them.
 ///
 /// # Panics
 ///
@@ -106,32 +109,47 @@ impl MathBuilder {
     }
 
     /// `e^x`.
-    pub fn exp(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-        self.emitter(b, x).exp(x)
+    pub fn exp(&self, b: &mut FunctionBuilder<'_>, x: Value, constants: Constants<'_>) -> Value {
+        self.emitter(b, x, constants).exp(x)
     }
 
     /// Natural logarithm of `x`.
-    pub fn ln(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-        self.emitter(b, x).ln(x)
+    pub fn ln(&self, b: &mut FunctionBuilder<'_>, x: Value, constants: Constants<'_>) -> Value {
+        self.emitter(b, x, constants).ln(x)
     }
 
     /// `ln(1 + x)`, accurate for tiny `x`.
-    pub fn log1p(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-        self.emitter(b, x).log1p(x)
+    pub fn log1p(&self, b: &mut FunctionBuilder<'_>, x: Value, constants: Constants<'_>) -> Value {
+        self.emitter(b, x, constants).log1p(x)
     }
 
     /// `ln(1 + e^x)`, without overflow for large `x` and without underflow to
     /// 0 before `e^x` itself does.
-    pub fn softplus(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-        self.emitter(b, x).softplus(x)
+    pub fn softplus(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        x: Value,
+        constants: Constants<'_>,
+    ) -> Value {
+        self.emitter(b, x, constants).softplus(x)
     }
 
     /// The logistic function `1 / (1 + e^-x)`.
-    pub fn sigmoid(&self, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-        self.emitter(b, x).sigmoid(x)
+    pub fn sigmoid(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        x: Value,
+        constants: Constants<'_>,
+    ) -> Value {
+        self.emitter(b, x, constants).sigmoid(x)
     }
 
-    fn emitter<'a, 'f>(&self, b: &'a mut FunctionBuilder<'f>, x: Value) -> Emitter<'a, 'f> {
+    fn emitter<'a, 'f, 't>(
+        &self,
+        b: &'a mut FunctionBuilder<'f>,
+        x: Value,
+        constants: Constants<'t>,
+    ) -> Emitter<'a, 'f, 't> {
         let ty = b.func.dfg.value_type(x);
         assert!(
             Self::supports(ty),
@@ -147,6 +165,7 @@ impl MathBuilder {
             fma: self.fma,
             ty,
             fmt,
+            constants,
         }
     }
 }
@@ -257,15 +276,16 @@ const BINARY64: Format = Format {
 };
 
 /// Emits the instructions for one value type.
-struct Emitter<'a, 'f> {
+struct Emitter<'a, 'f, 't> {
     b: &'a mut FunctionBuilder<'f>,
     fma: bool,
     /// The float type operated on (scalar or vector).
     ty: Type,
     fmt: &'static Format,
+    constants: Constants<'t>,
 }
 
-impl Emitter<'_, '_> {
+impl Emitter<'_, '_, '_> {
     fn exp(&mut self, x: Value) -> Value {
         let f = self.fmt;
         let x = self.min_keep_nan(x, f.exp_hi);
@@ -568,6 +588,10 @@ impl Emitter<'_, '_> {
 
     /// A float constant of type `self.ty` (splatted for vectors).
     fn fconst(&mut self, v: f64) -> Value {
+        let bits = self.const_bits(v) as u64;
+        if let Some(loaded) = self.constants.vector(self.b, self.ty, bits) {
+            return loaded;
+        }
         let c = if self.ty.lane_type() == F32 {
             self.b.ins().f32const(v as f32)
         } else {
@@ -581,7 +605,11 @@ impl Emitter<'_, '_> {
         let lane = self.ty.lane_type().as_int();
         let mask = u64::MAX >> (64 - lane.bits());
         // The immediate must be zero-extended from the lane width.
-        let c = self.b.ins().iconst(lane, (v as u64 & mask) as i64);
+        let bits = v as u64 & mask;
+        if let Some(loaded) = self.constants.vector(self.b, self.ty.as_int(), bits) {
+            return loaded;
+        }
+        let c = self.b.ins().iconst(lane, bits as i64);
         self.splat(self.ty.as_int(), c)
     }
 
@@ -623,6 +651,7 @@ mod tests {
     //! function to a buffer, for each type, with and without `fma`.
 
     use super::MathBuilder;
+    use crate::jit::constants::{ConstantTable, Constants, LoopBase};
     use cranelift_codegen::ir::condcodes::IntCC;
     use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2};
     use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Type, Value};
@@ -630,6 +659,7 @@ mod tests {
     use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
     use cranelift_jit::{JITBuilder, JITModule};
     use cranelift_module::{Linkage, Module, default_libcall_names};
+    use std::cell::RefCell;
     use std::hint::black_box;
     use std::time::{Duration, Instant};
 
@@ -643,13 +673,19 @@ mod tests {
     }
 
     impl Op {
-        fn emit(self, math: &MathBuilder, b: &mut FunctionBuilder<'_>, x: Value) -> Value {
+        fn emit(
+            self,
+            math: &MathBuilder,
+            b: &mut FunctionBuilder<'_>,
+            x: Value,
+            constants: Constants<'_>,
+        ) -> Value {
             match self {
-                Op::Exp => math.exp(b, x),
-                Op::Ln => math.ln(b, x),
-                Op::Log1p => math.log1p(b, x),
-                Op::Softplus => math.softplus(b, x),
-                Op::Sigmoid => math.sigmoid(b, x),
+                Op::Exp => math.exp(b, x, constants),
+                Op::Ln => math.ln(b, x, constants),
+                Op::Log1p => math.log1p(b, x, constants),
+                Op::Softplus => math.softplus(b, x, constants),
+                Op::Sigmoid => math.sigmoid(b, x, constants),
             }
         }
 
@@ -778,6 +814,8 @@ mod tests {
         uses_fma: bool,
         /// Owns the memory `code` points into (it is never freed).
         _module: JITModule,
+        /// The vector constants `code` reads, as in the kernels.
+        _constants: RefCell<ConstantTable>,
     }
 
     impl<T: Float> Kernel<T> {
@@ -800,6 +838,8 @@ mod tests {
             };
             let end = b.ins().imul_imm_u(n, i64::from(T::SCALAR.bytes()));
             let zero = b.ins().iconst(ptr, 0);
+            let constants = RefCell::new(ConstantTable::new());
+            let base = LoopBase::before_loop(&mut b, &constants);
             b.ins().jump(head, &[zero.into()]);
 
             b.switch_to_block(head);
@@ -811,7 +851,16 @@ mod tests {
             let flags = MemFlagsData::new().with_notrap();
             let src_at = b.ins().iadd(src, offset);
             let x = b.ins().load(ty, flags, src_at, 0);
-            let y = op.emit(&math, &mut b, x);
+            let base = base.in_iteration(&mut b);
+            let y = op.emit(
+                &math,
+                &mut b,
+                x,
+                Constants::Table {
+                    table: &constants,
+                    base,
+                },
+            );
             let dst_at = b.ins().iadd(dst, offset);
             b.ins().store(flags, y, dst_at, 0);
             let next = b.ins().iadd_imm_u(offset, i64::from(ty.bytes()));
@@ -844,6 +893,7 @@ mod tests {
                 lanes: ty.lane_count() as usize,
                 uses_fma: math.uses_fma(),
                 _module: module,
+                _constants: constants,
             }
         }
 

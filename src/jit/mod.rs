@@ -8,6 +8,7 @@
 //! kernels write only their anchor's outputs and matrix-adjoint rows.
 
 pub mod abi;
+pub mod constants;
 pub mod helpers;
 pub mod kernel;
 pub mod math;
@@ -16,6 +17,7 @@ use crate::interp::Precision;
 use crate::ir::{Block, Expr, ExprKind, Handle, Level, Node, Phase, Type, dependencies};
 use crate::opt::Plan;
 use abi::{KernelFn, RowBuffer};
+use constants::ConstantTable;
 use cranelift_codegen::Context;
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::types::{F32, F64, I32, I64};
@@ -27,6 +29,7 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, ModuleReloc, default_libcall_names};
 use kernel::{Helpers, PassLayout};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -52,6 +55,8 @@ pub struct Kernels {
     pub passes: Vec<CompiledPass>,
     /// Owns the executable memory the passes point into.
     _module: JITModule,
+    /// The vector constants the passes read.
+    _constants: ConstantTable,
 }
 
 // SAFETY: after `finalize_definitions` the module is never used again except to keep its
@@ -202,6 +207,7 @@ fn build(
     }
     let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
     let math = math::MathBuilder::new(module.isa());
+    let constants = RefCell::new(ConstantTable::new());
     let target = module.target_config();
     // Per pass: its phase, layout and the index of its code in `distinct`, which holds
     // each different kernel once, with the row buffers it expects.
@@ -243,6 +249,7 @@ fn build(
             float,
             helpers,
             target,
+            constants: &constants,
         };
         let layout = kernel::build(
             plan,
@@ -325,6 +332,7 @@ fn build(
         Kernels {
             passes,
             _module: module,
+            _constants: constants.into_inner(),
         },
         texts,
     ))

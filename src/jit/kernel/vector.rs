@@ -8,6 +8,7 @@
 
 use super::{At, Gen, Repr, Result, internal};
 use crate::ir::*;
+use crate::jit::constants::LoopBase;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type as ClifType, Value};
@@ -277,6 +278,15 @@ impl Gen<'_, '_> {
     }
 
     pub(super) fn vconst(&mut self, value: f64) -> Value {
+        let lane = if self.float == F32 {
+            u64::from((value as f32).to_bits())
+        } else {
+            value.to_bits()
+        };
+        let (ty, constants) = (self.vector_type(), self.constants());
+        if let Some(loaded) = constants.vector(&mut self.b, ty, lane) {
+            return loaded;
+        }
         let c = self.fconst(value);
         self.splat(c)
     }
@@ -501,7 +511,10 @@ impl Gen<'_, '_> {
         }
         let full = self.b.ins().band_imm_s(n, -(lanes as i64));
         let zero = self.b.ins().iconst(I64, 0);
+        let base = LoopBase::before_loop(&mut self.b, self.constants);
+        let outer_base = self.lane_base;
         self.range_loop(zero, full, lanes as i64, &mut |g, k| {
+            g.lane_base = Some(base.in_iteration(&mut g.b));
             let mut cols = Vec::with_capacity(lanes);
             for lane in 0..lanes {
                 let position = g.b.ins().iadd_imm_u(k, lane as i64);
@@ -545,6 +558,7 @@ impl Gen<'_, '_> {
             g.b.switch_to_block(after);
             Ok(())
         })?;
+        self.lane_base = outer_base;
         self.range_loop(full, n, 1, &mut |g, k| {
             let j = match list {
                 Some(ptr) => {
@@ -676,7 +690,8 @@ impl Gen<'_, '_> {
                     if let Fold::ShiftedExp { max, kept, .. } = *fold {
                         let max = g.splat(max);
                         let shifted = g.b.ins().fsub(v, max);
-                        v = g.math.exp(&mut g.b, shifted);
+                        let constants = g.constants();
+                        v = g.math.exp(&mut g.b, shifted, constants);
                         if let Some(buffer) = kept {
                             g.store_lanes(buffer, at, v);
                         }
@@ -794,7 +809,8 @@ impl Gen<'_, '_> {
         };
         if let Fold::ShiftedExp { max, kept, .. } = fold {
             let shifted = self.b.ins().fsub(v, max);
-            v = self.math.exp(&mut self.b, shifted);
+            let constants = self.constants();
+            v = self.math.exp(&mut self.b, shifted, constants);
             if let Some(buffer) = kept {
                 let offset = self.b.ins().imul_imm_u(at.j, self.fb);
                 let addr = self.b.ins().iadd(buffer, offset);
