@@ -36,6 +36,9 @@ pub struct KernelArgs {
     pub was_skipped: *const u8,
     /// Per bound adjoint slot: its matrix's adjoint `dL/dM` (or a part of it), row-major.
     pub grads: *const *mut u8,
+    /// Per bound adjoint slot: how many floats apart its rows start (at least its number
+    /// of columns: the runtime pads them).
+    pub grad_strides: *const u64,
     /// Per domain slot ([`domain_slot`]): the label of each row of the domain.
     pub labels: *const *const i64,
     /// Per domain slot: the class id of each row (i32; -2 for rows without a class),

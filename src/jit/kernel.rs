@@ -509,7 +509,12 @@ impl<'a, 'f> Gen<'a, 'f> {
             .b
             .ins()
             .load(I64, Self::flags(), cols_table, (8 * slot) as i32);
-        let offset = self.b.ins().imul(self.anchor, cols);
+        self.offset_row(base, cols)
+    }
+
+    /// The anchor's row of a row-major table at `base` whose rows are `stride` floats apart.
+    fn offset_row(&mut self, base: Value, stride: Value) -> Value {
+        let offset = self.b.ins().imul(self.anchor, stride);
         let bytes = self.b.ins().imul_imm_u(offset, self.fb);
         self.b.ins().iadd(base, bytes)
     }
@@ -665,7 +670,12 @@ impl<'a, 'f> Gen<'a, 'f> {
         let table = self.arg_field(offset_of!(KernelArgs, grads));
         let slot = bind(&mut self.bindings.slots, scatter.slot);
         let base = self.load_ptr(table, slot);
-        self.row_address(base, scatter.matrix)
+        let strides = self.arg_field(offset_of!(KernelArgs, grad_strides));
+        let stride = self
+            .b
+            .ins()
+            .load(I64, Self::flags(), strides, (8 * slot) as i32);
+        self.offset_row(base, stride)
     }
 
     fn scatter(&mut self, scatter: &Scatter) -> Result<()> {

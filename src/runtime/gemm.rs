@@ -336,8 +336,11 @@ pub fn symmetrize_with<T: Real, S: Send>(
 ) -> Vec<S> {
     const TILE: usize = 64;
     let n = g.nrows().min(g.ncols());
-    let ld = g.ncols();
-    let Some(data) = g.as_slice_mut() else {
+    // Rows of unit stride, each starting `ld` after the last: padded rows are welcome
+    // (rows 4 KiB apart share their cache sets, and cost this pass a third of its speed).
+    let (row_stride, column_stride) = (g.strides()[0], g.strides()[1]);
+    let ld = usize::try_from(row_stride).unwrap_or(0);
+    if column_stride != 1 || ld < g.ncols() {
         let mut state = init();
         for i in 0..n {
             for j in i..n {
@@ -348,13 +351,13 @@ pub fn symmetrize_with<T: Real, S: Send>(
             }
         }
         return vec![state];
-    };
+    }
     let tiles = n.div_ceil(TILE);
     let pairs: Vec<(usize, usize)> = (0..tiles)
         .flat_map(|a| (a..tiles).map(move |b| (a * TILE, b * TILE)))
         .collect();
     let threads = if n < 512 { 1 } else { threads };
-    let base = SharedMut(data.as_mut_ptr());
+    let base = SharedMut(g.as_mut_ptr());
     let per_task = pairs.len().div_ceil(SYMMETRIZE_TASKS).max(1);
     let chunks: Vec<&[(usize, usize)]> = pairs.chunks(per_task).collect();
     let mut states: Vec<S> = chunks.iter().map(|_| init()).collect();
@@ -742,6 +745,13 @@ mod tests {
                 got_f.assign(&g);
                 symmetrize(got_f.view_mut(), threads);
                 assert!(bits(&got_f) == bits(&want), "{r}x{c} column-major");
+                // Rows padded past their end, as the runtime allocates adjoints.
+                let mut padded = Array2::<f64>::from_elem((r, c + 5), f64::NAN);
+                padded.slice_mut(s![.., ..c]).assign(&g);
+                symmetrize(padded.slice_mut(s![.., ..c]), threads);
+                let got_padded = padded.slice(s![.., ..c]).to_owned();
+                assert!(bits(&got_padded) == bits(&want), "{r}x{c} padded rows");
+                assert!(padded.slice(s![.., c..]).iter().all(|v| v.is_nan()));
             }
         }
     }

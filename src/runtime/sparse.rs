@@ -38,12 +38,17 @@ impl<F: Real> Compressed<F> {
     /// joined in row order.
     pub fn of(g: ArrayView2<'_, F>, threads: usize) -> Option<Self> {
         let (rows, cols) = g.dim();
-        let data = g.as_slice()?;
+        // Rows may be padded (adjoints are), but each must be a slice.
+        let row_slices: Vec<&[F]> = g
+            .rows()
+            .into_iter()
+            .map(|row| row.to_slice())
+            .collect::<Option<_>>()?;
         let limit = (g.len() as f64 * MAX_DENSITY) as usize;
         // A sample of the rows a fifth over the density is dense: no scan (a scan that
         // collects an eighth of a million entries, only to drop them, costs 0.9 ms). Near
         // the limit the two products cost about the same, so a sample's error is harmless.
-        let sample: Vec<&[F]> = data.chunks(cols.max(1)).step_by(SAMPLE_STRIDE).collect();
+        let sample: Vec<&[F]> = row_slices.iter().copied().step_by(SAMPLE_STRIDE).collect();
         let sampled: usize = sample.iter().map(|row| count_nonzeros(row)).sum();
         if sampled as f64 > 1.2 * MAX_DENSITY * (sample.len() * cols) as f64 {
             return None;
@@ -57,7 +62,7 @@ impl<F: Real> Compressed<F> {
             .collect();
         let tasks: Vec<_> = blocks
             .iter_mut()
-            .zip(data.chunks(ROWS_PER_TASK * cols.max(1)))
+            .zip(row_slices.chunks(ROWS_PER_TASK))
             .collect();
         run_tasks(tasks, threads, |(slot, block)| {
             let mut part = Compressed {
@@ -65,7 +70,7 @@ impl<F: Real> Compressed<F> {
                 columns: Vec::new(),
                 values: Vec::new(),
             };
-            for row in block.chunks(cols.max(1)) {
+            for row in block {
                 if dense.load(Ordering::Relaxed) {
                     return;
                 }

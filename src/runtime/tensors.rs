@@ -331,33 +331,25 @@ fn metric_backward<F: Real>(
         // symmetric too) takes both adjoint entries to dQ, sums them into each side's
         // coefficient and writes -2 (dQ + dQᵀ) to both: the symmetrised adjoint of the
         // cross term, ready for the GEMM.
-        let dq = squared_adjoint(floor);
         let n = g.nrows();
         let d = value
             .as_slice()
             .expect("pair matrices are allocated in standard layout");
-        let minus_two = F::from_f64(-2.0);
-        let partial = gemm::symmetrize_with(
-            g.view_mut(),
-            threads,
-            || vec![F::ZERO; n],
-            |coefficients: &mut Vec<F>, i, j, upper: &mut [F], lower: &mut [F]| {
-                let distances = &d[i * n + j..][..upper.len()];
-                let mut row_total = F::ZERO;
-                let pairs = upper.iter_mut().zip(lower.iter_mut()).zip(distances);
-                for (((u, l), &distance), c) in pairs.zip(&mut coefficients[j..]) {
-                    let both = dq(*u, distance) + dq(*l, distance);
-                    row_total = row_total + both;
-                    *c = *c + both;
-                    *u = minus_two * both;
-                    *l = *u;
-                }
-                // On the diagonal, (i, i) went into its coefficient once already.
-                if j != i {
-                    coefficients[i] = coefficients[i] + row_total;
-                }
-            },
-        );
+        // The clamp is tested per entry, but whether there is one is not: a branch
+        // on it in the loop kept the pass off the vector lanes.
+        let partial = match floor {
+            Some(floor) => {
+                let two = F::from_f64(2.0);
+                symmetric_distance_adjoint(g, d, threads, move |w, distance| {
+                    if distance > floor {
+                        w / (two * distance)
+                    } else {
+                        F::ZERO
+                    }
+                })
+            }
+            None => symmetric_distance_adjoint(g, d, threads, |w, _| w),
+        };
         let mut coefficients = vec![F::ZERO; n];
         for part in partial {
             add_into(&mut coefficients, &part);
@@ -387,24 +379,23 @@ fn metric_backward<F: Real>(
                 let width = g.ncols();
                 let blocks = g.nrows().div_ceil(DISTANCE_ROWS);
                 let mut block_cols = vec![vec![F::ZERO; width]; blocks];
-                let g_data = g
-                    .as_slice_mut()
-                    .expect("adjoints are allocated in standard layout");
-                let d_data = value
-                    .as_slice()
-                    .expect("pair matrices are allocated in standard layout");
-                let tasks: Vec<_> = g_data
-                    .chunks_mut(width * DISTANCE_ROWS)
-                    .zip(d_data.chunks(width * DISTANCE_ROWS))
+                let tasks: Vec<_> = g
+                    .axis_chunks_iter_mut(NdAxis(0), DISTANCE_ROWS)
+                    .zip(value.axis_chunks_iter(NdAxis(0), DISTANCE_ROWS))
                     .zip(rows.chunks_mut(DISTANCE_ROWS))
                     .zip(block_cols.iter_mut())
                     .collect();
                 gemm::run_tasks(
                     tasks,
                     threads,
-                    |(((g_rows, d_rows), row_sums), col_sums)| {
-                        let pairs = g_rows.chunks_mut(width).zip(d_rows.chunks(width));
-                        for ((g_row, d_row), row_sum) in pairs.zip(row_sums) {
+                    |(((mut g_rows, d_rows), row_sums), col_sums)| {
+                        let pairs = g_rows.rows_mut().into_iter().zip(d_rows.rows());
+                        for ((mut g_row, d_row), row_sum) in pairs.zip(row_sums) {
+                            let (Some(g_row), Some(d_row)) =
+                                (g_row.as_slice_mut(), d_row.as_slice())
+                            else {
+                                unreachable!("adjoint and matrix rows are contiguous")
+                            };
                             *row_sum = distance_adjoint_row(g_row, d_row, col_sums, &dq);
                         }
                     },
@@ -474,6 +465,82 @@ fn add_scaled_rows<F: Real>(grad: &mut Array2<F>, x: &Array2<F>, coefficients: &
         let factor = scale * c;
         row.zip_mut_with(&x_row, |acc, &v| *acc = *acc + factor * v);
     }
+}
+
+/// The dense pass of a symmetric distance matrix's adjoint: for each pair (i, j), (j, i)
+/// (the distances are symmetric too), `dq` takes the sum of both adjoint entries to dQ,
+/// which is added into each side's coefficient (the `|x_i|²` terms), and `-2 dQ` replaces
+/// both entries: the symmetrised adjoint of the cross term, ready for the GEMM. Returns
+/// the coefficients of each task, in task order.
+fn symmetric_distance_adjoint<F: Real>(
+    g: &mut Array2<F>,
+    d: &[F],
+    threads: usize,
+    dq: impl Fn(F, F) -> F + Sync,
+) -> Vec<Vec<F>> {
+    let n = g.nrows();
+    let minus_two = F::from_f64(-2.0);
+    gemm::symmetrize_with(
+        g.view_mut(),
+        threads,
+        || vec![F::ZERO; n],
+        |coefficients: &mut Vec<F>, i, j, upper: &mut [F], lower: &mut [F]| {
+            let len = upper.len();
+            let distances = &d[i * n + j..][..len];
+            let columns = &mut coefficients[j..][..len];
+            let row_total = if let (Ok(upper), Ok(lower)) = (
+                <&mut [F; LINE]>::try_from(&mut *upper),
+                <&mut [F; LINE]>::try_from(&mut *lower),
+            ) {
+                // The lines of the blocks off the diagonal: a fixed length keeps them on
+                // the vector lanes.
+                let mut both = [F::ZERO; LINE];
+                for (k, b) in both.iter_mut().enumerate() {
+                    *b = dq(upper[k] + lower[k], distances[k]);
+                }
+                distance_line(&both, upper, lower, columns, minus_two)
+            } else {
+                let mut total = F::ZERO;
+                for start in (0..len).step_by(LINE) {
+                    let part = start..len.min(start + LINE);
+                    let mut both = [F::ZERO; LINE];
+                    for (b, k) in both.iter_mut().zip(part.clone()) {
+                        *b = dq(upper[k] + lower[k], distances[k]);
+                    }
+                    let (upper, lower) = (&mut upper[part.clone()], &mut lower[part.clone()]);
+                    let both = &both[..part.len()];
+                    total =
+                        total + distance_line(both, upper, lower, &mut columns[part], minus_two);
+                }
+                total
+            };
+            // On the diagonal, (i, i) went into its coefficient once already.
+            if j != i {
+                coefficients[i] = coefficients[i] + row_total;
+            }
+        },
+    )
+}
+
+/// The length of the lines [`gemm::symmetrize_with`] hands out off the diagonal.
+const LINE: usize = 8;
+
+/// Writes `-2 dQ` (`both`) to a line and its mirror and adds it into the columns'
+/// coefficients; returns the line's total, for its row's coefficient.
+#[inline(always)]
+fn distance_line<F: Real>(
+    both: &[F],
+    upper: &mut [F],
+    lower: &mut [F],
+    columns: &mut [F],
+    minus_two: F,
+) -> F {
+    for (((&b, u), l), c) in both.iter().zip(upper).zip(lower).zip(columns) {
+        *c = *c + b;
+        *u = minus_two * b;
+        *l = *u;
+    }
+    both.iter().fold(F::ZERO, |total, &b| total + b)
 }
 
 /// `dQ = dD / (2 D)` from an entry `w` of the adjoint of a distance `d` (zero where the clamp
