@@ -30,6 +30,10 @@ struct Lanes([u8; 16]);
 pub struct ConstantTable {
     lanes: Box<[Lanes]>,
     slots: HashMap<[u8; 16], usize>,
+    /// Tables of vectors indexed at run time: where each starts.
+    blocks: HashMap<Vec<[u8; 16]>, usize>,
+    /// Slots taken so far.
+    used: usize,
 }
 
 impl ConstantTable {
@@ -41,6 +45,8 @@ impl ConstantTable {
         ConstantTable {
             lanes: vec![Lanes([0; 16]); Self::CAPACITY].into_boxed_slice(),
             slots: HashMap::from([([0; 16], 0)]),
+            blocks: HashMap::new(),
+            used: 1,
         }
     }
 
@@ -52,17 +58,40 @@ impl ConstantTable {
     /// The byte offset of the slot holding `bytes`, taking a free slot for a new pattern;
     /// `None` when the table is full.
     fn offset_of(&mut self, bytes: [u8; 16]) -> Option<i32> {
-        let next = self.slots.len();
         let slot = match self.slots.get(&bytes) {
             Some(&slot) => slot,
-            None if next < Self::CAPACITY => {
-                self.lanes[next] = Lanes(bytes);
-                self.slots.insert(bytes, next);
-                next
+            None => {
+                let slot = self.take(&[bytes])?;
+                self.slots.insert(bytes, slot);
+                slot
             }
-            None => return None,
         };
         i32::try_from(slot * size_of::<Lanes>()).ok()
+    }
+
+    /// The byte offset of the first of consecutive slots holding `block`.
+    fn block_offset(&mut self, block: &[[u8; 16]]) -> Option<i32> {
+        let first = match self.blocks.get(block) {
+            Some(&first) => first,
+            None => {
+                let first = self.take(block)?;
+                self.blocks.insert(block.to_vec(), first);
+                first
+            }
+        };
+        i32::try_from(first * size_of::<Lanes>()).ok()
+    }
+
+    /// Fills the next free slots with `vectors`; the first one's index.
+    fn take(&mut self, vectors: &[[u8; 16]]) -> Option<usize> {
+        let first = self.used;
+        let end = first.checked_add(vectors.len())?;
+        let slots = self.lanes.get_mut(first..end)?;
+        for (slot, &bytes) in slots.iter_mut().zip(vectors) {
+            *slot = Lanes(bytes);
+        }
+        self.used = end;
+        Some(first)
     }
 }
 
@@ -105,6 +134,27 @@ impl Constants<'_> {
         // inside the loop.
         let flags = MemFlagsData::trusted().with_readonly().with_can_move();
         Some(b.ins().load(ty, flags, base, offset))
+    }
+}
+
+impl Constants<'_> {
+    /// Entry `index` (an i64 below `block.len()`) of a table of vectors, loaded as `ty`;
+    /// `None` for [`Constants::Splat`] or a full table.
+    pub fn vector_at(
+        self,
+        b: &mut FunctionBuilder<'_>,
+        ty: Type,
+        block: &[[u8; 16]],
+        index: Value,
+    ) -> Option<Value> {
+        let Constants::Table { table, base } = self else {
+            return None;
+        };
+        let offset = table.borrow_mut().block_offset(block)?;
+        let scaled = b.ins().imul_imm_u(index, 16);
+        let address = b.ins().iadd(base, scaled);
+        let flags = MemFlagsData::trusted().with_readonly().with_can_move();
+        Some(b.ins().load(ty, flags, address, offset))
     }
 }
 

@@ -89,6 +89,8 @@ pub struct Machine<'t> {
     pub target: TargetFrontendConfig,
     /// Where the vector loops of the build's kernels read their constants.
     pub constants: &'t RefCell<ConstantTable>,
+    /// Whether bytes of a vector can be shuffled by a vector of indices (x86-64: SSSE3).
+    pub lane_shuffles: bool,
 }
 
 /// How a set is visited.
@@ -264,6 +266,7 @@ struct Gen<'a, 'f> {
     constants: &'a RefCell<ConstantTable>,
     /// In a vector loop: the base its constants are read relative to.
     lane_base: Option<Value>,
+    lane_shuffles: bool,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -282,6 +285,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             float,
             helpers,
             constants,
+            lane_shuffles,
             ..
         } = *machine;
         let entry = b.create_block();
@@ -334,6 +338,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             in_skips: false,
             constants,
             lane_base: None,
+            lane_shuffles,
         }
     }
 
@@ -1392,7 +1397,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let zero = self.b.ins().iconst(I64, 0);
         self.b.def_var(n, zero);
         let (values, indices) = (self.values_arg, self.indices_arg);
-        self.each(repr, &mut |g, at| {
+        let mut one = |g: &mut Self, at: At| {
             let v = g.member(value, at, &mut HashMap::new())?;
             let k = g.b.use_var(n);
             let offset = g.b.ins().imul_imm_u(k, g.fb);
@@ -1405,7 +1410,17 @@ impl<'a, 'f> Gen<'a, 'f> {
             let next = g.b.ins().iadd_imm_u(k, 1);
             g.b.def_var(n, next);
             Ok(())
-        })?;
+        };
+        if self.can_compact_on_lanes(repr, &[], Some(value)) {
+            self.each_vector(
+                repr,
+                false,
+                &mut |g, at| g.compact_lanes(at, &[], indices, Some((value, values)), n),
+                &mut one,
+            )?;
+        } else {
+            self.each(repr, &mut one)?;
+        }
         let count = self.b.use_var(n);
         Ok((values, indices, count))
     }
@@ -1644,7 +1659,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let len = self.b.declare_var(I64);
         let zero = self.b.ins().iconst(I64, 0);
         self.b.def_var(len, zero);
-        self.each(repr, &mut |g, at| {
+        let mut one = |g: &mut Self, at: At| {
             // Stored always, kept by advancing the length: no branch on the condition.
             let mut cache = HashMap::new();
             let mut keep = g.b.ins().iconst(I8, 1);
@@ -1661,7 +1676,17 @@ impl<'a, 'f> Gen<'a, 'f> {
             let next = g.b.ins().iadd(k, step);
             g.b.def_var(len, next);
             Ok(())
-        })?;
+        };
+        if self.can_compact_on_lanes(repr, preds, None) {
+            self.each_vector(
+                repr,
+                false,
+                &mut |g, at| g.compact_lanes(at, preds, ptr, None, len),
+                &mut one,
+            )?;
+        } else {
+            self.each(repr, &mut one)?;
+        }
         let len = self.b.use_var(len);
         Ok(Repr::List { ptr, len, space })
     }

@@ -208,6 +208,7 @@ fn build(
     let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
     let math = math::MathBuilder::new(module.isa());
     let constants = RefCell::new(ConstantTable::new());
+    let lane_shuffles = has_lane_shuffles(module.isa());
     let target = module.target_config();
     // Per pass: its phase, layout and the index of its code in `distinct`, which holds
     // each different kernel once, with the row buffers it expects.
@@ -250,6 +251,7 @@ fn build(
             helpers,
             target,
             constants: &constants,
+            lane_shuffles,
         };
         let layout = kernel::build(
             plan,
@@ -336,6 +338,16 @@ fn build(
         },
         texts,
     ))
+}
+
+/// Whether `isa` shuffles bytes by a vector of indices in one instruction (`swizzle`):
+/// x86-64 from SSSE3 on, every other target Cranelift has.
+fn has_lane_shuffles(isa: &dyn TargetIsa) -> bool {
+    isa.name() != "x64"
+        || isa
+            .isa_flags()
+            .iter()
+            .any(|flag| flag.name == "has_ssse3" && flag.as_bool() == Some(true))
 }
 
 /// One kernel's compiled bytes, with what linking them needs.

@@ -10,8 +10,8 @@ use super::{At, Gen, Repr, Result, internal};
 use crate::ir::*;
 use crate::jit::constants::LoopBase;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I32, I32X4, I64, I64X2};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I8X16, I32, I32X4, I64, I64X2};
+use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Type as ClifType, Value};
 use cranelift_frontend::Variable;
 use std::collections::HashMap;
 
@@ -498,17 +498,19 @@ impl Gen<'_, '_> {
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
     ) -> Result<()> {
         let lanes = self.lanes();
-        let (n, list, mut space, mut preds) = match repr {
+        let (n, list, own_space, own_preds) = match repr {
             Repr::Range { cols, space } => (*cols, None, *space, Vec::new()),
             Repr::Masked { cols, preds, space } => (*cols, None, *space, preds.clone()),
             Repr::List { ptr, len, space } => (*len, Some(*ptr), *space, Vec::new()),
             Repr::Cross { .. } => return Err(internal("a cross set inside a cross set")),
         };
         let left = pairs.as_ref().map(|p| p.left);
-        if let Some(pairs) = &pairs {
-            preds.extend_from_slice(pairs.preds);
-            space = pairs.space;
-        }
+        // The set's own conditions are on its member; a cross set's, on the pair.
+        let (space, pair_preds) = match &pairs {
+            Some(pairs) => (pairs.space, pairs.preds.to_vec()),
+            None => (own_space, Vec::new()),
+        };
+        let preds: Vec<Handle<Expr>> = own_preds.iter().chain(&pair_preds).copied().collect();
         let full = self.b.ins().band_imm_s(n, -(lanes as i64));
         let zero = self.b.ins().iconst(I64, 0);
         let base = LoopBase::before_loop(&mut self.b, self.constants);
@@ -568,20 +570,95 @@ impl Gen<'_, '_> {
                 }
                 None => k,
             };
-            let at = match left {
-                Some(p) => At {
-                    j: p,
-                    pair: Some((p, j)),
-                    space,
-                },
-                None => At {
-                    j,
-                    pair: None,
-                    space,
-                },
+            let member = At {
+                j,
+                pair: None,
+                space: own_space,
             };
-            g.when_all(&preds, at, &mut |g| scalar(g, at))
+            g.when_all(&own_preds, member, &mut |g| match left {
+                Some(p) => {
+                    let at = At {
+                        j: p,
+                        pair: Some((p, j)),
+                        space,
+                    };
+                    g.when_all(&pair_preds, at, &mut |g| scalar(g, at))
+                }
+                None => scalar(g, member),
+            })
         })
+    }
+
+    /// Whether [`Self::compact_lanes`] can write out the members of `repr` that meet
+    /// `preds` (with `value` per member): four f32 lanes of a row at a time, shuffled
+    /// together.
+    pub(super) fn can_compact_on_lanes(
+        &self,
+        repr: &Repr,
+        preds: &[Handle<Expr>],
+        value: Option<Handle<Expr>>,
+    ) -> bool {
+        // A whole row, masked or not: a list is short (a class) or would be gathered.
+        self.lane_shuffles
+            && self.float == F32
+            && matches!(repr, Repr::Range { .. } | Repr::Masked { .. })
+            && self.lanes_can_visit(repr)
+            && preds
+                .iter()
+                .chain(&value)
+                .all(|&h| self.vectorizable(h, true))
+    }
+
+    /// One vector of a compaction: the lanes that are members and meet `preds` have their
+    /// column (and `value`, into the second buffer) appended at position `len` of `list`,
+    /// shuffled to the front of one unaligned store. The store writes all four lanes: it
+    /// never reaches past the columns read so far, which the buffers are as long as.
+    pub(super) fn compact_lanes(
+        &mut self,
+        at: &VAt,
+        preds: &[Handle<Expr>],
+        list: Value,
+        value: Option<(Handle<Expr>, Value)>,
+        len: Variable,
+    ) -> Result<()> {
+        let mut cache = HashMap::new();
+        let mut mask = at.mask;
+        for &p in preds {
+            let m = self.vmember(p, at, &mut cache)?;
+            mask = Some(match mask {
+                None => m,
+                Some(all) => self.b.ins().band(all, m),
+            });
+        }
+        let bits = match mask {
+            Some(mask) => self.b.ins().vhigh_bits(I64, mask),
+            None => self.b.ins().iconst(I64, 0b1111),
+        };
+        let control = self
+            .constants()
+            .vector_at(&mut self.b, I8X16, &compaction_shuffles(), bits)
+            .ok_or_else(|| internal("no room for the compaction shuffles"))?;
+        let at_len = self.b.use_var(len);
+        let offset = self.b.ins().imul_imm_u(at_len, 4);
+        let columns = self.lane_columns(at);
+        self.store_packed(columns, control, list, offset);
+        if let Some((value, buffer)) = value {
+            let v = self.vmember(value, at, &mut cache)?;
+            self.store_packed(v, control, buffer, offset);
+        }
+        let kept = self.b.ins().popcnt(bits);
+        let next = self.b.ins().iadd(at_len, kept);
+        self.b.def_var(len, next);
+        Ok(())
+    }
+
+    /// The 16 bytes of `v` shuffled by `control`, stored at `base + offset`.
+    fn store_packed(&mut self, v: Value, control: Value, base: Value, offset: Value) {
+        let little = MemFlagsData::new().with_endianness(Endianness::Little);
+        let bytes = self.b.ins().bitcast(I8X16, little, v);
+        let packed = self.b.ins().swizzle(bytes, control);
+        let addr = self.b.ins().iadd(base, offset);
+        self.b.ins().store(Self::vector_flags(), packed, addr, 0);
     }
 
     /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
@@ -940,4 +1017,21 @@ impl Gen<'_, '_> {
             self.b.ins().select(take, v, acc)
         }
     }
+}
+
+/// Per mask of four lanes (bit `l` set when lane `l` is kept): the byte shuffle that moves
+/// the kept 4-byte lanes, in order, to the front.
+fn compaction_shuffles() -> Vec<[u8; 16]> {
+    (0..16u8)
+        .map(|mask| {
+            let mut control = [0x80; 16];
+            let kept = (0..4u8).filter(|lane| mask >> lane & 1 == 1);
+            for (to, from) in kept.enumerate() {
+                for byte in 0..4 {
+                    control[4 * to + byte as usize] = 4 * from + byte;
+                }
+            }
+            control
+        })
+        .collect()
 }
