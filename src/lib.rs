@@ -23,8 +23,10 @@
 //! 5. [`interp`]: the reference evaluator, in float64 (or rounding like float32), for
 //!    every module: the oracle of the golden, finite-difference and JIT tests.
 //! 6. [`jit`]: one Cranelift function per row phase: one anchor's row end to end, with
-//!    its sets as loops (a vector of lanes at a time where the body allows), its
-//!    reductions fused where they share a set, its scatters writing the row of `dL/dM`.
+//!    its sets as loops (a vector of lanes at a time where the body allows, their
+//!    constants read from a table rather than held in registers, dense rows compacted by
+//!    shuffles), its reductions fused where they share a set, its scatters writing the
+//!    row of `dL/dM`.
 //! 7. [`runtime`]: validates batches, computes groupings and tensors, runs the GEMMs
 //!    (`X X^T`, `(G + G^T) X`), shares anchors out between threads and falls back to the
 //!    interpreter when a kernel reports a condition it does not decide (an empty mean,

@@ -325,7 +325,7 @@ const SYMMETRIZE_TASKS: usize = 8;
 /// the entries `(i, j..j + len)` in `upper` and `(j..j + len, i)` in `lower` (with
 /// `i <= j`; on the diagonal, `len` is 1 and both are the one entry) and leaves the same
 /// values in both. Pairs of 64 x 64 tiles (one above the diagonal, its mirror below) are
-/// shared out between [`SYMMETRIZE_TASKS`] tasks in a fixed order, each with its own
+/// shared out between `SYMMETRIZE_TASKS` tasks in a fixed order, each with its own
 /// `state` from `init`; the states come back in task order, and each element is written
 /// once, so nothing depends on the thread count.
 pub fn symmetrize_with<T: Real, S: Send>(
