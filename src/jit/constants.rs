@@ -6,10 +6,11 @@
 //! them, and at each loop's back edge it stores the spilled ones again: the inner loops of
 //! the triplet losses spent a third of their time moving constants to and from the stack.
 //!
-//! Instead, each distinct constant of a build gets a 16-byte slot in a [`ConstantTable`],
-//! and a vector loop reads it from there with a movable load whose address is relative to
-//! a base that the loop advances by a zero it loads from memory: the optimiser cannot
-//! prove the base invariant, so it neither hoists the loads nor folds them together
+//! Instead, each distinct constant of a build gets a 16-byte slot in a [`ConstantTable`]
+//! (a table indexed at run time, such as the byte shuffles of a compaction, consecutive
+//! slots), and a vector loop reads it from there with a movable load whose address is
+//! relative to a base that the loop advances by a zero it loads from memory: the optimiser
+//! cannot prove the base invariant, so it neither hoists the loads nor folds them together
 //! across loops, and places each just before its use (often as the operand of the
 //! instruction that uses it). The step costs one integer addition per iteration.
 
@@ -130,14 +131,9 @@ impl Constants<'_> {
             chunk.copy_from_slice(&lane.to_le_bytes()[..width]);
         }
         let offset = table.borrow_mut().offset_of(bytes)?;
-        // Movable: equal loads in one iteration are one load; the moving base keeps them
-        // inside the loop.
-        let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-        Some(b.ins().load(ty, flags, base, offset))
+        Some(b.ins().load(ty, movable(), base, offset))
     }
-}
 
-impl Constants<'_> {
     /// Entry `index` (an i64 below `block.len()`) of a table of vectors, loaded as `ty`;
     /// `None` for [`Constants::Splat`] or a full table.
     pub fn vector_at(
@@ -153,9 +149,14 @@ impl Constants<'_> {
         let offset = table.borrow_mut().block_offset(block)?;
         let scaled = b.ins().imul_imm_u(index, 16);
         let address = b.ins().iadd(base, scaled);
-        let flags = MemFlagsData::trusted().with_readonly().with_can_move();
-        Some(b.ins().load(ty, flags, address, offset))
+        Some(b.ins().load(ty, movable(), address, offset))
     }
+}
+
+/// The flags of a load from the table: movable, so that equal loads in one iteration are
+/// one load; the moving base keeps them inside the loop.
+fn movable() -> MemFlagsData {
+    MemFlagsData::trusted().with_readonly().with_can_move()
 }
 
 /// The base a vector loop reads its constants relative to: the table's address, advanced
