@@ -1,11 +1,12 @@
 //! The Cranelift backend: one native kernel per row pass of a plan.
 //!
-//! [`compile`] turns each `Rows` phase of a [`Plan`] into a function
-//! (see [`kernel`]) and links them, with the [`helpers`] they call and the table of vector
-//! [`constants`] their loops read, into one JIT module for the run's float type. Passes whose functions come out the same (they differ only in
-//! which matrices and values they read: see [`kernel::Bindings`]) share one compiled
-//! kernel. The runtime calls a kernel once per anchor, from as many threads as it likes:
-//! kernels write only their anchor's outputs and matrix-adjoint rows.
+//! [`compile`] turns each `Rows` phase of a [`Plan`] into a function (see [`kernel`]) and
+//! links them, with the [`helpers`] they call and the table of vector [`constants`] their
+//! loops read, into one JIT module for the run's float type. Passes whose functions come
+//! out the same (they differ only in which matrices and values they read: see
+//! [`kernel::Bindings`]) share one compiled kernel. The runtime calls a kernel once per
+//! anchor, from as many threads as it likes: kernels write only their anchor's outputs and
+//! matrix-adjoint rows.
 
 pub mod abi;
 pub mod constants;
