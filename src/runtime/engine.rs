@@ -251,17 +251,13 @@ impl Loss {
         if plan.row_local {
             let kernels = self.kernels(F::PRECISION, with_gradient)?;
             let mut workspace = self.take_workspace::<F>();
-            let outcome = Run::new(
-                plan,
-                kernels,
-                &batch,
-                options.threads.max(1),
-                &mut workspace,
-            )
-            .and_then(|mut run| {
-                let outcome = run.execute(with_gradient);
-                run.release(&mut workspace);
-                outcome
+            let threads = options.threads.max(1);
+            let outcome = on_pool(threads, || {
+                Run::new(plan, kernels, &batch, threads, &mut workspace).and_then(|mut run| {
+                    let outcome = run.execute(with_gradient);
+                    run.release(&mut workspace);
+                    outcome
+                })
             });
             self.keep_workspace(workspace);
             if let Some(output) = outcome? {
@@ -365,10 +361,11 @@ impl Loss {
                 tensors::GemmWork::new(m, a, b, &reaches)
             })
             .collect();
-        // Once to touch the buffers (as a training loop's later steps find them), once timed.
+        // Once to touch the buffers (as a training loop's later steps find them), once timed,
+        // on the pool as a run is.
         work.iter_mut().for_each(|w| w.run(threads));
         let start = Instant::now();
-        work.iter_mut().for_each(|w| w.run(threads));
+        on_pool(threads, || work.iter_mut().for_each(|w| w.run(threads)));
         elapsed_ms(start)
     }
 
@@ -907,6 +904,18 @@ fn padded_zeros<F: Real>((rows, cols): (usize, usize)) -> Array2<F> {
     let len = rows.saturating_sub(1) * stride + cols;
     Array2::from_shape_vec((rows, cols).strides((stride, 1)), vec![F::ZERO; len])
         .unwrap_or_else(|_| Array2::zeros((rows, cols)))
+}
+
+/// `work`, on a thread of the rayon pool when more than one thread is asked for: the
+/// parallel steps inside it then hand their tasks to the pool's other threads from within,
+/// rather than each waking the pool from outside and waiting for it (a call has a dozen
+/// such steps: products, passes, symmetrisation, checks).
+fn on_pool<R: Send>(threads: usize, work: impl FnOnce() -> R + Send) -> R {
+    if threads > 1 {
+        rayon::scope(|_| work())
+    } else {
+        work()
+    }
 }
 
 /// The span of addresses whose low bits the CPU compares to match a load with the stores
