@@ -500,19 +500,12 @@ fn symmetric_distance_adjoint<F: Real>(
                 }
                 distance_line(&both, upper, lower, columns, minus_two)
             } else {
-                let mut total = F::ZERO;
-                for start in (0..len).step_by(LINE) {
-                    let part = start..len.min(start + LINE);
-                    let mut both = [F::ZERO; LINE];
-                    for (b, k) in both.iter_mut().zip(part.clone()) {
-                        *b = dq(upper[k] + lower[k], distances[k]);
-                    }
-                    let (upper, lower) = (&mut upper[part.clone()], &mut lower[part.clone()]);
-                    let both = &both[..part.len()];
-                    total =
-                        total + distance_line(both, upper, lower, &mut columns[part], minus_two);
-                }
-                total
+                // The diagonal's entries and the edges' short lines, an entry at a time.
+                (0..len).fold(F::ZERO, |total, k| {
+                    let both = [dq(upper[k] + lower[k], distances[k])];
+                    let (upper, lower) = (&mut upper[k..=k], &mut lower[k..=k]);
+                    total + distance_line(&both, upper, lower, &mut columns[k..=k], minus_two)
+                })
             };
             // On the diagonal, (i, i) went into its coefficient once already.
             if j != i {
