@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use losscc::interp::{Precision, evaluate_with_gradient};
+use losscc::jit::Target;
 use losscc::runtime::Batch;
 use losscc::runtime::engine::{Evaluator, Loss, Options};
 use ndarray::Array2;
@@ -30,6 +31,8 @@ fn check_evaluator(name: &str, evaluator: Evaluator, failures: &mut Vec<String>)
     }
 }
 
+/// The golden cases in float32 and float64, on the kernels built for this machine and for
+/// the architecture's baseline (no FMA, byte shuffles or blends: the portable code paths).
 #[test]
 fn golden_cases_in_both_float_types() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden");
@@ -42,10 +45,8 @@ fn golden_cases_in_both_float_types() {
         for (name, entry) in reference_case.manifest["losses"].as_object().unwrap() {
             let params = manifest_params(entry);
             let inputs = reference_case.inputs(entry);
-            let loss = Loss::new(
-                lower(name, &params),
-                losscc::grad::differentiate(&lower(name, &params)).unwrap(),
-            );
+            let module = lower(name, &params);
+            let gradient = losscc::grad::differentiate(&module).unwrap();
             let options = Options {
                 threads: 2,
                 seed: 0,
@@ -57,49 +58,54 @@ fn golden_cases_in_both_float_types() {
                 inputs: &inputs,
                 seed: 0,
             };
-            for precision in [Precision::F64, Precision::F32] {
-                checks += 1;
-                let reference = evaluate_with_gradient(loss.gradient(), &batch, precision).unwrap();
-                let (value, grad, evaluator) = match precision {
-                    Precision::F64 => {
-                        let out = loss.run(x64.view(), labels, &options, true).unwrap();
-                        (out.loss, out.grad.unwrap(), out.evaluator)
+            for target in [Target::Native, Target::Baseline] {
+                let loss = Loss::new(module.clone(), gradient.clone()).with_target(target);
+                for precision in [Precision::F64, Precision::F32] {
+                    checks += 1;
+                    let reference =
+                        evaluate_with_gradient(loss.gradient(), &batch, precision).unwrap();
+                    let (value, grad, evaluator) = match precision {
+                        Precision::F64 => {
+                            let out = loss.run(x64.view(), labels, &options, true).unwrap();
+                            (out.loss, out.grad.unwrap(), out.evaluator)
+                        }
+                        Precision::F32 => {
+                            let out = loss.run(x.view(), labels, &options, true).unwrap();
+                            (out.loss, out.grad.unwrap().mapv(f64::from), out.evaluator)
+                        }
+                    };
+                    let tolerance = if precision == Precision::F64 {
+                        1e-10
+                    } else {
+                        1e-4
+                    };
+                    let loss_gap =
+                        (value - reference.loss).abs() / reference.loss.abs().max(1e-300);
+                    let grad_gap = relative_gap(reference.grad.as_ref().unwrap(), &grad);
+                    if loss_gap > tolerance || grad_gap > tolerance {
+                        failures.push(format!(
+                            "{case}/{name}/{precision:?}/{target:?}: loss {loss_gap:.1e}, gradient {grad_gap:.1e}"
+                        ));
                     }
-                    Precision::F32 => {
-                        let out = loss.run(x.view(), labels, &options, true).unwrap();
-                        (out.loss, out.grad.unwrap().mapv(f64::from), out.evaluator)
+                    // And against the golden values themselves.
+                    let (loss_tolerance, grad_tolerance) = if precision == Precision::F64 {
+                        (1e-9, 1e-7)
+                    } else {
+                        (1e-4, 1e-4)
+                    };
+                    let expected_grad = reference_case.expected_grad(entry);
+                    let (loss_gap, grad_gap) = errors(value, &grad, entry, &expected_grad);
+                    if loss_gap > loss_tolerance || grad_gap > grad_tolerance {
+                        failures.push(format!(
+                            "{case}/{name}/{precision:?}/{target:?} against golden: loss {loss_gap:.1e}, gradient {grad_gap:.1e}"
+                        ));
                     }
-                };
-                let tolerance = if precision == Precision::F64 {
-                    1e-10
-                } else {
-                    1e-4
-                };
-                let loss_gap = (value - reference.loss).abs() / reference.loss.abs().max(1e-300);
-                let grad_gap = relative_gap(reference.grad.as_ref().unwrap(), &grad);
-                if loss_gap > tolerance || grad_gap > tolerance {
-                    failures.push(format!(
-                        "{case}/{name}/{precision:?}: loss {loss_gap:.1e}, gradient {grad_gap:.1e}"
-                    ));
+                    check_evaluator(name, evaluator, &mut failures);
                 }
-                // And against the golden values themselves.
-                let (loss_tolerance, grad_tolerance) = if precision == Precision::F64 {
-                    (1e-9, 1e-7)
-                } else {
-                    (1e-4, 1e-4)
-                };
-                let expected_grad = reference_case.expected_grad(entry);
-                let (loss_gap, grad_gap) = errors(value, &grad, entry, &expected_grad);
-                if loss_gap > loss_tolerance || grad_gap > grad_tolerance {
-                    failures.push(format!(
-                        "{case}/{name}/{precision:?} against golden: loss {loss_gap:.1e}, gradient {grad_gap:.1e}"
-                    ));
-                }
-                check_evaluator(name, evaluator, &mut failures);
             }
         }
     }
-    assert_eq!(checks, 264);
+    assert_eq!(checks, 528);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -346,8 +352,10 @@ fn every_kernel_passes_the_verifier() {
         ];
         for plan in &plans {
             for precision in [Precision::F32, Precision::F64] {
-                if let Err(e) = losscc::jit::emit_clif(plan, precision) {
-                    panic!("{name} ({precision:?}): {e}");
+                for target in [Target::Native, Target::Baseline] {
+                    if let Err(e) = losscc::jit::emit_clif(plan, precision, target) {
+                        panic!("{name} ({precision:?}, {target:?}): {e}");
+                    }
                 }
             }
         }
@@ -363,7 +371,7 @@ fn passes_alike_share_a_kernel() {
     let module = lower("js_div_knn_softmax", &Vec::new());
     let gradient = losscc::grad::differentiate(&module).unwrap();
     let plan = losscc::opt::gradient_plan(&gradient);
-    let kernels = losscc::jit::compile(&plan, Precision::F32).unwrap();
+    let kernels = losscc::jit::compile(&plan, Precision::F32, Target::Native).unwrap();
     let codes: Vec<usize> = kernels.passes.iter().map(|p| p.code as usize).collect();
     assert_eq!(codes.len(), 10, "4 knn_softmax passes and 6 pair passes");
     let distinct = |codes: &[usize]| {

@@ -89,8 +89,19 @@ pub struct Machine<'t> {
     pub target: TargetFrontendConfig,
     /// Where the vector loops of the build's kernels read their constants.
     pub constants: &'t RefCell<ConstantTable>,
-    /// Whether bytes of a vector can be shuffled by a vector of indices (x86-64: SSSE3).
-    pub lane_shuffles: bool,
+    pub lanes: LaneOps,
+}
+
+/// The target's lane instructions that Cranelift offers beyond its portable set.
+#[derive(Clone, Copy, Debug)]
+pub struct LaneOps {
+    /// Bytes of a vector shuffled by a vector of indices (`swizzle`; x86-64: SSSE3).
+    pub shuffles: bool,
+    /// A select on each lane's top bit in one instruction (`blendv`; x86-64: SSE4.1),
+    /// where `bitselect` takes three.
+    pub blend: bool,
+    /// Any instruction may read an operand from an unaligned address (x86-64: AVX).
+    pub unaligned_operands: bool,
 }
 
 /// How a set is visited.
@@ -266,7 +277,7 @@ struct Gen<'a, 'f> {
     constants: &'a RefCell<ConstantTable>,
     /// In a vector loop: the base its constants are read relative to.
     lane_base: Option<Value>,
-    lane_shuffles: bool,
+    lanes: LaneOps,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -285,7 +296,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             float,
             helpers,
             constants,
-            lane_shuffles,
+            lanes,
             ..
         } = *machine;
         let entry = b.create_block();
@@ -338,7 +349,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             in_skips: false,
             constants,
             lane_base: None,
-            lane_shuffles,
+            lanes,
         }
     }
 

@@ -74,7 +74,18 @@ fn cranelift_type(precision: Precision) -> cranelift_codegen::ir::Type {
     }
 }
 
-fn new_module() -> Result<JITModule, CodegenError> {
+/// The instructions the kernels may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// Every extension this machine's processor has (x86-64: FMA, SSSE3, SSE4.1, AVX...).
+    #[default]
+    Native,
+    /// The host architecture's baseline alone (x86-64: SSE2): the code paths a processor
+    /// without those extensions takes, slower here.
+    Baseline,
+}
+
+fn new_module(target: Target) -> Result<JITModule, CodegenError> {
     let isa_error = |e: &dyn std::fmt::Display| CodegenError::Isa(e.to_string());
     let mut flags = settings::builder();
     // The verifier takes a tenth of the compile time; `emit_clif` (`losscc compile --emit
@@ -87,7 +98,7 @@ fn new_module() -> Result<JITModule, CodegenError> {
     ] {
         flags.set(name, value).map_err(|e| isa_error(&e))?;
     }
-    let isa = cranelift_native::builder()
+    let isa = cranelift_native::builder_with_options(target == Target::Native)
         .map_err(|e| isa_error(&e))?
         .finish(settings::Flags::new(flags))
         .map_err(|e| isa_error(&e))?;
@@ -170,10 +181,11 @@ fn signature(
 fn build(
     plan: &Plan,
     precision: Precision,
+    target: Target,
     clif: bool,
 ) -> Result<(Kernels, Vec<String>), CodegenError> {
     let module_error = |e: cranelift_module::ModuleError| CodegenError::Module(e.to_string());
-    let mut module = new_module()?;
+    let mut module = new_module(target)?;
     let float = cranelift_type(precision);
     let suffix = if precision == Precision::F32 {
         "f32"
@@ -209,7 +221,7 @@ fn build(
     let kernel_sig = signature(&module, &[I64, I64, I64, I64, I64], I32);
     let math = math::MathBuilder::new(module.isa());
     let constants = RefCell::new(ConstantTable::new());
-    let lane_shuffles = has_lane_shuffles(module.isa());
+    let lanes = lane_ops(module.isa());
     let target = module.target_config();
     // Per pass: its phase, layout and the index of its code in `distinct`, which holds
     // each different kernel once, with the row buffers it expects.
@@ -252,7 +264,7 @@ fn build(
             helpers,
             target,
             constants: &constants,
-            lane_shuffles,
+            lanes,
         };
         let layout = kernel::build(
             plan,
@@ -341,14 +353,22 @@ fn build(
     ))
 }
 
-/// Whether `isa` shuffles bytes by a vector of indices in one instruction (`swizzle`):
-/// x86-64 from SSSE3 on, every other target Cranelift has.
-fn has_lane_shuffles(isa: &dyn TargetIsa) -> bool {
-    isa.name() != "x64"
-        || isa
-            .isa_flags()
+/// The lane instructions beyond Cranelift's portable set that `isa` has: `swizzle` on
+/// x86-64 from SSSE3 on and on every other target; `blendv`, an x86 instruction, from
+/// SSE4.1 on; memory operands at any address on x86-64 from AVX on.
+fn lane_ops(isa: &dyn TargetIsa) -> kernel::LaneOps {
+    let x64 = isa.name() == "x64";
+    let flags = isa.isa_flags();
+    let has = |name: &str| {
+        flags
             .iter()
-            .any(|flag| flag.name == "has_ssse3" && flag.as_bool() == Some(true))
+            .any(|flag| flag.name == name && flag.as_bool() == Some(true))
+    };
+    kernel::LaneOps {
+        shuffles: !x64 || has("has_ssse3"),
+        blend: x64 && has("has_sse41"),
+        unaligned_operands: !x64 || has("has_avx"),
+    }
 }
 
 /// One kernel's compiled bytes, with what linking them needs.
@@ -384,12 +404,16 @@ fn machine_code(
     })
 }
 
-/// The kernels of every row pass of `plan`, for the given float type.
-pub fn compile(plan: &Plan, precision: Precision) -> Result<Kernels, CodegenError> {
-    build(plan, precision, false).map(|(kernels, _)| kernels)
+/// The kernels of every row pass of `plan`, for the given float type and target.
+pub fn compile(plan: &Plan, precision: Precision, target: Target) -> Result<Kernels, CodegenError> {
+    build(plan, precision, target, false).map(|(kernels, _)| kernels)
 }
 
 /// The Cranelift IR of every row pass of `plan` (`losscc compile --emit clif`).
-pub fn emit_clif(plan: &Plan, precision: Precision) -> Result<String, CodegenError> {
-    build(plan, precision, true).map(|(_, texts)| texts.join("\n"))
+pub fn emit_clif(
+    plan: &Plan,
+    precision: Precision,
+    target: Target,
+) -> Result<String, CodegenError> {
+    build(plan, precision, target, true).map(|(_, texts)| texts.join("\n"))
 }

@@ -13,7 +13,7 @@ use crate::grad::{AdjointSlot, Gradient};
 use crate::interp::{self, Precision};
 use crate::ir::*;
 use crate::jit::abi::{KernelArgs, RowBuffer, domain_slot};
-use crate::jit::{CompiledPass, Kernels};
+use crate::jit::{CompiledPass, Kernels, Target};
 use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2, Axis, ShapeBuilder};
 use std::any::Any;
@@ -121,6 +121,7 @@ pub struct Loss {
     /// Matrices and adjoints kept between calls, so that a training loop does not allocate
     /// (and page in) n x m floats every step.
     workspaces: Mutex<Vec<Box<dyn Any + Send>>>,
+    target: Target,
 }
 
 /// The large buffers of a run, reused by the next.
@@ -174,6 +175,16 @@ impl Loss {
             backward,
             kernels: Default::default(),
             workspaces: Mutex::new(Vec::new()),
+            target: Target::Native,
+        }
+    }
+
+    /// The same loss, its kernels built for `target` (the native one by default).
+    pub fn with_target(self, target: Target) -> Loss {
+        Loss {
+            kernels: Default::default(),
+            target,
+            ..self
         }
     }
 
@@ -225,7 +236,7 @@ impl Loss {
     pub fn kernels(&self, precision: Precision, with_gradient: bool) -> Result<&Kernels, RunError> {
         let slot =
             &self.kernels[usize::from(precision == Precision::F64)][usize::from(with_gradient)];
-        slot.get_or_init(|| crate::jit::compile(self.plan(with_gradient), precision))
+        slot.get_or_init(|| crate::jit::compile(self.plan(with_gradient), precision, self.target))
             .as_ref()
             .map_err(|e| RunError::Internal {
                 what: e.to_string(),

@@ -291,11 +291,32 @@ impl Gen<'_, '_> {
         self.splat(c)
     }
 
+    /// `mask ? a : otherwise` lane by lane, `otherwise` a constant. A `+0` fallback (the
+    /// identity of sums and counts, the weight of a member left out) is one `and` with the
+    /// mask instead of a constant's load and a three-instruction select.
+    pub(super) fn vmasked(&mut self, mask: Value, a: Value, otherwise: f64) -> Value {
+        if otherwise.to_bits() == 0 {
+            let ty = self.vector_type();
+            let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
+            return self.b.ins().band(mask, a);
+        }
+        let otherwise = self.vconst(otherwise);
+        self.vselect(mask, a, otherwise)
+    }
+
     /// `mask ? a : b` lane by lane, `mask` an integer vector of all-ones or zero lanes.
     pub(super) fn vselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
-        let ty = self.vector_type();
-        let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
-        self.b.ins().bitselect(mask, a, b)
+        let ty = self.b.func.dfg.value_type(a);
+        if !self.lanes.blend {
+            let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
+            return self.b.ins().bitselect(mask, a, b);
+        }
+        // Cranelift lowers `blendv` on integer lanes only.
+        let (ity, flags) = (self.mask_type(), MemFlagsData::new());
+        let a = self.b.ins().bitcast(ity, flags, a);
+        let b = self.b.ins().bitcast(ity, flags, b);
+        let picked = self.b.ins().blendv(mask, a, b);
+        self.b.ins().bitcast(ty, flags, picked)
     }
 
     /// The value of a per-member expression on every lane.
@@ -423,7 +444,15 @@ impl Gen<'_, '_> {
         if at.contiguous {
             let offset = self.b.ins().imul_imm_u(at.first, self.fb);
             let addr = self.b.ins().iadd(base, offset);
-            return Ok(self.b.ins().load(ty, Self::vector_flags(), addr, 0));
+            if self.lanes.unaligned_operands {
+                return Ok(self.b.ins().load(ty, Self::vector_flags(), addr, 0));
+            }
+            // Cranelift 0.135 folds a load into the SSE form of a float compare (`cmpps`),
+            // which faults on an address not aligned to 16 bytes; a load reinterpreted is
+            // not folded.
+            let bits = self.mask_type();
+            let loaded = self.b.ins().load(bits, Self::vector_flags(), addr, 0);
+            return Ok(self.b.ins().bitcast(ty, MemFlagsData::new(), loaded));
         }
         let mut vector = None;
         for (lane, &j) in at.cols.iter().enumerate() {
@@ -599,7 +628,7 @@ impl Gen<'_, '_> {
         value: Option<Handle<Expr>>,
     ) -> bool {
         // A whole row, masked or not: a list is short (a class) or would be gathered.
-        self.lane_shuffles
+        self.lanes.shuffles
             && self.float == F32
             && matches!(repr, Repr::Range { .. } | Repr::Masked { .. })
             && self.lanes_can_visit(repr)
@@ -686,8 +715,7 @@ impl Gen<'_, '_> {
                 let v = g.vmember(body, at, &mut HashMap::new())?;
                 let mut v = map(g, v);
                 if let Some(mask) = at.mask {
-                    let identity = g.vconst(start);
-                    v = g.vselect(mask, v, identity);
+                    v = g.vmasked(mask, v, start);
                 }
                 let current = g.b.use_var(vacc);
                 let next = combine(g, current, v);
@@ -781,19 +809,14 @@ impl Gen<'_, '_> {
                         (Some(a), Some(b)) => Some(g.b.ins().band(a, b)),
                         (a, b) => a.or(b),
                     };
-                    if let Some(mask) = mask {
-                        let identity = g.vconst(fold.identity());
-                        v = g.vselect(mask, v, identity);
-                    }
                     let current = g.b.use_var(lanes);
-                    let next = g.fold_step(*fold, current, v);
+                    let next = g.fold_step(*fold, current, v, mask);
                     g.b.def_var(lanes, next);
                 }
-                let zero = g.vconst(0.0);
                 for scatter in scatters {
                     let mut w = g.vmember(scatter.weight, at, &mut cache)?;
                     if let Some(mask) = at.mask {
-                        w = g.vselect(mask, w, zero);
+                        w = g.vmasked(mask, w, 0.0);
                     }
                     if scatter.side == Some(Side::Left) {
                         // Every lane pairs with the same left member.
@@ -863,7 +886,7 @@ impl Gen<'_, '_> {
             } else {
                 let mut total = parts[0];
                 for &part in &parts[1..] {
-                    total = self.fold_step(*fold, total, part);
+                    total = self.fold_step(*fold, total, part, None);
                 }
                 total
             };
@@ -895,17 +918,24 @@ impl Gen<'_, '_> {
             }
         }
         let current = self.b.use_var(tail);
-        let next = self.fold_step(fold, current, v);
+        let next = self.fold_step(fold, current, v, None);
         self.b.def_var(tail, next);
         Ok(())
     }
 
-    /// One step of a fold, on values of either width.
-    fn fold_step(&mut self, fold: Fold, acc: Value, v: Value) -> Value {
+    /// One step of a fold, on values of either width; on vectors, over the lanes `mask`
+    /// keeps (all without one).
+    fn fold_step(&mut self, fold: Fold, acc: Value, v: Value, mask: Option<Value>) -> Value {
         match fold {
-            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } => self.b.ins().fadd(acc, v),
-            Fold::Min(_) => self.extreme_of(acc, v, true),
-            Fold::Max(_) => self.extreme_of(acc, v, false),
+            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } => {
+                let v = match mask {
+                    Some(mask) => self.vmasked(mask, v, fold.identity()),
+                    None => v,
+                };
+                self.b.ins().fadd(acc, v)
+            }
+            Fold::Min(_) => self.extreme_of(acc, v, true, mask),
+            Fold::Max(_) => self.extreme_of(acc, v, false, mask),
         }
     }
 
@@ -1001,8 +1031,8 @@ impl Gen<'_, '_> {
     }
 
     /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
-    /// loops, lane by lane.
-    pub(super) fn extreme_of(&mut self, acc: Value, v: Value, min: bool) -> Value {
+    /// loops, lane by lane; on vectors, `acc` where `mask` (if any) leaves a lane out.
+    fn extreme_of(&mut self, acc: Value, v: Value, min: bool, mask: Option<Value>) -> Value {
         let cc = if min {
             FloatCC::LessThan
         } else {
@@ -1010,7 +1040,10 @@ impl Gen<'_, '_> {
         };
         let better = self.b.ins().fcmp(cc, v, acc);
         let nan = self.b.ins().fcmp(FloatCC::Unordered, v, v);
-        let take = self.b.ins().bor(better, nan);
+        let mut take = self.b.ins().bor(better, nan);
+        if let Some(mask) = mask {
+            take = self.b.ins().band(take, mask);
+        }
         if self.b.func.dfg.value_type(v).is_vector() {
             self.vselect(take, v, acc)
         } else {
