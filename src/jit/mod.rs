@@ -7,6 +7,10 @@
 //! [`kernel::Bindings`]) share one compiled kernel. The runtime calls a kernel once per
 //! anchor, from as many threads as it likes: kernels write only their anchor's outputs and
 //! matrix-adjoint rows.
+//!
+//! Kernels use what the processor offers beyond its architecture's baseline (FMA, byte
+//! shuffles, blends; [`Target::Native`]); [`Target::Baseline`] builds without, so that the
+//! tests run the portable code paths too.
 
 pub mod abi;
 pub mod constants;
