@@ -157,35 +157,42 @@ fn random_shapes_match_the_interpreter() {
                         ));
                     }
                     // In f32 too, where the kernels take other paths (four lanes, rows
-                    // compacted by shuffles); a regular batch must not need the interpreter.
+                    // compacted by shuffles), on this machine's instructions and on the
+                    // baseline's; a regular batch must not need the interpreter.
                     // The tolerance widens with the float32 interpreter's own error: an
                     // ill-conditioned loss (a small difference of log-sum-exps) is only
                     // defined so far in float32.
                     let single = evaluate_with_gradient(loss.gradient(), &batch, Precision::F32);
                     let x32 = x.mapv(|v| v as f32);
-                    match (single, loss.run(x32.view(), &labels, &options, true)) {
-                        (Ok(s), Ok(b32)) => {
-                            let gap = |v: f64, reference: f64| {
-                                (v - reference).abs() / reference.abs().max(1e-300)
-                            };
-                            let (a_grad, s_grad) =
-                                (a.grad.as_ref().unwrap(), s.grad.as_ref().unwrap());
-                            let loss_limit = 1e-4 + 2.0 * gap(s.loss, a.loss);
-                            let grad_limit = 1e-4 + 2.0 * relative_gap(a_grad, s_grad);
-                            let grad = b32.grad.as_ref().unwrap().mapv(f64::from);
-                            let loss_gap = gap(b32.loss, s.loss);
-                            let grad_gap = relative_gap(s_grad, &grad);
-                            if loss_gap > loss_limit || grad_gap > grad_limit {
-                                failures.push(format!(
-                                    "{name} on {label} in f32: loss {loss_gap:.1e} (limit {loss_limit:.1e}), gradient {grad_gap:.1e} (limit {grad_limit:.1e})"
-                                ));
+                    let baseline = Loss::new(loss.module().clone(), loss.gradient().clone())
+                        .with_target(Target::Baseline);
+                    for (compiled, target) in
+                        [(&loss, Target::Native), (&baseline, Target::Baseline)]
+                    {
+                        match (&single, compiled.run(x32.view(), &labels, &options, true)) {
+                            (Ok(s), Ok(b32)) => {
+                                let gap = |v: f64, reference: f64| {
+                                    (v - reference).abs() / reference.abs().max(1e-300)
+                                };
+                                let (a_grad, s_grad) =
+                                    (a.grad.as_ref().unwrap(), s.grad.as_ref().unwrap());
+                                let loss_limit = 1e-4 + 2.0 * gap(s.loss, a.loss);
+                                let grad_limit = 1e-4 + 2.0 * relative_gap(a_grad, s_grad);
+                                let grad = b32.grad.as_ref().unwrap().mapv(f64::from);
+                                let loss_gap = gap(b32.loss, s.loss);
+                                let grad_gap = relative_gap(s_grad, &grad);
+                                if loss_gap > loss_limit || grad_gap > grad_limit {
+                                    failures.push(format!(
+                                        "{name} on {label} in f32 ({target:?}): loss {loss_gap:.1e} (limit {loss_limit:.1e}), gradient {grad_gap:.1e} (limit {grad_limit:.1e})"
+                                    ));
+                                }
+                                if classes.iter().all(|&c| c == 4 || c == 5) {
+                                    check_evaluator(&name, b32.evaluator, &mut failures);
+                                }
                             }
-                            if classes.iter().all(|&c| c == 4 || c == 5) {
-                                check_evaluator(&name, b32.evaluator, &mut failures);
-                            }
-                        }
-                        (a, b) => {
-                            failures.push(format!("{name} on {label} in f32: {a:?} vs {b:?}"))
+                            (a, b) => failures.push(format!(
+                                "{name} on {label} in f32 ({target:?}): {a:?} vs {b:?}"
+                            )),
                         }
                     }
                 }
