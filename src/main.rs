@@ -211,8 +211,9 @@ fn compile(file: &Path, emit: Emit, set: &[String]) -> Outcome {
             if let Emit::Plan = emit {
                 return Ok(losscc::grad::print_gradient(&plan.to_gradient()));
             }
-            let (precision, target) = (losscc::interp::Precision::F32, losscc::jit::Target::Native);
-            losscc::jit::emit_clif(plan, precision, target).map_err(|e| format!("error: {e}\n"))
+            let precision = losscc::interp::Precision::F32;
+            losscc::jit::emit_clif(plan, precision, losscc::jit::Target::Native)
+                .map_err(|e| format!("error: {e}\n"))
         }
         Emit::Ir | Emit::Grad => {
             let overrides = parse_overrides(set)?;

@@ -89,6 +89,7 @@ pub struct Machine<'t> {
     pub target: TargetFrontendConfig,
     /// Where the vector loops of the build's kernels read their constants.
     pub constants: &'t RefCell<ConstantTable>,
+    /// What the loops may do on lanes beyond Cranelift's portable instructions.
     pub lanes: LaneOps,
 }
 

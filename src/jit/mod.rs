@@ -226,7 +226,7 @@ fn build(
     let math = math::MathBuilder::new(module.isa());
     let constants = RefCell::new(ConstantTable::new());
     let lanes = lane_ops(module.isa());
-    let target = module.target_config();
+    let frontend = module.target_config();
     // Per pass: its phase, layout and the index of its code in `distinct`, which holds
     // each different kernel once, with the row buffers it expects.
     let mut passes = Vec::new();
@@ -266,7 +266,7 @@ fn build(
             math,
             float,
             helpers,
-            target,
+            target: frontend,
             constants: &constants,
             lanes,
         };

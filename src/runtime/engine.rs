@@ -121,6 +121,7 @@ pub struct Loss {
     /// Matrices and adjoints kept between calls, so that a training loop does not allocate
     /// (and page in) n x m floats every step.
     workspaces: Mutex<Vec<Box<dyn Any + Send>>>,
+    /// The instructions its kernels are built for.
     target: Target,
 }
 
