@@ -91,6 +91,33 @@ fn scatters_join_the_forward_row_pass() {
     assert_eq!(second_pass, ["histogram"]);
 }
 
+/// A per-anchor factor that every weight into an adjoint slot shares, and that reads a
+/// reduction over the scatters' own set (triplet's `1 / count(valid)`), comes out of the
+/// weights as the scatters' row scale; where the rest of the weights reads such a
+/// reduction too (a softmax over the set, as in multi_similarity), it stays in.
+#[test]
+fn per_anchor_factors_over_the_scattered_set_become_row_scales() {
+    let mut scaled = Vec::new();
+    for name in loss_names() {
+        let module = lower(&name, &small_params(&name, 20, 9));
+        let gradient = losscc::grad::differentiate(&module).unwrap();
+        let plan = losscc::opt::gradient_plan(&gradient);
+        let with_scale = plan.scatters.iter().filter(|s| s.row_scale.is_some());
+        if with_scale.clone().count() > 0 {
+            // Every scatter into the slot carries the same factor.
+            for s in with_scale {
+                let same_slot = plan.scatters.iter().filter(|t| t.slot == s.slot);
+                assert!(
+                    same_slot.clone().all(|t| t.row_scale == s.row_scale),
+                    "{name}"
+                );
+            }
+            scaled.push(name.clone());
+        }
+    }
+    assert_eq!(scaled, ["a_triplet", "batch_all_ranking", "triplet"]);
+}
+
 /// Triplet mining conditions `softplus(p - q) > c` compare `p - q` with `ln(e^c - 1)` in
 /// the plan: no comparison of a shipped loss's plan is left on `exp` or `softplus` of a
 /// value, and the triplet plans hold the moved threshold.

@@ -47,6 +47,11 @@ pub struct Scatter {
     pub slot: usize,
     pub target: ScatterTarget,
     pub weight: Handle<Expr>,
+    /// A per-anchor factor of the weight that a plan took out (`None`: one): the scatter adds
+    /// `weight * row_scale`. Every scatter into its slot has the same, over sets of one
+    /// block, so that a kernel may add the weights and scale the anchor's row once after
+    /// them, without the reduction the factor reads before its loop.
+    pub row_scale: Option<Handle<Expr>>,
 }
 
 /// An adjoint buffer: the matrix it belongs to and the batch-level factor it is taken
@@ -176,6 +181,7 @@ fn prune(module: &Module, scatters: &[Scatter]) -> (Module, Vec<Scatter>) {
                 },
             },
             weight: rewrite.expr(s.weight, keep),
+            row_scale: s.row_scale.map(|h| rewrite.expr(h, keep)),
         })
         .collect();
     (rewrite.finish(keep), scatters)
@@ -183,7 +189,10 @@ fn prune(module: &Module, scatters: &[Scatter]) -> (Module, Vec<Scatter>) {
 
 /// What a scatter reads, for the scheduler.
 pub fn effect(module: &Module, scatter: &Scatter) -> Effect {
-    let mut deps = vec![scatter.weight];
+    let mut deps: Vec<Handle<Expr>> = [Some(scatter.weight), scatter.row_scale]
+        .into_iter()
+        .flatten()
+        .collect();
     let mut sets = Vec::new();
     match scatter.target {
         ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. } => sets.push(set),
@@ -386,6 +395,7 @@ impl Pass {
                     slot: matrix.index(),
                     target: ScatterTarget::Members { set, scope },
                     weight: partial,
+                    row_scale: None,
                 }),
                 _ => {
                     let sum = self.b.reduce(ReduceOp::Sum, set, partial, scope);
@@ -412,6 +422,7 @@ impl Pass {
                     slot: matrix.index(),
                     target: ScatterTarget::At { index },
                     weight: partial,
+                    row_scale: None,
                 }),
                 _ => {
                     let value = self.b.at(partial, index);
@@ -450,6 +461,7 @@ impl Pass {
                                 slot: matrix.index(),
                                 target: ScatterTarget::Cross { set, side },
                                 weight: combined,
+                                row_scale: None,
                             }),
                             _ => {
                                 let sum = self.b.reduce(ReduceOp::Sum, set, combined, scope);

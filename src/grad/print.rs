@@ -32,9 +32,12 @@ pub fn print_gradient(gradient: &Gradient) -> String {
         } else {
             format!(" (adjoint slot {})", scatter.slot)
         };
+        let row_scale = scatter
+            .row_scale
+            .map_or(String::new(), |h| format!(", times {h} per anchor"));
         let _ = writeln!(
             out,
-            "scatter{index}: d{}{slot} += {} at {target}",
+            "scatter{index}: d{}{slot} += {} at {target}{row_scale}",
             scatter.matrix, scatter.weight
         );
     }

@@ -874,8 +874,16 @@ impl<'m> Interp<'m> {
                     _ => Vec::new(),
                 },
             };
+            // Read only where the scatter adds something, as the weight it came out of.
+            let row_scale = match (scatter.row_scale, points.is_empty()) {
+                (Some(h), false) => Some(self.num(h, at)?),
+                _ => None,
+            };
             for point in points {
-                let weight = self.num(scatter.weight, point)?;
+                let mut weight = self.num(scatter.weight, point)?;
+                if let Some(factor) = row_scale {
+                    weight = self.precision.round(weight * factor);
+                }
                 let (row, col) = match (scatter.target, point) {
                     (
                         ScatterTarget::Cross { side, .. },

@@ -176,6 +176,28 @@ pub fn build(
     Ok(layout)
 }
 
+/// The adjoint slots of `effects` whose every scatter is among them with the same
+/// per-anchor factor: the pass adds the rest of the weights into the anchor's row and
+/// scales the row by the factor at the end, so the factor's reductions can join the
+/// scatters' loop. (A slot that another pass adds into too has its factor applied to each
+/// weight.)
+fn deferred_row_scales(plan: &Plan, effects: &[usize]) -> Vec<(usize, Handle<Expr>)> {
+    let mut deferred: Vec<(usize, Handle<Expr>)> = effects
+        .iter()
+        .filter_map(|&effect| {
+            let scatter = plan.scatters[effect];
+            let factor = scatter.row_scale?;
+            let all_here = (plan.scatters.iter().enumerate())
+                .filter(|(_, other)| other.slot == scatter.slot)
+                .all(|(i, other)| effects.contains(&i) && other.row_scale == Some(factor));
+            all_here.then_some((scatter.slot, factor))
+        })
+        .collect();
+    deferred.sort_unstable();
+    deferred.dedup();
+    deferred
+}
+
 /// What a pass over `block` computes: its outputs, the block's skip conditions, and its
 /// scatters' weights and positions.
 pub fn pass_roots(
@@ -192,6 +214,7 @@ pub fn pass_roots(
     for &effect in effects {
         let scatter = plan.scatters[effect];
         roots.push(scatter.weight);
+        roots.extend(scatter.row_scale);
         if let ScatterTarget::At { index } = scatter.target {
             roots.push(index);
         }
@@ -279,6 +302,9 @@ struct Gen<'a, 'f> {
     /// In a vector loop: the base its constants are read relative to.
     lane_base: Option<Value>,
     lanes: LaneOps,
+    /// The adjoint slots whose anchor row this pass scales once its scatters are done, by
+    /// the per-anchor factor their weights share (see [`deferred_row_scales`]).
+    deferred: Vec<(usize, Handle<Expr>)>,
 }
 
 fn internal(what: impl Into<String>) -> CodegenError {
@@ -351,6 +377,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             constants,
             lane_base: None,
             lanes,
+            deferred: Vec::new(),
         }
     }
 
@@ -540,6 +567,7 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     fn body(&mut self, outputs: &[Handle<Expr>], effects: &[usize]) -> Result<()> {
         self.roots = pass_roots(self.plan, self.block, outputs, effects);
+        self.deferred = deferred_row_scales(self.plan, effects);
         self.load_common(effects);
         let skips = self.module.blocks[self.block].skips.clone();
         let scatter_loops = self.plan_scatter_loops(effects);
@@ -579,8 +607,12 @@ impl<'a, 'f> Gen<'a, 'f> {
         let fused = self.emit_scatter_loops(scatter_loops)?;
         self.store_outputs(&late)?;
         for &effect in effects.iter().filter(|e| !fused.contains(e)) {
-            let scatter = self.plan.scatters[effect];
-            self.scatter(&scatter)?;
+            self.scatter(effect)?;
+        }
+        for (slot, factor) in self.deferred.clone() {
+            let first = (self.plan.scatters.iter()).find(|s| s.slot == slot);
+            let scatter = *first.ok_or_else(|| internal("a scaled slot without its scatters"))?;
+            self.scale_row(&scatter, factor)?;
         }
         let status = self.b.use_var(self.status);
         self.b.ins().return_(&[status]);
@@ -683,6 +715,48 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     /// The anchor's row of the adjoint slot a scatter adds into.
+    /// The set whose emptiness `e` tests (`count(set) == 0`), when the count is left to a
+    /// scatter loop that comes later: the test need not count.
+    fn emptiness_for_later_count(&self, e: &Expr) -> Option<Handle<Set>> {
+        let ExprKind::Binary {
+            op: BinaryOp::Eq,
+            lhs,
+            rhs,
+        } = e.kind
+        else {
+            return None;
+        };
+        let ExprKind::Reduce {
+            op: ReduceOp::Count,
+            set,
+            ..
+        } = self.module.exprs[lhs].kind
+        else {
+            return None;
+        };
+        let zero = matches!(self.module.exprs[rhs].kind, ExprKind::Const(Real(c)) if c == 0.0);
+        let later = self.reserved.contains(&lhs) && !self.row.contains_key(&lhs);
+        (zero && later && !self.counts.contains_key(&set)).then_some(set)
+    }
+
+    /// The per-anchor factor of a scatter's weight that its loop applies (one the pass
+    /// leaves to the row's scaling is not).
+    fn applied_row_scale(&self, effect: usize) -> Option<Handle<Expr>> {
+        let scatter = &self.plan.scatters[effect];
+        let deferred = self.deferred.iter().any(|&(slot, _)| slot == scatter.slot);
+        scatter.row_scale.filter(|_| !deferred)
+    }
+
+    /// What a scatter's loop evaluates for each weight: the weight and the factor it applies.
+    fn weight_roots(&self, effect: usize) -> impl Iterator<Item = Handle<Expr>> + use<> {
+        [
+            Some(self.plan.scatters[effect].weight),
+            self.applied_row_scale(effect),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
     fn grad_row(&mut self, scatter: &Scatter) -> Value {
         let table = self.arg_field(offset_of!(KernelArgs, grads));
         let slot = bind(&mut self.bindings.slots, scatter.slot);
@@ -695,10 +769,19 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.offset_row(base, stride)
     }
 
-    fn scatter(&mut self, scatter: &Scatter) -> Result<()> {
+    fn scatter(&mut self, effect: usize) -> Result<()> {
+        let scatter = &self.plan.scatters[effect];
         let grad_row = self.grad_row(scatter);
         let weight = scatter.weight;
+        let row_scale = match self.applied_row_scale(effect) {
+            Some(h) => Some(self.row(h)?),
+            None => None,
+        };
         let add = |g: &mut Self, col: Value, w: Value| {
+            let w = match row_scale {
+                Some(factor) => g.b.ins().fmul(w, factor),
+                None => w,
+            };
             let offset = g.b.ins().imul_imm_u(col, g.fb);
             let addr = g.b.ins().iadd(grad_row, offset);
             let old = g.b.ins().load(g.float, Self::flags(), addr, 0);
@@ -716,6 +799,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 if self.lanes_can_read(&repr, weight) {
                     let lane_scatter = LaneScatter {
                         weight,
+                        row_scale,
                         grad_row,
                         side,
                     };
@@ -875,6 +959,9 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     fn row_kind(&mut self, h: Handle<Expr>, e: &Expr) -> Result<Value> {
+        if let Some(set) = self.emptiness_for_later_count(e) {
+            return self.set_is_empty(set);
+        }
         Ok(match e.kind {
             ExprKind::Unary { op, arg } => {
                 let a = self.row(arg)?;

@@ -10,9 +10,11 @@
 //! cannot be split by rows (the smallest members of a set across the whole batch, say)
 //! stays at batch level, and [`Plan::row_local`] is false.
 //!
-//! Two more rewrites serve the kernels: a batch-level factor shared by every scatter into
-//! a matrix becomes the scale of an adjoint slot (`factor_into_slots`), and `f(x) < c` for an
-//! increasing `f` becomes `x < f⁻¹(c)` (`compare_arguments`).
+//! Three more rewrites serve the kernels: a batch-level factor shared by every scatter into
+//! a matrix becomes the scale of an adjoint slot (`factor_into_slots`), a per-anchor factor
+//! shared by every scatter into a slot that reads a reduction over their own set becomes
+//! their row scale (`factor_out_rows`), and `f(x) < c` for an increasing `f` becomes
+//! `x < f⁻¹(c)` (`compare_arguments`).
 
 use crate::grad::{AdjointSlot, Gradient, Scatter, ScatterTarget, TensorStep};
 use crate::ir::build::Builder;
@@ -93,10 +95,12 @@ pub fn gradient_plan(gradient: &Gradient) -> Plan {
                 slot: s.slot,
                 target,
                 weight: rewrite.expr(s.weight, &mut decompose),
+                row_scale: None,
             }
         })
         .collect();
     let slots = factor_into_slots(&mut rewrite.builder, &mut scatters);
+    factor_out_rows(&mut rewrite.builder, &mut scatters);
     let module = rewrite.finish(&mut decompose);
     finish(module, scatters, slots, gradient.tensor_steps.clone())
 }
@@ -197,10 +201,77 @@ fn factor_into_slots(b: &mut Builder, scatters: &mut [Scatter]) -> Vec<AdjointSl
     slots
 }
 
-/// `h` as `factor * rest`, `factor` batch-level, through products, quotients, negations,
-/// sums of terms with the same factor, row sums and means, and choices against zero; None
-/// when `h` has no batch-level factor.
+/// Takes out of the weights of the scatters into one adjoint slot the per-anchor factor
+/// they share, as their `row_scale`, where that spares the kernel a loop: the factor reads
+/// a reduction over the scatters' own set (triplet's `1 / count(valid)`), which the kernel
+/// would otherwise finish in a loop of its own before the scatters' loop, and what is left
+/// of the weights reads none. The scatters must all run over sets of one block.
+fn factor_out_rows(b: &mut Builder, scatters: &mut [Scatter]) {
+    let mut slots: Vec<usize> = scatters.iter().map(|s| s.slot).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    for slot in slots {
+        let into: Vec<usize> = (0..scatters.len())
+            .filter(|&i| scatters[i].slot == slot)
+            .collect();
+        let Some(block) = scatters[into[0]].block(&b.module) else {
+            continue;
+        };
+        let sets: Option<Vec<Handle<Set>>> = into
+            .iter()
+            .map(|&i| match scatters[i].target {
+                ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. } => {
+                    (scatters[i].block(&b.module) == Some(block)).then_some(set)
+                }
+                ScatterTarget::At { .. } => None,
+            })
+            .collect();
+        let Some(sets) = sets else {
+            continue;
+        };
+        let per_anchor = |e: &Expr| matches!(e.level, Level::Row(x) if x == block);
+        let split: Option<Vec<(Handle<Expr>, Handle<Expr>)>> = into
+            .iter()
+            .map(|&i| split_factor(b, scatters[i].weight, &per_anchor))
+            .collect();
+        let Some(split) = split else {
+            continue;
+        };
+        let factor = split[0].0;
+        let reads_own_sets = |b: &Builder, h: Handle<Expr>| {
+            dependencies(&b.module, [Node::Expr(h)])
+                .into_iter()
+                .any(|x| {
+                    matches!(b.module.exprs[x].kind,
+                    ExprKind::Reduce { set, scope: Scope::Row(_), .. } if sets.contains(&set))
+                })
+        };
+        if split.iter().any(|&(f, _)| f != factor)
+            || !reads_own_sets(b, factor)
+            || split.iter().any(|&(_, rest)| reads_own_sets(b, rest))
+        {
+            continue;
+        }
+        for (&i, &(_, rest)) in into.iter().zip(&split) {
+            scatters[i].weight = rest;
+            scatters[i].row_scale = Some(factor);
+        }
+    }
+}
+
+/// `h` as `factor * rest`, `factor` batch-level (see [`split_factor`]).
 fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handle<Expr>)> {
+    split_factor(b, h, &|e| e.level == Level::Batch)
+}
+
+/// `h` as `factor * rest`, `factor` made of the numbers `is_factor` accepts, through
+/// products, quotients, negations, sums of terms with the same factor, row sums and means,
+/// and choices against zero; None when `h` has no such factor.
+fn split_factor(
+    b: &mut Builder,
+    h: Handle<Expr>,
+    is_factor: &dyn Fn(&Expr) -> bool,
+) -> Option<(Handle<Expr>, Handle<Expr>)> {
     let e = b.expr(h).clone();
     // A negation goes to the rest, so that `-f` and `f` share the factor `f`.
     if let ExprKind::Unary {
@@ -208,10 +279,10 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
         arg,
     } = e.kind
     {
-        let (f, r) = batch_factor(b, arg)?;
+        let (f, r) = split_factor(b, arg, is_factor)?;
         return Some((f, b.unary(UnaryOp::Neg, r).ok()?));
     }
-    if e.level == Level::Batch && e.ty == Type::Num {
+    if is_factor(&e) && e.ty == Type::Num {
         return Some((h, b.constant_expr(1.0)));
     }
     let mul = |b: &mut Builder, x, y| b.binary(BinaryOp::Mul, x, y).ok();
@@ -220,7 +291,10 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
             op: BinaryOp::Mul,
             lhs,
             rhs,
-        } => match (batch_factor(b, lhs), batch_factor(b, rhs)) {
+        } => match (
+            split_factor(b, lhs, is_factor),
+            split_factor(b, rhs, is_factor),
+        ) {
             (None, None) => None,
             (Some((f, r)), None) => Some((f, mul(b, r, rhs)?)),
             (None, Some((f, r))) => Some((f, mul(b, lhs, r)?)),
@@ -233,7 +307,7 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
             body,
             scope: scope @ Scope::Row(_),
         } => {
-            let (f, r) = batch_factor(b, body)?;
+            let (f, r) = split_factor(b, body, is_factor)?;
             Some((f, b.reduce(op, set, r, scope)))
         }
         // `f * r + f * s` is `f * (r + s)`: the terms must share the factor.
@@ -242,8 +316,8 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
             lhs,
             rhs,
         } => {
-            let (f, r) = batch_factor(b, lhs)?;
-            let (g, s) = batch_factor(b, rhs)?;
+            let (f, r) = split_factor(b, lhs, is_factor)?;
+            let (g, s) = split_factor(b, rhs, is_factor)?;
             (f == g).then_some(())?;
             Some((f, b.binary(op, r, s).ok()?))
         }
@@ -252,8 +326,8 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
             lhs,
             rhs,
         } => {
-            let numerator = batch_factor(b, lhs);
-            if b.expr(rhs).level == Level::Batch {
+            let numerator = split_factor(b, lhs, is_factor);
+            if is_factor(b.expr(rhs)) {
                 let (f, r) = numerator.unwrap_or((b.constant_expr(1.0), lhs));
                 Some((b.binary(BinaryOp::Div, f, rhs).ok()?, r))
             } else {
@@ -272,7 +346,7 @@ fn batch_factor(b: &mut Builder, h: Handle<Expr>) -> Option<(Handle<Expr>, Handl
                 (_, Some(0.0)) => (otherwise, then, false),
                 _ => return None,
             };
-            let (f, r) = batch_factor(b, other)?;
+            let (f, r) = split_factor(b, other, is_factor)?;
             let (then, otherwise) = if then_is_zero { (zero, r) } else { (r, zero) };
             Some((f, b.select(cond, then, otherwise).ok()?))
         }

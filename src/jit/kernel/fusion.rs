@@ -3,8 +3,12 @@
 //!
 //! - The scatters over one set (its members, or both sides of its pairs) and the sums over
 //!   the set that no weight needs share a loop: the `exp(-|x|)` of a softplus summed
-//!   forward and of its sigmoid scattered backward is computed once. These loops are
-//!   planned before anything is emitted, so that their sums are not taken by the next rule.
+//!   forward and of its sigmoid scattered backward is computed once. The set's count joins
+//!   them when the weights read no reduction over the set (no earlier loop over it would
+//!   take the count along); a skip on the set being empty then asks a loop that stops at
+//!   its first member, and a row scale of the scatters (their `1 / count`) is applied to
+//!   the anchor's adjoint row after the loop. These loops are planned before anything is
+//!   emitted, so that their sums are not taken by the next rule.
 //! - A scatter weight `exp(z - lse(S, z))` over the set `S` itself (the adjoint of a
 //!   log-sum-exp: a softmax) reads `exp(z - max)`, kept per column by the log-sum-exp's
 //!   own loop, times `1 / sum`: one exponential per member instead of two.
@@ -56,12 +60,22 @@ impl Gen<'_, '_> {
             }
         }
         for group in &mut loops {
-            let weights = group.effects.iter().map(|&e| self.plan.scatters[e].weight);
+            let weights = (group.effects.iter()).flat_map(|&e| self.weight_roots(e));
             let weight_needs = dependencies(self.module, weights.map(Node::Expr));
+            // A count joins too when the weights read no reduction over the set: there is
+            // then no earlier loop over it that would take the count along for nothing.
+            let earlier_loop = weight_needs.iter().any(|&x| {
+                matches!(self.module.exprs[x].kind, ExprKind::Reduce { set, .. } if set == group.set)
+            });
             group.sums = self
                 .set_reductions(group.set)
                 .filter(|&(h, op, _)| {
-                    matches!(op, ReduceOp::Sum | ReduceOp::Mean) && !weight_needs.contains(&h)
+                    let joins = match op {
+                        ReduceOp::Sum | ReduceOp::Mean => true,
+                        ReduceOp::Count => !earlier_loop,
+                        _ => false,
+                    };
+                    joins && !weight_needs.contains(&h)
                 })
                 .collect();
             self.reserved.extend(group.sums.iter().map(|&(h, _, _)| h));
@@ -112,10 +126,8 @@ impl Gen<'_, '_> {
         let mut emitted = HashSet::new();
         for group in loops {
             let repr = self.set_repr(group.set)?;
-            let weights: Vec<Handle<Expr>> = group
-                .effects
-                .iter()
-                .map(|&e| self.plan.scatters[e].weight)
+            let weights: Vec<Handle<Expr>> = (group.effects.iter())
+                .flat_map(|&e| self.weight_roots(e))
                 .collect();
             let bodies: Vec<Handle<Expr>> = group.sums.iter().map(|&(_, _, b)| b).collect();
             if !weights
@@ -139,8 +151,13 @@ impl Gen<'_, '_> {
                     ScatterTarget::Cross { side, .. } => Some(side),
                     _ => None,
                 };
+                let row_scale = match self.applied_row_scale(effect) {
+                    Some(h) => Some(self.row(h)?),
+                    None => None,
+                };
                 scatters.push(LaneScatter {
                     weight: scatter.weight,
+                    row_scale,
                     grad_row: self.grad_row(&scatter),
                     side,
                 });
@@ -150,12 +167,43 @@ impl Gen<'_, '_> {
                     self.softmax_reads.insert(exp, row);
                 }
             }
-            let folds: Vec<Guarded> = bodies.iter().map(|&b| (Fold::Sum(b), None)).collect();
+            // The set's size, for its counts and means, unless known already.
+            let counted = !self.counts.contains_key(&group.set)
+                && (group.sums.iter())
+                    .any(|&(_, op, _)| matches!(op, ReduceOp::Count | ReduceOp::Mean));
+            let mut folds: Vec<Guarded> = Vec::new();
+            for &(_, op, body) in &group.sums {
+                if op != ReduceOp::Count && !folds.contains(&(Fold::Sum(body), None)) {
+                    folds.push((Fold::Sum(body), None));
+                }
+            }
+            if counted {
+                folds.push((Fold::Count, None));
+            }
             let totals = self.vector_loop(&repr, &folds, &scatters);
             self.softmax_reads.clear();
             let totals = totals?;
-            for (&(h, op, _), total) in group.sums.iter().zip(totals) {
-                let value = self.finish_sum(op, group.set, &repr, total)?;
+            let total_of = |fold: Fold| {
+                folds
+                    .iter()
+                    .position(|&(f, _)| f == fold)
+                    .map(|at| totals[at])
+            };
+            if let Some(count) = total_of(Fold::Count) {
+                self.counts.entry(group.set).or_insert(count);
+            }
+            for &(h, op, body) in &group.sums {
+                let value = match op {
+                    ReduceOp::Count => {
+                        let n = self.counts[&group.set];
+                        self.index_to_float(n)
+                    }
+                    _ => {
+                        let total = total_of(Fold::Sum(body))
+                            .ok_or_else(|| internal("a sum without its fold"))?;
+                        self.finish_sum(op, group.set, &repr, total)?
+                    }
+                };
                 self.row.insert(h, value);
             }
             emitted.extend(group.effects);

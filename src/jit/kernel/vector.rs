@@ -7,10 +7,11 @@
 //! labels, indices or group sizes keeps the scalar loop.
 
 use super::{At, Gen, Repr, Result, internal};
+use crate::grad::{Scatter, ScatterTarget};
 use crate::ir::*;
 use crate::jit::constants::LoopBase;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I8X16, I32, I32X4, I64, I64X2};
+use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I8, I8X16, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Type as ClifType, Value};
 use cranelift_frontend::Variable;
 use std::collections::HashMap;
@@ -81,6 +82,8 @@ struct Pairs<'p> {
 #[derive(Clone, Copy)]
 pub(super) struct LaneScatter {
     pub weight: Handle<Expr>,
+    /// The per-anchor factor of the weight, when it is not left to the row's scaling.
+    pub row_scale: Option<Value>,
     pub grad_row: Value,
     pub side: Option<Side>,
 }
@@ -467,6 +470,91 @@ impl Gen<'_, '_> {
         vector.ok_or_else(|| internal("a vector of no lanes"))
     }
 
+    /// Whether `set` has no member (an `i8`), from a loop that stops at the first one: a
+    /// skip condition's `count(set) == 0` when the count itself can wait for a later loop
+    /// (the scatters' loop over the set, say).
+    pub(super) fn set_is_empty(&mut self, set: Handle<Set>) -> Result<Value> {
+        let repr = self.set_repr(set)?;
+        let found = self.b.create_block();
+        let done = self.b.create_block();
+        let empty = self.b.append_block_param(done, I8);
+        let leave_if = |g: &mut Self, any: Value| {
+            let next = g.b.create_block();
+            g.b.ins().brif(any, found, &[], next, &[]);
+            g.b.switch_to_block(next);
+        };
+        self.each_vector(
+            &repr,
+            false,
+            &mut |g, at| {
+                let any = match at.mask {
+                    Some(mask) => g.b.ins().vany_true(mask),
+                    None => g.b.ins().iconst(I8, 1),
+                };
+                leave_if(g, any);
+                Ok(())
+            },
+            &mut |g, _| {
+                // The scalar visit reaches members only.
+                let member = g.b.ins().iconst(I8, 1);
+                leave_if(g, member);
+                Ok(())
+            },
+        )?;
+        let yes = self.b.ins().iconst(I8, 1);
+        self.b.ins().jump(done, &[yes.into()]);
+        self.b.switch_to_block(found);
+        let no = self.b.ins().iconst(I8, 0);
+        self.b.ins().jump(done, &[no.into()]);
+        self.b.switch_to_block(done);
+        Ok(empty)
+    }
+
+    /// Multiplies the anchor's row of `scatter`'s adjoint slot by the per-anchor `factor`
+    /// that the weights of its scatters left out. An entry no scatter reached stays zero,
+    /// as the weights would have left it (`0 * inf` would not).
+    pub(super) fn scale_row(&mut self, scatter: &Scatter, factor: Handle<Expr>) -> Result<()> {
+        let set = match scatter.target {
+            ScatterTarget::Members { set, .. } | ScatterTarget::Cross { set, .. } => set,
+            ScatterTarget::At { .. } => return Err(internal("a row scale on a chosen member")),
+        };
+        let (SetShape::Members(space) | SetShape::Cross(space)) = self.module.sets[set].shape
+        else {
+            return Err(internal(format!("{set} is not a set of pair members")));
+        };
+        let cols = space
+            .cols
+            .ok_or_else(|| internal(format!("{set} has no column domain")))?;
+        let cols = self.domain_len(cols);
+        let grad_row = self.grad_row(scatter);
+        let factor = self.row(factor)?;
+        let scaled = |g: &mut Self, v: Value, factor: Value| {
+            let product = g.b.ins().fmul(v, factor);
+            let zero = g.float_like(v, 0.0);
+            let reached = g.b.ins().fcmp(FloatCC::NotEqual, v, zero);
+            g.select_like(reached, product, zero)
+        };
+        self.each_vector(
+            &Repr::Range { cols, space },
+            false,
+            &mut |g, at| {
+                let v = g.load_lanes(grad_row, at)?;
+                let factor = g.splat(factor);
+                let v = scaled(g, v, factor);
+                g.store_lanes(grad_row, at, v);
+                Ok(())
+            },
+            &mut |g, at| {
+                let offset = g.b.ins().imul_imm_u(at.j, g.fb);
+                let addr = g.b.ins().iadd(grad_row, offset);
+                let v = g.b.ins().load(g.float, Self::flags(), addr, 0);
+                let v = scaled(g, v, factor);
+                g.b.ins().store(Self::flags(), v, addr, 0);
+                Ok(())
+            },
+        )
+    }
+
     /// Stores the lanes of `v` into a row (`base`, one float per column) at their columns.
     fn store_lanes(&mut self, base: Value, at: &VAt, v: Value) {
         if at.contiguous {
@@ -815,6 +903,10 @@ impl Gen<'_, '_> {
                 }
                 for scatter in scatters {
                     let mut w = g.vmember(scatter.weight, at, &mut cache)?;
+                    if let Some(factor) = scatter.row_scale {
+                        let factor = g.splat(factor);
+                        w = g.b.ins().fmul(w, factor);
+                    }
                     if let Some(mask) = at.mask {
                         w = g.vmasked(mask, w, 0.0);
                     }
@@ -855,7 +947,10 @@ impl Gen<'_, '_> {
                     }
                 }
                 for scatter in scatters {
-                    let w = g.member(scatter.weight, at, &mut cache)?;
+                    let mut w = g.member(scatter.weight, at, &mut cache)?;
+                    if let Some(factor) = scatter.row_scale {
+                        w = g.b.ins().fmul(w, factor);
+                    }
                     let col = match (scatter.side, at.pair) {
                         (None, _) => at.j,
                         (Some(Side::Left), Some((p, _))) => p,
