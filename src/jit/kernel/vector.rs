@@ -584,6 +584,20 @@ impl Gen<'_, '_> {
         vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
     ) -> Result<()> {
+        let mut left_done = |_: &mut Self, _: Value| Ok(());
+        self.each_vector_by_left(repr, skip_empty, vector, scalar, &mut left_done)
+    }
+
+    /// [`Self::each_vector`], with `left_done(g, p)` emitted after the pairs of each left
+    /// member `p` of a cross set.
+    fn each_vector_by_left(
+        &mut self,
+        repr: &Repr,
+        skip_empty: bool,
+        vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
+        scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
+        left_done: &mut dyn FnMut(&mut Self, Value) -> Result<()>,
+    ) -> Result<()> {
         let Repr::Cross {
             left,
             right,
@@ -600,7 +614,8 @@ impl Gen<'_, '_> {
                 preds: &preds,
                 space,
             };
-            g.vector_members(&right, Some(pairs), skip_empty, vector, scalar)
+            g.vector_members(&right, Some(pairs), skip_empty, vector, scalar)?;
+            left_done(g, outer.j)
         })
     }
 
@@ -868,7 +883,31 @@ impl Gen<'_, '_> {
             .filter_map(|(f, _)| f.body())
             .chain(scatters.iter().map(|s| s.weight))
             .any(|h| self.costly(h));
-        self.each_vector(
+        // A left-side scatter's weights all go to the left member of the pairs: they are
+        // summed on lanes (and in the tail) over its pairs and added to its column once.
+        let mut at_left = Vec::new();
+        for (k, scatter) in scatters.iter().enumerate() {
+            if scatter.side == Some(Side::Left) {
+                let (lanes, tail) = (self.b.declare_var(vty), self.b.declare_var(self.float));
+                at_left.push((k, lanes, tail));
+            }
+        }
+        let left_sums = |g: &mut Self| {
+            for &(_, lanes, tail) in &at_left {
+                let zero = g.vconst(0.0);
+                g.b.def_var(lanes, zero);
+                let zero = g.fconst(0.0);
+                g.b.def_var(tail, zero);
+            }
+        };
+        left_sums(self);
+        let left_of = |k: usize| {
+            at_left
+                .iter()
+                .find(|&&(at, _, _)| at == k)
+                .map(|&(_, l, t)| (l, t))
+        };
+        self.each_vector_by_left(
             repr,
             skip_empty,
             &mut |g, at| {
@@ -901,7 +940,7 @@ impl Gen<'_, '_> {
                     let next = g.fold_step(*fold, current, v, mask);
                     g.b.def_var(lanes, next);
                 }
-                for scatter in scatters {
+                for (k, scatter) in scatters.iter().enumerate() {
                     let mut w = g.vmember(scatter.weight, at, &mut cache)?;
                     if let Some(factor) = scatter.row_scale {
                         let factor = g.splat(factor);
@@ -910,15 +949,11 @@ impl Gen<'_, '_> {
                     if let Some(mask) = at.mask {
                         w = g.vmasked(mask, w, 0.0);
                     }
-                    if scatter.side == Some(Side::Left) {
-                        // Every lane pairs with the same left member.
-                        let p = at.left.ok_or_else(|| internal("`p` outside a cross set"))?;
-                        let mut total = g.b.ins().extractlane(w, 0);
-                        for lane in 1..g.lanes() {
-                            let x = g.b.ins().extractlane(w, lane as u8);
-                            total = g.b.ins().fadd(total, x);
-                        }
-                        add(g, scatter.grad_row, p, total);
+                    if let Some((lanes, _)) = left_of(k) {
+                        at.left.ok_or_else(|| internal("`p` outside a cross set"))?;
+                        let sum = g.b.use_var(lanes);
+                        let sum = g.b.ins().fadd(sum, w);
+                        g.b.def_var(lanes, sum);
                     } else if at.contiguous {
                         let offset = g.b.ins().imul_imm_u(at.first, g.fb);
                         let addr = g.b.ins().iadd(scatter.grad_row, offset);
@@ -946,10 +981,16 @@ impl Gen<'_, '_> {
                         None => g.fold_member(fold, tail, at, &mut cache)?,
                     }
                 }
-                for scatter in scatters {
+                for (k, scatter) in scatters.iter().enumerate() {
                     let mut w = g.member(scatter.weight, at, &mut cache)?;
                     if let Some(factor) = scatter.row_scale {
                         w = g.b.ins().fmul(w, factor);
+                    }
+                    if let Some((_, tail)) = left_of(k) {
+                        let sum = g.b.use_var(tail);
+                        let sum = g.b.ins().fadd(sum, w);
+                        g.b.def_var(tail, sum);
+                        continue;
                     }
                     let col = match (scatter.side, at.pair) {
                         (None, _) => at.j,
@@ -959,6 +1000,19 @@ impl Gen<'_, '_> {
                     };
                     add(g, scatter.grad_row, col, w);
                 }
+                Ok(())
+            },
+            &mut |g, p| {
+                for &(k, lanes, tail) in &at_left {
+                    let lanes = g.b.use_var(lanes);
+                    let mut total = g.b.use_var(tail);
+                    for lane in 0..g.lanes() {
+                        let x = g.b.ins().extractlane(lanes, lane as u8);
+                        total = g.b.ins().fadd(total, x);
+                    }
+                    add(g, scatters[k].grad_row, p, total);
+                }
+                left_sums(g);
                 Ok(())
             },
         )?;
