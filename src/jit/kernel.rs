@@ -714,7 +714,6 @@ impl<'a, 'f> Gen<'a, 'f> {
         (node, low, high)
     }
 
-    /// The anchor's row of the adjoint slot a scatter adds into.
     /// The set whose emptiness `e` tests (`count(set) == 0`), when the count is left to a
     /// scatter loop that comes later: the test need not count.
     fn emptiness_for_later_count(&self, e: &Expr) -> Option<Handle<Set>> {
@@ -757,6 +756,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         .flatten()
     }
 
+    /// The anchor's row of the adjoint slot a scatter adds into.
     fn grad_row(&mut self, scatter: &Scatter) -> Value {
         let table = self.arg_field(offset_of!(KernelArgs, grads));
         let slot = bind(&mut self.bindings.slots, scatter.slot);
