@@ -17,9 +17,10 @@
 //!    matrices, and tensor steps carry those back to `x`.
 //! 4. [`opt`]: plans for the compiled backend, which moves batch-level work over pairs
 //!    into per-row passes, takes batch-level factors out of scatter weights into the
-//!    scales of adjoint slots (so scatters run in the forward's row pass), compares the
-//!    arguments of increasing functions against inverted constants, and schedules the
-//!    result in phases.
+//!    scales of adjoint slots (so scatters run in the forward's row pass) and per-anchor
+//!    ones read from the scattered set into row scales (so the set's count runs in the
+//!    scatters' loop), compares the arguments of increasing functions against inverted
+//!    constants, and schedules the result in phases.
 //! 5. [`interp`]: the reference evaluator, in float64 (or rounding like float32), for
 //!    every module: the oracle of the golden, finite-difference and JIT tests.
 //! 6. [`jit`]: one Cranelift function per row phase: one anchor's row end to end, with
