@@ -746,6 +746,13 @@ impl<'a, 'f> Gen<'a, 'f> {
         scatter.row_scale.filter(|_| !deferred)
     }
 
+    /// The value of [`Self::applied_row_scale`], computed before the scatter's loop.
+    fn applied_row_scale_value(&mut self, effect: usize) -> Result<Option<Value>> {
+        self.applied_row_scale(effect)
+            .map(|h| self.row(h))
+            .transpose()
+    }
+
     /// What a scatter's loop evaluates for each weight: the weight and the factor it applies.
     fn weight_roots(&self, effect: usize) -> impl Iterator<Item = Handle<Expr>> + use<> {
         [
@@ -773,10 +780,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let scatter = &self.plan.scatters[effect];
         let grad_row = self.grad_row(scatter);
         let weight = scatter.weight;
-        let row_scale = match self.applied_row_scale(effect) {
-            Some(h) => Some(self.row(h)?),
-            None => None,
-        };
+        let row_scale = self.applied_row_scale_value(effect)?;
         let add = |g: &mut Self, col: Value, w: Value| {
             let w = match row_scale {
                 Some(factor) => g.b.ins().fmul(w, factor),

@@ -151,10 +151,7 @@ impl Gen<'_, '_> {
                     ScatterTarget::Cross { side, .. } => Some(side),
                     _ => None,
                 };
-                let row_scale = match self.applied_row_scale(effect) {
-                    Some(h) => Some(self.row(h)?),
-                    None => None,
-                };
+                let row_scale = self.applied_row_scale_value(effect)?;
                 scatters.push(LaneScatter {
                     weight: scatter.weight,
                     row_scale,
@@ -195,7 +192,8 @@ impl Gen<'_, '_> {
             for &(h, op, body) in &group.sums {
                 let value = match op {
                     ReduceOp::Count => {
-                        let n = self.counts[&group.set];
+                        let n = *(self.counts.get(&group.set))
+                            .ok_or_else(|| internal("a count without its fold"))?;
                         self.index_to_float(n)
                     }
                     _ => {
