@@ -14,7 +14,8 @@
 //!   own loop, times `1 / sum`: one exponential per member instead of two.
 //! - A reduction on lanes (a count, sum, mean, minimum or maximum) takes along every other
 //!   such reduction over its set that the pass needs and that depends on none of them, and
-//!   the maximum that each log-sum-exp over the set is shifted by.
+//!   the maximum that each log-sum-exp over the set is shifted by; over a masked row, also
+//!   those over its parent row and over its subsets under one more condition.
 
 use super::vector::{Fold, Guarded, LaneScatter};
 use super::{Gen, LseKey, Repr, Result, Status, internal};
@@ -333,7 +334,7 @@ impl Gen<'_, '_> {
     /// the loop is the parent's: the parent's reductions join with no condition and the
     /// set's with that one, provided it depends on no reduction over the parent.
     fn fusion_scope(&self, set: Handle<Set>, repr: &Repr) -> (Repr, Vec<LoopSet>) {
-        let alone = (repr.clone(), vec![(set, None)]);
+        let alone = (repr.clone(), self.with_subsets(set, repr));
         let SetKind::Filter { base, predicate } = self.module.sets[set].kind else {
             return alone;
         };
@@ -364,6 +365,37 @@ impl Gen<'_, '_> {
             return alone;
         }
         (parent.clone(), vec![(set, Some(predicate)), (base, None)])
+    }
+
+    /// `set` and, when it is a masked row, the sets that are it under one more condition
+    /// (`semi_neg = neg where v < max(pos)` of `neg`) that the loop can test: each with that
+    /// condition, provided it depends on no reduction over `set`.
+    fn with_subsets(&self, set: Handle<Set>, repr: &Repr) -> Vec<LoopSet> {
+        let mut sets = vec![(set, None)];
+        let Repr::Masked { space, .. } = repr else {
+            return sets;
+        };
+        let over_set = |x: Handle<Expr>| matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set);
+        for (child, s) in self.module.sets.iter() {
+            let SetKind::Filter { base, predicate } = s.kind else {
+                continue;
+            };
+            let independent = !dependencies(self.module, [Node::Expr(predicate)])
+                .into_iter()
+                .any(over_set);
+            if base == set
+                && s.shape == self.module.sets[set].shape
+                && independent
+                && self.class_list(*space, predicate).is_none()
+                && self.lanes_can_read(repr, predicate)
+                && (self.sets.get(&child)).is_none_or(|known| {
+                    matches!(known, Repr::Masked { preds, .. } if preds.last() == Some(&predicate))
+                })
+            {
+                sets.push((child, Some(predicate)));
+            }
+        }
+        sets
     }
 
     /// A reduction's value from its fold: a mean divides by the set's size (and flags an
