@@ -380,12 +380,16 @@ impl Gen<'_, '_> {
             let SetKind::Filter { base, predicate } = s.kind else {
                 continue;
             };
-            let independent = !dependencies(self.module, [Node::Expr(predicate)])
-                .into_iter()
-                .any(over_set);
-            if base == set
-                && s.shape == self.module.sets[set].shape
-                && independent
+            if base != set {
+                continue;
+            }
+            let independent = || {
+                !dependencies(self.module, [Node::Expr(predicate)])
+                    .into_iter()
+                    .any(over_set)
+            };
+            if s.shape == self.module.sets[set].shape
+                && independent()
                 && self.class_list(*space, predicate).is_none()
                 && self.lanes_can_read(repr, predicate)
                 && (self.sets.get(&child)).is_none_or(|known| {
