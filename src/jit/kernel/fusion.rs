@@ -352,14 +352,10 @@ impl Gen<'_, '_> {
             return alone;
         };
         let extends = preds.split_last() == Some((&predicate, parent_preds.as_slice()));
-        let over_parent = |x: Handle<Expr>| matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == base);
-        let independent = !dependencies(self.module, [Node::Expr(predicate)])
-            .into_iter()
-            .any(over_parent);
         if cols != parent_cols
             || space != parent_space
             || !extends
-            || !independent
+            || self.reads_reduction_over(predicate, base)
             || !self.lanes_can_read(parent, predicate)
         {
             return alone;
@@ -375,7 +371,6 @@ impl Gen<'_, '_> {
         let Repr::Masked { space, .. } = repr else {
             return sets;
         };
-        let over_set = |x: Handle<Expr>| matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set);
         for (child, s) in self.module.sets.iter() {
             let SetKind::Filter { base, predicate } = s.kind else {
                 continue;
@@ -383,13 +378,8 @@ impl Gen<'_, '_> {
             if base != set {
                 continue;
             }
-            let independent = || {
-                !dependencies(self.module, [Node::Expr(predicate)])
-                    .into_iter()
-                    .any(over_set)
-            };
             if s.shape == self.module.sets[set].shape
-                && independent()
+                && !self.reads_reduction_over(predicate, set)
                 && self.class_list(*space, predicate).is_none()
                 && self.lanes_can_read(repr, predicate)
                 && (self.sets.get(&child)).is_none_or(|known| {
@@ -400,6 +390,13 @@ impl Gen<'_, '_> {
             }
         }
         sets
+    }
+
+    /// Whether `h` depends on a reduction over `set` (which a loop over `set` cannot test).
+    fn reads_reduction_over(&self, h: Handle<Expr>, set: Handle<Set>) -> bool {
+        dependencies(self.module, [Node::Expr(h)]).into_iter().any(
+            |x| matches!(self.module.exprs[x].kind, ExprKind::Reduce { set: s, .. } if s == set),
+        )
     }
 
     /// A reduction's value from its fold: a mean divides by the set's size (and flags an

@@ -892,6 +892,9 @@ impl Gen<'_, '_> {
                 at_left.push((k, lanes, tail));
             }
         }
+        if !at_left.is_empty() && !matches!(repr, Repr::Cross { .. }) {
+            return Err(internal("`p` outside a cross set"));
+        }
         let left_sums = |g: &mut Self| {
             for &(_, lanes, tail) in &at_left {
                 let zero = g.vconst(0.0);
@@ -950,7 +953,6 @@ impl Gen<'_, '_> {
                         w = g.vmasked(mask, w, 0.0);
                     }
                     if let Some((lanes, _)) = left_of(k) {
-                        at.left.ok_or_else(|| internal("`p` outside a cross set"))?;
                         let sum = g.b.use_var(lanes);
                         let sum = g.b.ins().fadd(sum, w);
                         g.b.def_var(lanes, sum);
