@@ -210,6 +210,48 @@ fn random_shapes_match_the_interpreter() {
 }
 
 /// The result does not depend on how anchors are split between threads.
+/// A softmax scatter added over a whole row (no mask: the softmax is zero off its set)
+/// must add nothing for an anchor whose set is empty and not skipped, where `1 / sum` is
+/// infinite: semi_hard's semi-hard negatives of a singleton class, in both float types.
+#[test]
+fn an_empty_softmax_set_keeps_the_kernels() {
+    let (x, labels) = batch_with_overlap(&[1, 4, 4, 4, 4, 4, 4, 4], 16, 77, 0.2, 0.4);
+    let module = lower("semi_hard", &small_params("semi_hard", x.nrows(), 16));
+    let gradient = losscc::grad::differentiate(&module).unwrap();
+    let batch = Batch {
+        x: x.view(),
+        labels: &labels,
+        inputs: &[],
+        seed: 0,
+    };
+    let reference = evaluate_with_gradient(&gradient, &batch, Precision::F64).unwrap();
+    let loss = Loss::new(module, gradient);
+    let options = Options {
+        threads: 2,
+        seed: 0,
+        inputs: &[],
+    };
+    let single = loss
+        .run(x.mapv(|v| v as f32).view(), &labels, &options, true)
+        .unwrap();
+    let double = loss.run(x.view(), &labels, &options, true).unwrap();
+    for (evaluator, loss_value, grad, limit) in [
+        (
+            single.evaluator,
+            single.loss,
+            single.grad.unwrap().mapv(f64::from),
+            1e-4,
+        ),
+        (double.evaluator, double.loss, double.grad.unwrap(), 1e-10),
+    ] {
+        assert_eq!(evaluator, Evaluator::Jit);
+        let gap = (loss_value - reference.loss).abs() / reference.loss.abs();
+        assert!(gap < limit, "loss {loss_value} vs {}", reference.loss);
+        let grad_gap = relative_gap(reference.grad.as_ref().unwrap(), &grad);
+        assert!(grad_gap < limit, "gradient off by {grad_gap:.1e}");
+    }
+}
+
 #[test]
 fn thread_counts_give_identical_bits() {
     let (x, labels) = batch_with_overlap(&[4; 30], 16, 900, 0.2, 0.4);

@@ -145,6 +145,18 @@ type Result<T> = std::result::Result<T, CodegenError>;
 /// A log-sum-exp by its set and its per-member body.
 type LseKey = (Handle<Set>, Handle<Expr>);
 
+/// The terms of a log-sum-exp kept for the scatters of its softmax.
+#[derive(Clone, Copy)]
+struct SoftmaxRow {
+    /// `exp(body - max)` per column, zero at the lanes of a vector that are not members.
+    buffer: Value,
+    /// `1 / sum`.
+    inverse: Value,
+    /// Whether the loop wrote every column of its whole vectors (a whole row, no vector
+    /// skipped): a scatter can then add the buffer's zeros too, without a mask.
+    every_column: bool,
+}
+
 /// Builds the kernel of one pass over `block`: it stores `outputs` and runs the scatters
 /// `effects`. After an earlier pass over the block (`stored` is then what that stored),
 /// it loads which anchors are skipped and the per-anchor numbers in `stored`.
@@ -289,12 +301,12 @@ struct Gen<'a, 'f> {
     /// The log-sum-exps (set, body) whose `exp(body - lse)` a scatter loop over the set
     /// reads: their loop keeps each member's `exp(body - max)`.
     softmax_wanted: HashSet<LseKey>,
-    /// For those computed: the buffer of `exp(body - max)` per column and `1 / sum`.
-    softmax_rows: HashMap<LseKey, (Value, Value)>,
+    /// For those computed: their terms per column.
+    softmax_rows: HashMap<LseKey, SoftmaxRow>,
     /// The maxima of log-sum-exps that a fused loop computed ahead of their own loop.
     lse_max: HashMap<LseKey, Value>,
     /// In the loop being emitted: the `exp(body - lse)` read from such a buffer.
-    softmax_reads: HashMap<Handle<Expr>, (Value, Value)>,
+    softmax_reads: HashMap<Handle<Expr>, SoftmaxRow>,
     /// Whether the skip conditions are being computed (a mean computed then could flag an
     /// empty set of an anchor that is skipped).
     in_skips: bool,
@@ -806,8 +818,11 @@ impl<'a, 'f> Gen<'a, 'f> {
                         row_scale,
                         grad_row,
                         side,
+                        softmax: None,
                     };
-                    return self.vector_loop(&repr, &[], &[lane_scatter]).map(|_| ());
+                    return self
+                        .vector_loop(&repr, &[], &[lane_scatter], true)
+                        .map(|_| ());
                 }
                 self.each(&repr, &mut |g, at| {
                     let w = g.member(weight, at, &mut HashMap::new())?;
@@ -1336,7 +1351,10 @@ impl<'a, 'f> Gen<'a, 'f> {
                     };
                     folds.push((fold, None));
                 }
-                let totals = self.vector_loop(repr, &folds, &[])?;
+                // A loop over a whole row that visits every vector writes each column.
+                let every_column = matches!(repr, Repr::Range { .. } | Repr::Masked { .. })
+                    && !self.skips_empty(&folds, &[]);
+                let totals = self.vector_loop(repr, &folds, &[], true)?;
                 let mut lses = Vec::with_capacity(folds.len());
                 for ((fold, _), total) in folds.into_iter().zip(totals) {
                     let Fold::ShiftedExp {
@@ -1351,7 +1369,12 @@ impl<'a, 'f> Gen<'a, 'f> {
                         let one = self.fconst(1.0);
                         let inverse = self.b.ins().fdiv(one, total);
                         self.pin(inverse);
-                        self.softmax_rows.insert((set, other), (buffer, inverse));
+                        let row = SoftmaxRow {
+                            buffer,
+                            inverse,
+                            every_column,
+                        };
+                        self.softmax_rows.insert((set, other), row);
                     }
                     lses.push(self.lse_from(max, total));
                 }
@@ -1969,6 +1992,13 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     // ---- per-member values -----------------------------------------------------------------
 
+    /// The entry at column `j` of a softmax buffer.
+    fn kept_term(&mut self, buffer: Value, j: Value) -> Value {
+        let offset = self.b.ins().imul_imm_u(j, self.fb);
+        let addr = self.b.ins().iadd(buffer, offset);
+        self.b.ins().load(self.float, Self::flags(), addr, 0)
+    }
+
     fn member(
         &mut self,
         h: Handle<Expr>,
@@ -1986,11 +2016,9 @@ impl<'a, 'f> Gen<'a, 'f> {
         if let Some(&v) = cache.get(&h) {
             return Ok(v);
         }
-        if let Some(&(buffer, inverse)) = self.softmax_reads.get(&h) {
-            let offset = self.b.ins().imul_imm_u(at.j, self.fb);
-            let addr = self.b.ins().iadd(buffer, offset);
-            let kept = self.b.ins().load(self.float, Self::flags(), addr, 0);
-            let v = self.b.ins().fmul(kept, inverse);
+        if let Some(&row) = self.softmax_reads.get(&h) {
+            let kept = self.kept_term(row.buffer, at.j);
+            let v = self.b.ins().fmul(kept, row.inverse);
             cache.insert(h, v);
             return Ok(v);
         }

@@ -11,19 +11,30 @@
 //!   emitted, so that their sums are not taken by the next rule.
 //! - A scatter weight `exp(z - lse(S, z))` over the set `S` itself (the adjoint of a
 //!   log-sum-exp: a softmax) reads `exp(z - max)`, kept per column by the log-sum-exp's
-//!   own loop, times `1 / sum`: one exponential per member instead of two.
+//!   own loop, times `1 / sum`: one exponential per member instead of two. A weight that
+//!   is such a softmax times per-anchor factors is the buffer's entry times one
+//!   coefficient; the buffer holds zeros off the set, so a loop with nothing else to do
+//!   adds over the whole row, without masks.
 //! - A reduction on lanes (a count, sum, mean, minimum or maximum) takes along every other
 //!   such reduction over its set that the pass needs and that depends on none of them, and
 //!   the maximum that each log-sum-exp over the set is shifted by; over a masked row, also
 //!   those over its parent row and over its subsets under one more condition.
 
-use super::vector::{Fold, Guarded, LaneScatter};
-use super::{Gen, LseKey, Repr, Result, Status, internal};
+use super::vector::{Fold, Guarded, LaneScatter, SoftmaxTerm};
+use super::{Gen, LseKey, Repr, Result, SoftmaxRow, Status, internal};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use std::collections::HashSet;
+
+/// A per-anchor factor of a softmax scatter's weight (see [`Gen::softmax_factors`]).
+#[derive(Clone, Copy)]
+enum SoftmaxFactor {
+    Times(Handle<Expr>),
+    Over(Handle<Expr>),
+    Negated,
+}
 
 /// A set whose reductions join a loop, and the condition its members meet in the loop
 /// (`None`: every member of the loop).
@@ -121,6 +132,104 @@ impl Gen<'_, '_> {
         }
     }
 
+    /// When `weight` is `c · exp(z - lse(set, z))`, `c` a product of per-anchor values
+    /// (some divided by, some negated): the log-sum-exp and the factors of `c`.
+    fn softmax_factors(
+        &self,
+        weight: Handle<Expr>,
+        set: Handle<Set>,
+    ) -> Option<(LseKey, Vec<SoftmaxFactor>)> {
+        let exprs = &self.module.exprs;
+        let per_anchor = |h: Handle<Expr>| {
+            exprs[h].ty == Type::Num
+                && !matches!(exprs[h].level, Level::Member { .. } | Level::Cross { .. })
+        };
+        let mut factors = Vec::new();
+        let mut h = weight;
+        loop {
+            h = match exprs[h].kind {
+                ExprKind::Unary {
+                    op: UnaryOp::Neg,
+                    arg,
+                } => {
+                    factors.push(SoftmaxFactor::Negated);
+                    arg
+                }
+                ExprKind::Binary {
+                    op: BinaryOp::Mul,
+                    lhs,
+                    rhs,
+                } => {
+                    let (factor, rest) = if per_anchor(lhs) {
+                        (lhs, rhs)
+                    } else {
+                        (rhs, lhs)
+                    };
+                    if !per_anchor(factor) {
+                        return None;
+                    }
+                    factors.push(SoftmaxFactor::Times(factor));
+                    rest
+                }
+                ExprKind::Binary {
+                    op: BinaryOp::Div,
+                    lhs,
+                    rhs,
+                } if per_anchor(rhs) => {
+                    factors.push(SoftmaxFactor::Over(rhs));
+                    lhs
+                }
+                _ => {
+                    let key = self.softmax_of(h)?;
+                    return (key.0 == set).then_some((key, factors));
+                }
+            };
+        }
+    }
+
+    /// The coefficient of a softmax term: `c / sum` times the scatter's row scale, computed
+    /// before the loop.
+    fn softmax_term(
+        &mut self,
+        row: SoftmaxRow,
+        factors: &[SoftmaxFactor],
+        row_scale: Option<Value>,
+    ) -> Result<SoftmaxTerm> {
+        let mut coefficient = row.inverse;
+        for &factor in factors {
+            coefficient = match factor {
+                SoftmaxFactor::Times(h) => {
+                    let v = self.row(h)?;
+                    self.b.ins().fmul(coefficient, v)
+                }
+                SoftmaxFactor::Over(h) => {
+                    let v = self.row(h)?;
+                    self.b.ins().fdiv(coefficient, v)
+                }
+                SoftmaxFactor::Negated => self.b.ins().fneg(coefficient),
+            };
+        }
+        if let Some(scale) = row_scale {
+            coefficient = self.b.ins().fmul(coefficient, scale);
+        }
+        self.pin(coefficient);
+        Ok(SoftmaxTerm {
+            buffer: row.buffer,
+            coefficient,
+        })
+    }
+
+    /// `coefficient`, or zero when the softmax's sum is (its `inverse` is not finite: the
+    /// set has no member, or a member is NaN, which the members' own terms show).
+    fn unless_empty(&mut self, coefficient: Value, inverse: Value) -> Value {
+        let infinity = self.fconst(f64::INFINITY);
+        let finite = self.b.ins().fcmp(FloatCC::LessThan, inverse, infinity);
+        let zero = self.fconst(0.0);
+        let kept = self.b.ins().select(finite, coefficient, zero);
+        self.pin(kept);
+        kept
+    }
+
     /// Emits the planned scatter loops whose weights and sums evaluate on lanes; returns
     /// the effects emitted. The sums' values are then known to [`Self::row`].
     pub(super) fn emit_scatter_loops(&mut self, loops: Vec<ScatterLoop>) -> Result<HashSet<usize>> {
@@ -146,6 +255,8 @@ impl Gen<'_, '_> {
                 self.prepare(h)?;
             }
             let mut scatters = Vec::with_capacity(group.effects.len());
+            // Per scatter, the softmax buffer its weight reads, if it is a softmax term.
+            let mut softmax_rows = Vec::with_capacity(group.effects.len());
             for &effect in &group.effects {
                 let scatter = self.plan.scatters[effect];
                 let side = match scatter.target {
@@ -153,11 +264,23 @@ impl Gen<'_, '_> {
                     _ => None,
                 };
                 let row_scale = self.applied_row_scale_value(effect)?;
+                let softmax = match self.softmax_factors(scatter.weight, group.set) {
+                    Some((key, factors)) if side.is_none() => {
+                        self.softmax_rows.get(&key).map(|&row| (row, factors))
+                    }
+                    _ => None,
+                };
+                softmax_rows.push(softmax.as_ref().map(|&(row, _)| row));
+                let term = match softmax {
+                    Some((row, factors)) => Some(self.softmax_term(row, &factors, row_scale)?),
+                    None => None,
+                };
                 scatters.push(LaneScatter {
                     weight: scatter.weight,
                     row_scale,
                     grad_row: self.grad_row(&scatter),
                     side,
+                    softmax: term,
                 });
             }
             for &(exp, key) in &group.softmax {
@@ -178,7 +301,18 @@ impl Gen<'_, '_> {
             if counted {
                 folds.push((Fold::Count, None));
             }
-            let totals = self.vector_loop(&repr, &folds, &scatters);
+            // Softmax weights from buffers with zeros off the set can be added over the whole
+            // row: no mask. Zero, not `c / sum`, for a set without members (`0 * inf`).
+            let whole_row = folds.is_empty()
+                && (softmax_rows.iter()).all(|row| row.is_some_and(|row| row.every_column));
+            if whole_row {
+                for (scatter, row) in scatters.iter_mut().zip(&softmax_rows) {
+                    if let (Some(term), Some(row)) = (&mut scatter.softmax, row) {
+                        term.coefficient = self.unless_empty(term.coefficient, row.inverse);
+                    }
+                }
+            }
+            let totals = self.vector_loop(&repr, &folds, &scatters, !whole_row);
             self.softmax_reads.clear();
             let totals = totals?;
             let total_of = |fold: Fold| {
@@ -276,7 +410,7 @@ impl Gen<'_, '_> {
                 folds.push(guarded);
             }
         }
-        let results = self.vector_loop(&loop_repr, &folds, &[])?;
+        let results = self.vector_loop(&loop_repr, &folds, &[], true)?;
         let result_of = |fold: Fold, over: Handle<Set>| {
             folds
                 .iter()

@@ -38,7 +38,7 @@ pub(super) enum Fold {
     Min(Handle<Expr>),
     Max(Handle<Expr>),
     /// The sum of `exp(body - max)`; with a row buffer `kept`, each member's term is also
-    /// stored at its column (masked lanes too: their columns are not read).
+    /// stored at its column, and a zero at the other columns of a vector.
     ShiftedExp {
         body: Handle<Expr>,
         max: Value,
@@ -77,6 +77,19 @@ struct Pairs<'p> {
     space: Space,
 }
 
+/// What the vector part of a loop over a masked row does with the lanes that are not
+/// members.
+#[derive(Clone, Copy, PartialEq)]
+enum NonMembers {
+    /// Masked out.
+    Mask,
+    /// Masked out, and a vector with no member skipped: worth a branch that mispredicts
+    /// where members and others mix when the body is costly.
+    Skip,
+    /// Visited like members (the body adds nothing at them).
+    Visit,
+}
+
 /// A scatter in a vector loop: `weight` added into the adjoint row `grad_row` at each
 /// member, or at a pair's left or right member.
 #[derive(Clone, Copy)]
@@ -86,6 +99,18 @@ pub(super) struct LaneScatter {
     pub row_scale: Option<Value>,
     pub grad_row: Value,
     pub side: Option<Side>,
+    /// A weight that is a softmax times per-anchor factors: read from the softmax's buffer.
+    pub softmax: Option<SoftmaxTerm>,
+}
+
+/// A scatter weight `c · exp(z - lse(set, z))` over the log-sum-exp's own set, `c` a
+/// product of per-anchor values: the entry of the log-sum-exp's buffer (`exp(z - max)`)
+/// times `coefficient`, which is `c / sum` with the scatter's row scale. One
+/// multiplication per vector where the weight's tree took one per factor.
+#[derive(Clone, Copy)]
+pub(super) struct SoftmaxTerm {
+    pub buffer: Value,
+    pub coefficient: Value,
 }
 
 impl Gen<'_, '_> {
@@ -342,9 +367,9 @@ impl Gen<'_, '_> {
             cache.insert(h, v);
             return Ok(v);
         }
-        if let Some(&(buffer, inverse)) = self.softmax_reads.get(&h) {
-            let kept = self.load_lanes(buffer, at)?;
-            let inverse = self.splat(inverse);
+        if let Some(&row) = self.softmax_reads.get(&h) {
+            let kept = self.load_lanes(row.buffer, at)?;
+            let inverse = self.splat(row.inverse);
             let v = self.b.ins().fmul(kept, inverse);
             cache.insert(h, v);
             return Ok(v);
@@ -575,8 +600,8 @@ impl Gen<'_, '_> {
     /// remaining members one at a time. A cross set is a scalar loop over its left side and
     /// such a loop over its right side for each left member.
     ///
-    /// With `skip_empty`, a vector of which no lane is a member skips `vector`: worth a
-    /// branch that mispredicts where members and others mix when the body is costly.
+    /// With `skip_empty`, a vector of which no lane is a member skips `vector` (see
+    /// [`NonMembers::Skip`]).
     pub(super) fn each_vector(
         &mut self,
         repr: &Repr,
@@ -585,7 +610,12 @@ impl Gen<'_, '_> {
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
     ) -> Result<()> {
         let mut left_done = |_: &mut Self, _: Value| Ok(());
-        self.each_vector_by_left(repr, skip_empty, vector, scalar, &mut left_done)
+        let others = if skip_empty {
+            NonMembers::Skip
+        } else {
+            NonMembers::Mask
+        };
+        self.each_vector_by_left(repr, others, vector, scalar, &mut left_done)
     }
 
     /// [`Self::each_vector`], with `left_done(g, p)` emitted after the pairs of each left
@@ -593,7 +623,7 @@ impl Gen<'_, '_> {
     fn each_vector_by_left(
         &mut self,
         repr: &Repr,
-        skip_empty: bool,
+        others: NonMembers,
         vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
         left_done: &mut dyn FnMut(&mut Self, Value) -> Result<()>,
@@ -605,7 +635,7 @@ impl Gen<'_, '_> {
             space,
         } = repr
         else {
-            return self.vector_members(repr, None, skip_empty, vector, scalar);
+            return self.vector_members(repr, None, others, vector, scalar);
         };
         let (right, preds, space) = ((**right).clone(), preds.clone(), *space);
         self.each(left, &mut |g, outer| {
@@ -614,7 +644,7 @@ impl Gen<'_, '_> {
                 preds: &preds,
                 space,
             };
-            g.vector_members(&right, Some(pairs), skip_empty, vector, scalar)?;
+            g.vector_members(&right, Some(pairs), others, vector, scalar)?;
             left_done(g, outer.j)
         })
     }
@@ -625,7 +655,7 @@ impl Gen<'_, '_> {
         &mut self,
         repr: &Repr,
         pairs: Option<Pairs<'_>>,
-        skip_empty: bool,
+        others: NonMembers,
         vector: &mut dyn FnMut(&mut Self, &VAt) -> Result<()>,
         scalar: &mut dyn FnMut(&mut Self, At) -> Result<()>,
     ) -> Result<()> {
@@ -642,7 +672,12 @@ impl Gen<'_, '_> {
             Some(pairs) => (pairs.space, pairs.preds.to_vec()),
             None => (own_space, Vec::new()),
         };
-        let preds: Vec<Handle<Expr>> = own_preds.iter().chain(&pair_preds).copied().collect();
+        let preds: Vec<Handle<Expr>> = match others {
+            NonMembers::Visit => Vec::new(),
+            NonMembers::Mask | NonMembers::Skip => {
+                own_preds.iter().chain(&pair_preds).copied().collect()
+            }
+        };
         let full = self.b.ins().band_imm_s(n, -(lanes as i64));
         let zero = self.b.ins().iconst(I64, 0);
         let base = LoopBase::before_loop(&mut self.b, self.constants);
@@ -677,7 +712,7 @@ impl Gen<'_, '_> {
                     Some(all) => g.b.ins().band(all, m),
                 });
             }
-            let Some(mask) = at.mask.filter(|_| skip_empty) else {
+            let Some(mask) = at.mask.filter(|_| others == NonMembers::Skip) else {
                 return vector(g, &at);
             };
             // Mined sets keep few members of a row: a vector without one costs a test, not
@@ -849,16 +884,36 @@ impl Gen<'_, '_> {
         Ok(combine(self, total, tail))
     }
 
+    /// Whether [`Self::vector_loop`] skips the vectors with no member: when what it
+    /// computes per member is costly.
+    pub(super) fn skips_empty(&self, folds: &[Guarded], scatters: &[LaneScatter]) -> bool {
+        folds
+            .iter()
+            .filter_map(|(f, _)| f.body())
+            .chain(
+                scatters
+                    .iter()
+                    .filter(|s| s.softmax.is_none())
+                    .map(|s| s.weight),
+            )
+            .any(|h| self.costly(h))
+    }
+
     /// One loop over the members of `repr` that computes each of `folds` (each over the
     /// members that meet its condition, if any) and adds the weight of each of `scatters`
     /// into its adjoint row. Returns the folds' results, each
     /// combined as [`Self::vector_reduce`] does (lanes in order, then the tail); a count as
     /// an i64.
+    ///
+    /// Without `mask_lanes`, the vectors of a masked row are not masked: every lane's
+    /// weight is added (the caller knows it to be zero off the set). The scalar tail still
+    /// visits the members only.
     pub(super) fn vector_loop(
         &mut self,
         repr: &Repr,
         folds: &[Guarded],
         scatters: &[LaneScatter],
+        mask_lanes: bool,
     ) -> Result<Vec<Value>> {
         let vty = self.vector_type();
         let mut accumulators = Vec::with_capacity(folds.len());
@@ -878,11 +933,13 @@ impl Gen<'_, '_> {
             let new = g.b.ins().fadd(old, w);
             g.b.ins().store(Self::flags(), new, addr, 0);
         };
-        let skip_empty = folds
-            .iter()
-            .filter_map(|(f, _)| f.body())
-            .chain(scatters.iter().map(|s| s.weight))
-            .any(|h| self.costly(h));
+        let others = if !mask_lanes {
+            NonMembers::Visit
+        } else if self.skips_empty(folds, scatters) {
+            NonMembers::Skip
+        } else {
+            NonMembers::Mask
+        };
         // A left-side scatter's weights all go to the left member of the pairs: they are
         // summed on lanes (and in the tail) over its pairs and added to its column once.
         let mut at_left = Vec::new();
@@ -912,7 +969,7 @@ impl Gen<'_, '_> {
         };
         self.each_vector_by_left(
             repr,
-            skip_empty,
+            others,
             &mut |g, at| {
                 // One cache for the whole body: what the folds and the weights share is
                 // computed once.
@@ -922,30 +979,41 @@ impl Gen<'_, '_> {
                         Some(body) => g.vmember(body, at, &mut cache)?,
                         None => g.vconst(1.0),
                     };
+                    let only = match only {
+                        Some(condition) => Some(g.vmember(*condition, at, &mut cache)?),
+                        None => None,
+                    };
+                    let mut mask = match (at.mask, only) {
+                        (Some(a), Some(b)) => Some(g.b.ins().band(a, b)),
+                        (a, b) => a.or(b),
+                    };
                     if let Fold::ShiftedExp { max, kept, .. } = *fold {
                         let max = g.splat(max);
                         let shifted = g.b.ins().fsub(v, max);
                         let constants = g.constants();
                         v = g.math.exp(&mut g.b, shifted, constants);
                         if let Some(buffer) = kept {
+                            // Masked before it is kept (and summed): see `SoftmaxRow`.
+                            if let Some(mask) = mask.take() {
+                                v = g.vmasked(mask, v, 0.0);
+                            }
                             g.store_lanes(buffer, at, v);
                         }
                     }
-                    let only = match only {
-                        Some(condition) => Some(g.vmember(*condition, at, &mut cache)?),
-                        None => None,
-                    };
-                    let mask = match (at.mask, only) {
-                        (Some(a), Some(b)) => Some(g.b.ins().band(a, b)),
-                        (a, b) => a.or(b),
-                    };
                     let current = g.b.use_var(lanes);
                     let next = g.fold_step(*fold, current, v, mask);
                     g.b.def_var(lanes, next);
                 }
                 for (k, scatter) in scatters.iter().enumerate() {
-                    let mut w = g.vmember(scatter.weight, at, &mut cache)?;
-                    if let Some(factor) = scatter.row_scale {
+                    let mut w = match scatter.softmax {
+                        Some(term) => {
+                            let kept = g.load_lanes(term.buffer, at)?;
+                            let coefficient = g.splat(term.coefficient);
+                            g.b.ins().fmul(kept, coefficient)
+                        }
+                        None => g.vmember(scatter.weight, at, &mut cache)?,
+                    };
+                    if let (Some(factor), None) = (scatter.row_scale, scatter.softmax) {
                         let factor = g.splat(factor);
                         w = g.b.ins().fmul(w, factor);
                     }
@@ -984,10 +1052,19 @@ impl Gen<'_, '_> {
                     }
                 }
                 for (k, scatter) in scatters.iter().enumerate() {
-                    let mut w = g.member(scatter.weight, at, &mut cache)?;
-                    if let Some(factor) = scatter.row_scale {
-                        w = g.b.ins().fmul(w, factor);
-                    }
+                    let w = match scatter.softmax {
+                        Some(term) => {
+                            let kept = g.kept_term(term.buffer, at.j);
+                            g.b.ins().fmul(kept, term.coefficient)
+                        }
+                        None => {
+                            let w = g.member(scatter.weight, at, &mut cache)?;
+                            match scatter.row_scale {
+                                Some(factor) => g.b.ins().fmul(w, factor),
+                                None => w,
+                            }
+                        }
+                    };
                     if let Some((_, tail)) = left_of(k) {
                         let sum = g.b.use_var(tail);
                         let sum = g.b.ins().fadd(sum, w);
