@@ -30,7 +30,7 @@ use std::mem::offset_of;
 mod fusion;
 mod vector;
 
-use vector::{Fold, LaneScatter};
+use vector::{Fold, LaneScatter, WeightTerm};
 
 /// What the runtime must provide to a pass's kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -815,10 +815,9 @@ impl<'a, 'f> Gen<'a, 'f> {
                 if self.lanes_can_read(&repr, weight) {
                     let lane_scatter = LaneScatter {
                         weight,
-                        row_scale,
+                        term: WeightTerm::Tree { row_scale },
                         grad_row,
                         side,
-                        softmax: None,
                     };
                     return self
                         .vector_loop(&repr, &[], &[lane_scatter], true)

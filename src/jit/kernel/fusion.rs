@@ -20,17 +20,17 @@
 //!   the maximum that each log-sum-exp over the set is shifted by; over a masked row, also
 //!   those over its parent row and over its subsets under one more condition.
 
-use super::vector::{Fold, Guarded, LaneScatter, SoftmaxTerm};
-use super::{Gen, LseKey, Repr, Result, SoftmaxRow, Status, internal};
+use super::vector::{Fold, Guarded, LaneScatter, WeightTerm};
+use super::{Gen, LseKey, Repr, Result, Status, internal};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use std::collections::HashSet;
 
-/// A per-anchor factor of a softmax scatter's weight (see [`Gen::softmax_factors`]).
+/// A per-anchor factor of a scatter's weight (see [`Gen::anchor_factors`]).
 #[derive(Clone, Copy)]
-enum SoftmaxFactor {
+enum AnchorFactor {
     Times(Handle<Expr>),
     Over(Handle<Expr>),
     Negated,
@@ -132,13 +132,9 @@ impl Gen<'_, '_> {
         }
     }
 
-    /// When `weight` is `c · exp(z - lse(set, z))`, `c` a product of per-anchor values
-    /// (some divided by, some negated): the log-sum-exp and the factors of `c`.
-    fn softmax_factors(
-        &self,
-        weight: Handle<Expr>,
-        set: Handle<Set>,
-    ) -> Option<(LseKey, Vec<SoftmaxFactor>)> {
+    /// `weight` as `c · core`, `c` the product of the per-anchor values at the top of its
+    /// tree (some divided by, some negated): `core` and the factors of `c`.
+    fn anchor_factors(&self, weight: Handle<Expr>) -> (Handle<Expr>, Vec<AnchorFactor>) {
         let exprs = &self.module.exprs;
         let per_anchor = |h: Handle<Expr>| {
             exprs[h].ty == Type::Num
@@ -146,13 +142,14 @@ impl Gen<'_, '_> {
         };
         let mut factors = Vec::new();
         let mut h = weight;
-        loop {
+        // A per-anchor weight is left whole: its value is ready before the loop.
+        while !per_anchor(h) {
             h = match exprs[h].kind {
                 ExprKind::Unary {
                     op: UnaryOp::Neg,
                     arg,
                 } => {
-                    factors.push(SoftmaxFactor::Negated);
+                    factors.push(AnchorFactor::Negated);
                     arg
                 }
                 ExprKind::Binary {
@@ -166,9 +163,9 @@ impl Gen<'_, '_> {
                         (rhs, lhs)
                     };
                     if !per_anchor(factor) {
-                        return None;
+                        break;
                     }
-                    factors.push(SoftmaxFactor::Times(factor));
+                    factors.push(AnchorFactor::Times(factor));
                     rest
                 }
                 ExprKind::Binary {
@@ -176,47 +173,52 @@ impl Gen<'_, '_> {
                     lhs,
                     rhs,
                 } if per_anchor(rhs) => {
-                    factors.push(SoftmaxFactor::Over(rhs));
+                    factors.push(AnchorFactor::Over(rhs));
                     lhs
                 }
-                _ => {
-                    let key = self.softmax_of(h)?;
-                    return (key.0 == set).then_some((key, factors));
-                }
+                _ => break,
             };
+        }
+        (h, factors)
+    }
+
+    /// Whether a loop would splat `factor` into a register (not a constant).
+    fn splatted(&self, factor: AnchorFactor) -> bool {
+        match factor {
+            AnchorFactor::Times(h) | AnchorFactor::Over(h) => {
+                self.module.exprs[h].level != Level::Const
+            }
+            AnchorFactor::Negated => false,
         }
     }
 
-    /// The coefficient of a softmax term: `c / sum` times the scatter's row scale, computed
-    /// before the loop.
-    fn softmax_term(
+    /// `start` times the factors and the scatter's row scale, computed before the loop:
+    /// the coefficient of a [`WeightTerm`].
+    fn coefficient(
         &mut self,
-        row: SoftmaxRow,
-        factors: &[SoftmaxFactor],
+        start: Value,
+        factors: &[AnchorFactor],
         row_scale: Option<Value>,
-    ) -> Result<SoftmaxTerm> {
-        let mut coefficient = row.inverse;
+    ) -> Result<Value> {
+        let mut coefficient = start;
         for &factor in factors {
             coefficient = match factor {
-                SoftmaxFactor::Times(h) => {
+                AnchorFactor::Times(h) => {
                     let v = self.row(h)?;
                     self.b.ins().fmul(coefficient, v)
                 }
-                SoftmaxFactor::Over(h) => {
+                AnchorFactor::Over(h) => {
                     let v = self.row(h)?;
                     self.b.ins().fdiv(coefficient, v)
                 }
-                SoftmaxFactor::Negated => self.b.ins().fneg(coefficient),
+                AnchorFactor::Negated => self.b.ins().fneg(coefficient),
             };
         }
         if let Some(scale) = row_scale {
             coefficient = self.b.ins().fmul(coefficient, scale);
         }
         self.pin(coefficient);
-        Ok(SoftmaxTerm {
-            buffer: row.buffer,
-            coefficient,
-        })
+        Ok(coefficient)
     }
 
     /// `coefficient`, or zero when the softmax's sum is (its `inverse` is not finite: the
@@ -264,23 +266,32 @@ impl Gen<'_, '_> {
                     _ => None,
                 };
                 let row_scale = self.applied_row_scale_value(effect)?;
-                let softmax = match self.softmax_factors(scatter.weight, group.set) {
-                    Some((key, factors)) if side.is_none() => {
-                        self.softmax_rows.get(&key).map(|&row| (row, factors))
-                    }
-                    _ => None,
-                };
-                softmax_rows.push(softmax.as_ref().map(|&(row, _)| row));
+                let (core, factors) = self.anchor_factors(scatter.weight);
+                let softmax = (self.softmax_of(core))
+                    .filter(|&(set, _)| set == group.set && side.is_none())
+                    .and_then(|key| self.softmax_rows.get(&key).copied());
+                softmax_rows.push(softmax);
                 let term = match softmax {
-                    Some((row, factors)) => Some(self.softmax_term(row, &factors, row_scale)?),
-                    None => None,
+                    Some(row) => WeightTerm::Softmax {
+                        buffer: row.buffer,
+                        coefficient: self.coefficient(row.inverse, &factors, row_scale)?,
+                    },
+                    // Only for a factor a loop would splat: constants are loaded where
+                    // they are used, and a coefficient of them would hold a register.
+                    None if factors.iter().any(|f| self.splatted(*f)) => {
+                        let one = self.fconst(1.0);
+                        WeightTerm::Scaled {
+                            core,
+                            coefficient: self.coefficient(one, &factors, row_scale)?,
+                        }
+                    }
+                    None => WeightTerm::Tree { row_scale },
                 };
                 scatters.push(LaneScatter {
                     weight: scatter.weight,
-                    row_scale,
+                    term,
                     grad_row: self.grad_row(&scatter),
                     side,
-                    softmax: term,
                 });
             }
             for &(exp, key) in &group.softmax {
@@ -307,8 +318,10 @@ impl Gen<'_, '_> {
                 && (softmax_rows.iter()).all(|row| row.is_some_and(|row| row.every_column));
             if whole_row {
                 for (scatter, row) in scatters.iter_mut().zip(&softmax_rows) {
-                    if let (Some(term), Some(row)) = (&mut scatter.softmax, row) {
-                        term.coefficient = self.unless_empty(term.coefficient, row.inverse);
+                    if let (WeightTerm::Softmax { coefficient, .. }, Some(row)) =
+                        (&mut scatter.term, row)
+                    {
+                        *coefficient = self.unless_empty(*coefficient, row.inverse);
                     }
                 }
             }

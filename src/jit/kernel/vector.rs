@@ -95,22 +95,49 @@ enum NonMembers {
 #[derive(Clone, Copy)]
 pub(super) struct LaneScatter {
     pub weight: Handle<Expr>,
-    /// The per-anchor factor of the weight, when it is not left to the row's scaling.
-    pub row_scale: Option<Value>,
+    /// How the loop computes the weight.
+    pub term: WeightTerm,
     pub grad_row: Value,
     pub side: Option<Side>,
-    /// A weight that is a softmax times per-anchor factors: read from the softmax's buffer.
-    pub softmax: Option<SoftmaxTerm>,
 }
 
-/// A scatter weight `c · exp(z - lse(set, z))` over the log-sum-exp's own set, `c` a
-/// product of per-anchor values: the entry of the log-sum-exp's buffer (`exp(z - max)`)
-/// times `coefficient`, which is `c / sum` with the scatter's row scale. One
-/// multiplication per vector where the weight's tree took one per factor.
+/// How a scatter's loop computes a weight `c · core`, `c` the product of the per-anchor
+/// factors at the top of the weight's tree (and the scatter's row scale, when its loop
+/// applies it): with `c` known before the loop, one multiplication per vector where the
+/// tree took one per factor.
 #[derive(Clone, Copy)]
-pub(super) struct SoftmaxTerm {
-    pub buffer: Value,
-    pub coefficient: Value,
+pub(super) enum WeightTerm {
+    /// The weight's tree, times the row scale if there is one.
+    Tree { row_scale: Option<Value> },
+    /// `core` times `coefficient` (`c`).
+    Scaled {
+        core: Handle<Expr>,
+        coefficient: Value,
+    },
+    /// `core` is the softmax `exp(z - lse(set, z))` over the scatter's own set: the
+    /// entry of the log-sum-exp's buffer (`exp(z - max)`) times `coefficient` (`c / sum`).
+    Softmax { buffer: Value, coefficient: Value },
+}
+
+/// What a [`WeightTerm`] reads per member.
+enum TermRead {
+    Expr(Handle<Expr>),
+    /// The entry of a softmax buffer.
+    Kept(Value),
+}
+
+impl WeightTerm {
+    /// What the term reads per member, and the per-anchor factor it multiplies that by.
+    fn parts(self, weight: Handle<Expr>) -> (TermRead, Option<Value>) {
+        match self {
+            WeightTerm::Tree { row_scale } => (TermRead::Expr(weight), row_scale),
+            WeightTerm::Scaled { core, coefficient } => (TermRead::Expr(core), Some(coefficient)),
+            WeightTerm::Softmax {
+                buffer,
+                coefficient,
+            } => (TermRead::Kept(buffer), Some(coefficient)),
+        }
+    }
 }
 
 impl Gen<'_, '_> {
@@ -890,12 +917,11 @@ impl Gen<'_, '_> {
         folds
             .iter()
             .filter_map(|(f, _)| f.body())
-            .chain(
-                scatters
-                    .iter()
-                    .filter(|s| s.softmax.is_none())
-                    .map(|s| s.weight),
-            )
+            .chain(scatters.iter().filter_map(|s| match s.term {
+                WeightTerm::Tree { .. } => Some(s.weight),
+                WeightTerm::Scaled { core, .. } => Some(core),
+                WeightTerm::Softmax { .. } => None,
+            }))
             .any(|h| self.costly(h))
     }
 
@@ -1005,18 +1031,7 @@ impl Gen<'_, '_> {
                     g.b.def_var(lanes, next);
                 }
                 for (k, scatter) in scatters.iter().enumerate() {
-                    let mut w = match scatter.softmax {
-                        Some(term) => {
-                            let kept = g.load_lanes(term.buffer, at)?;
-                            let coefficient = g.splat(term.coefficient);
-                            g.b.ins().fmul(kept, coefficient)
-                        }
-                        None => g.vmember(scatter.weight, at, &mut cache)?,
-                    };
-                    if let (Some(factor), None) = (scatter.row_scale, scatter.softmax) {
-                        let factor = g.splat(factor);
-                        w = g.b.ins().fmul(w, factor);
-                    }
+                    let mut w = g.vweight(scatter, at, &mut cache)?;
                     if let Some(mask) = at.mask {
                         w = g.vmasked(mask, w, 0.0);
                     }
@@ -1052,19 +1067,7 @@ impl Gen<'_, '_> {
                     }
                 }
                 for (k, scatter) in scatters.iter().enumerate() {
-                    let w = match scatter.softmax {
-                        Some(term) => {
-                            let kept = g.kept_term(term.buffer, at.j);
-                            g.b.ins().fmul(kept, term.coefficient)
-                        }
-                        None => {
-                            let w = g.member(scatter.weight, at, &mut cache)?;
-                            match scatter.row_scale {
-                                Some(factor) => g.b.ins().fmul(w, factor),
-                                None => w,
-                            }
-                        }
-                    };
+                    let w = g.tail_weight(scatter, at, &mut cache)?;
                     if let Some((_, tail)) = left_of(k) {
                         let sum = g.b.use_var(tail);
                         let sum = g.b.ins().fadd(sum, w);
@@ -1121,6 +1124,45 @@ impl Gen<'_, '_> {
             results.push(result);
         }
         Ok(results)
+    }
+
+    /// A scatter's weights on the lanes (see [`WeightTerm`]).
+    fn vweight(
+        &mut self,
+        scatter: &LaneScatter,
+        at: &VAt,
+        cache: &mut HashMap<Handle<Expr>, Value>,
+    ) -> Result<Value> {
+        let (read, factor) = scatter.term.parts(scatter.weight);
+        let v = match read {
+            TermRead::Expr(h) => self.vmember(h, at, cache)?,
+            TermRead::Kept(buffer) => self.load_lanes(buffer, at)?,
+        };
+        Ok(match factor {
+            Some(factor) => {
+                let factor = self.splat(factor);
+                self.b.ins().fmul(v, factor)
+            }
+            None => v,
+        })
+    }
+
+    /// A scatter's weight at one member of its loop's scalar tail (see [`WeightTerm`]).
+    fn tail_weight(
+        &mut self,
+        scatter: &LaneScatter,
+        at: At,
+        cache: &mut HashMap<Handle<Expr>, Value>,
+    ) -> Result<Value> {
+        let (read, factor) = scatter.term.parts(scatter.weight);
+        let v = match read {
+            TermRead::Expr(h) => self.member(h, at, cache)?,
+            TermRead::Kept(buffer) => self.kept_term(buffer, at.j),
+        };
+        Ok(match factor {
+            Some(factor) => self.b.ins().fmul(v, factor),
+            None => v,
+        })
     }
 
     /// One member's step of a fold into the scalar accumulator `tail`.
