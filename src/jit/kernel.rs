@@ -1715,8 +1715,38 @@ impl<'a, 'f> Gen<'a, 'f> {
                 )));
             }
         };
+        if let Some(size) = self.size_by_class(&repr) {
+            self.counts.insert(set, size);
+        }
         self.sets.insert(set, repr.clone());
         Ok(repr)
+    }
+
+    /// The size of a row of samples masked by `!same` (and `!self`, which it implies): the
+    /// samples outside the anchor's class, known without counting them.
+    fn size_by_class(&mut self, repr: &Repr) -> Option<Value> {
+        let Repr::Masked { cols, preds, space } = repr else {
+            return None;
+        };
+        let negated = |h: Handle<Expr>| match self.module.exprs[h].kind {
+            ExprKind::Unary {
+                op: UnaryOp::Not,
+                arg,
+            } => Some(&self.module.exprs[arg].kind),
+            _ => None,
+        };
+        let outside_class = preds
+            .iter()
+            .any(|&p| matches!(negated(p), Some(ExprKind::Same)));
+        let only_labels = preds
+            .iter()
+            .all(|&p| matches!(negated(p), Some(ExprKind::Same | ExprKind::IsSelf)));
+        let samples = Some(Domain::Samples);
+        if !(outside_class && only_labels && space.rows == samples && space.cols == samples) {
+            return None;
+        }
+        let (_, class_size) = self.own_class?;
+        Some(self.b.ins().isub(*cols, class_size))
     }
 
     /// Whether a filter keeps most of a row, so that its set is better read under a mask
