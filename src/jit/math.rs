@@ -354,8 +354,7 @@ impl Emitter<'_, '_, '_> {
 
     fn softplus(&mut self, x: Value) -> Value {
         let e = self.exp_neg_abs(x);
-        // e is in [0, 1] (or NaN), so 1 + e needs no special case.
-        let l = self.log1p_finite(e);
+        let l = self.log1p_unit(e);
         // max(x, 0) keeps a NaN x, which `l` does not carry.
         let pos = self.max_keep_nan(x, 0.0);
         self.b.ins().fadd(pos, l)
@@ -403,6 +402,38 @@ impl Emitter<'_, '_, '_> {
         let x_eval = self.select(small, tiny, x);
         let y = self.log1p_normal(x_eval);
         self.select(small, x, y)
+    }
+
+    /// `ln(1 + e)` for `e` in `[0, 1]` (or NaN), as [`Self::log1p_finite`] computes it but
+    /// for the reduction: `1 + e` is in `[1, 2]`, so `k` is 1 from `sqrt(2)` on and `f`
+    /// is `(1 + e) / 2 - 1`, both exact, and the part `c` of `1 + e` that rounding lost
+    /// (below half an ulp) needs `1 / (1 + e)` only to a few percent: a line through its
+    /// ends on `[sqrt(2), 2]` instead of a division. (softplus's `ln(1 + e^-|x|)`.)
+    fn log1p_unit(&mut self, e: Value) -> Value {
+        // Tiny `e` is evaluated at the bound, as in `log1p_finite` (subnormal terms).
+        let tiny = self.fconst(2f64.powi(-(self.fmt.mant_bits as i32 + 1)));
+        let small = self.b.ins().fcmp(FloatCC::LessThan, e, tiny);
+        let e_eval = self.select(small, tiny, e);
+        let one = self.fconst(1.0);
+        let u = self.b.ins().fadd(e_eval, one);
+        let sqrt2 = self.fconst(std::f64::consts::SQRT_2);
+        let halved = self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, u, sqrt2);
+        let half = self.fconst(0.5);
+        let minus_one = self.fconst(-1.0);
+        let f_halved = self.mul_add(u, half, minus_one);
+        // Below sqrt(2), `1 + e` is `1 + f` with `f = e` exactly.
+        let f = self.select(halved, f_halved, e_eval);
+        let zero = self.fconst(0.0);
+        let kf = self.select(halved, one, zero);
+        let u1 = self.b.ins().fsub(u, one);
+        let c = self.b.ins().fsub(e_eval, u1);
+        let slope = self.fconst(-std::f64::consts::FRAC_1_SQRT_2 / 2.0);
+        let at_zero = self.fconst(0.5 + std::f64::consts::FRAC_1_SQRT_2);
+        let inverse = self.mul_add(u, slope, at_zero);
+        let c_u = self.b.ins().fmul(c, inverse);
+        let c_u = self.select(halved, c_u, zero);
+        let y = self.log_reduced(kf, f, Some(c_u));
+        self.select(small, e, y)
     }
 
     /// [`Self::log1p_finite`] for `x` not tiny.
