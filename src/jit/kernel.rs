@@ -706,10 +706,10 @@ impl<'a, 'f> Gen<'a, 'f> {
         let s = self.b.ins().select(above_hi, hi_v, s);
         let step_v = self.fconst(step);
         let offset = self.b.ins().fsub(s, lo_v);
+        // The node divides, as the interpreter does, so that both pick the same one.
         let scaled = self.b.ins().fdiv(offset, step_v);
         let floored = self.b.ins().floor(scaled);
-        // `floored` is at least 0 (and a NaN saturates to 0 too).
-        let node = self.b.ins().fcvt_to_sint_sat(I64, floored);
+        let node = self.small_float_to_index(floored);
         let last = self.b.ins().iconst(I64, i64::from(bins) - 2);
         let node = self.b.ins().umin(node, last);
         let node_f = self.index_to_float(node);
@@ -719,11 +719,42 @@ impl<'a, 'f> Gen<'a, 'f> {
         let next_f = self.index_to_float(next);
         let above = self.b.ins().fmul(next_f, step_v);
         let above = self.b.ins().fadd(lo_v, above);
+        // The weights multiply by `1 / step` where they divided: within an ulp, and no
+        // division in the loop but the node's.
+        let per_step = self.fconst(1.0 / step);
         let low = self.b.ins().fsub(above, s);
-        let low = self.b.ins().fdiv(low, step_v);
+        let low = self.b.ins().fmul(low, per_step);
         let high = self.b.ins().fsub(s, below);
-        let high = self.b.ins().fdiv(high, step_v);
+        let high = self.b.ins().fmul(high, per_step);
         (node, low, high)
+    }
+
+    /// A whole float in `[0, 2^(p-1))` as an i64, through the bits of its sum with
+    /// `2^p` (`p` the significand's bits): a few instructions where the saturating
+    /// conversion branches. Any other input gives some i64 (a NaN, a large one).
+    fn small_float_to_index(&mut self, whole: Value) -> Value {
+        let (bits_type, significand) = if self.float == F32 {
+            (I32, 23)
+        } else {
+            (I64, 52)
+        };
+        let magic = self.fconst(2f64.powi(significand));
+        let shifted = self.b.ins().fadd(whole, magic);
+        let bits = self
+            .b
+            .ins()
+            .bitcast(bits_type, MemFlagsData::new(), shifted);
+        let bits = if bits_type == I32 {
+            self.b.ins().uextend(I64, bits)
+        } else {
+            bits
+        };
+        let magic_bits = if self.float == F32 {
+            i64::from((2f32.powi(significand)).to_bits())
+        } else {
+            2f64.powi(significand).to_bits() as i64
+        };
+        self.b.ins().iadd_imm_s(bits, -magic_bits)
     }
 
     /// The set whose emptiness `e` tests (`count(set) == 0`), when the count is left to a
@@ -2154,8 +2185,8 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let a1 = self.b.ins().load(F64, Self::flags(), addr, 8);
                 let (a0, a1) = (self.narrow(a0), self.narrow(a1));
                 let diff = self.b.ins().fsub(a1, a0);
-                let step = self.fconst((hi.0 - lo.0) / (f64::from(bins) - 1.0));
-                let slope = self.b.ins().fdiv(diff, step);
+                let per_step = self.fconst((f64::from(bins) - 1.0) / (hi.0 - lo.0));
+                let slope = self.b.ins().fmul(diff, per_step);
                 let zero = self.fconst(0.0);
                 self.b.ins().select(outside, zero, slope)
             }
