@@ -385,8 +385,10 @@ impl Emitter<'_, '_, '_> {
 
     /// `e^-|x|`, in `[0, 1]` (or NaN).
     fn exp_neg_abs(&mut self, x: Value) -> Value {
-        let a = self.b.ins().fabs(x);
-        let na = self.b.ins().fneg(a);
+        // `-|x|` is `x` with its sign bit set: one `or` with a constant, where `fabs` and
+        // `fneg` each build their mask in the loop (Cranelift makes them from all-ones).
+        let sign = self.fconst(-0.0);
+        let na = self.b.ins().bor(x, sign);
         self.exp(na)
     }
 
