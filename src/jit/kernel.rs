@@ -1281,7 +1281,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let v = g.member(body, at, &mut HashMap::new())?;
                     let shifted = g.b.ins().fsub(v, max);
                     let constants = g.constants();
-                    let e = g.math.exp(&mut g.b, shifted, constants);
+                    let e = g.math.exp_nonpositive(&mut g.b, shifted, constants);
                     let current = g.b.use_var(sum);
                     let next = g.b.ins().fadd(current, e);
                     g.b.def_var(sum, next);

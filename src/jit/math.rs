@@ -114,6 +114,18 @@ impl MathBuilder {
         self.emitter(b, x, constants).exp(x)
     }
 
+    /// `e^x` for `x <= 0` (or NaN): the shifted exponentials of a log-sum-exp. Other `x`
+    /// give unspecified results (a masked lane's).
+    pub fn exp_nonpositive(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        x: Value,
+        constants: Constants<'_>,
+    ) -> Value {
+        self.emitter(b, x, constants)
+            .exp_scaled(x, Scaling::NonPositive)
+    }
+
     /// Natural logarithm of `x`.
     pub fn ln(&self, b: &mut FunctionBuilder<'_>, x: Value, constants: Constants<'_>) -> Value {
         self.emitter(b, x, constants).ln(x)
@@ -286,8 +298,22 @@ struct Emitter<'a, 'f, 't> {
     constants: Constants<'t>,
 }
 
+/// How `exp` scales its reduced result `y` by `2^k`.
+#[derive(Clone, Copy, PartialEq)]
+enum Scaling {
+    /// Any `x`: `2^k` as two factors, each a normal number over the whole range.
+    Any,
+    /// `x <= 0`, `k <= 0`: `2^(k + 64)` is normal down to the smallest subnormal result,
+    /// and `2^-64` a constant.
+    NonPositive,
+}
+
 impl Emitter<'_, '_, '_> {
     fn exp(&mut self, x: Value) -> Value {
+        self.exp_scaled(x, Scaling::Any)
+    }
+
+    fn exp_scaled(&mut self, x: Value, scaling: Scaling) -> Value {
         let f = self.fmt;
         let x = self.min_keep_nan(x, f.exp_hi);
         let x = self.max_keep_nan(x, f.exp_lo);
@@ -328,14 +354,20 @@ impl Emitter<'_, '_, '_> {
             let one = self.fconst(1.0);
             self.b.ins().fadd(one, t)
         };
-        // y 2^k, as y 2^k1 2^k2 with k1 = floor(k/2), k2 = k - k1.
         let magic_bits = self.iconst(self.const_bits(f.round_magic));
         let kbits = self.bitcast_int(kbig);
         let k = self.b.ins().isub(kbits, magic_bits);
+        if scaling == Scaling::NonPositive {
+            let s = self.pow2(k, 64);
+            let y = self.b.ins().fmul(y, s);
+            let drop = self.fconst(2f64.powi(-64));
+            return self.b.ins().fmul(y, drop);
+        }
+        // y 2^k, as y 2^k1 2^k2 with k1 = floor(k/2), k2 = k - k1.
         let k1 = self.b.ins().sshr_imm_u(k, 1);
         let k2 = self.b.ins().isub(k, k1);
-        let s1 = self.pow2(k1);
-        let s2 = self.pow2(k2);
+        let s1 = self.pow2(k1, 0);
+        let s2 = self.pow2(k2, 0);
         let y = self.b.ins().fmul(y, s1);
         self.b.ins().fmul(y, s2)
     }
@@ -389,7 +421,7 @@ impl Emitter<'_, '_, '_> {
         // `fneg` each build their mask in the loop (Cranelift makes them from all-ones).
         let sign = self.fconst(-0.0);
         let na = self.b.ins().bor(x, sign);
-        self.exp(na)
+        self.exp_scaled(na, Scaling::NonPositive)
     }
 
     /// `ln(1 + x)` for `1 + x` positive and finite; other inputs give
@@ -541,10 +573,10 @@ impl Emitter<'_, '_, '_> {
         self.mul_add(kf, ln2_hi, t)
     }
 
-    /// `2^k` for an integer `k` (in the integer type matching `self.ty`)
-    /// within the normal exponent range.
-    fn pow2(&mut self, k: Value) -> Value {
-        let bias = self.iconst(self.fmt.bias);
+    /// `2^(k + offset)` for an integer `k` (in the integer type matching `self.ty`), the
+    /// sum within the normal exponent range.
+    fn pow2(&mut self, k: Value, offset: i64) -> Value {
+        let bias = self.iconst(self.fmt.bias + offset);
         let e = self.b.ins().iadd(k, bias);
         let bits = self.b.ins().ishl_imm_u(e, self.fmt.mant_bits);
         self.bitcast_float(bits)
@@ -700,6 +732,8 @@ mod tests {
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Op {
         Exp,
+        /// `exp_nonpositive(-|x|)`: its domain, whatever the input.
+        ExpNonPositive,
         Ln,
         Log1p,
         Softplus,
@@ -716,6 +750,11 @@ mod tests {
         ) -> Value {
             match self {
                 Op::Exp => math.exp(b, x, constants),
+                Op::ExpNonPositive => {
+                    let magnitude = b.ins().fabs(x);
+                    let x = b.ins().fneg(magnitude);
+                    math.exp_nonpositive(b, x, constants)
+                }
                 Op::Ln => math.ln(b, x, constants),
                 Op::Log1p => math.log1p(b, x, constants),
                 Op::Softplus => math.softplus(b, x, constants),
@@ -728,6 +767,8 @@ mod tests {
             match (self, single) {
                 (Op::Exp, true) => (-105.0, 90.0),
                 (Op::Exp, false) => (-750.0, 712.0),
+                (Op::ExpNonPositive, true) => (-105.0, 0.0),
+                (Op::ExpNonPositive, false) => (-750.0, 0.0),
                 (Op::Ln, _) => (0.0, 4.0),
                 (Op::Log1p, _) => (-1.0, 3.0),
                 (Op::Softplus | Op::Sigmoid, true) => (-110.0, 30.0),
@@ -777,6 +818,7 @@ mod tests {
         fn reference(op: Op, x: Self) -> Self {
             match op {
                 Op::Exp => x.exp(),
+                Op::ExpNonPositive => (-x.abs()).exp(),
                 Op::Ln => x.ln(),
                 Op::Log1p => x.ln_1p(),
                 Op::Softplus => dd::softplus(x.into()) as f32,
@@ -809,6 +851,7 @@ mod tests {
         fn reference(op: Op, x: Self) -> Self {
             match op {
                 Op::Exp => x.exp(),
+                Op::ExpNonPositive => (-x.abs()).exp(),
                 Op::Ln => x.ln(),
                 Op::Log1p => x.ln_1p(),
                 Op::Softplus => dd::softplus(x),
@@ -1027,6 +1070,11 @@ mod tests {
     }
 
     #[test]
+    fn exp_nonpositive_accuracy() {
+        accuracy(Op::ExpNonPositive);
+    }
+
+    #[test]
     fn ln_accuracy() {
         accuracy(Op::Ln);
     }
@@ -1066,6 +1114,18 @@ mod tests {
                     (-0.0, 1.0),
                     (overflow, inf),
                     (max, inf),
+                    (underflow, 0.0),
+                    (-max, 0.0),
+                ],
+            ),
+            (
+                Op::ExpNonPositive,
+                &[
+                    (-inf, 0.0),
+                    (inf, 0.0),
+                    (nan, nan),
+                    (0.0, 1.0),
+                    (-0.0, 1.0),
                     (underflow, 0.0),
                     (-max, 0.0),
                 ],
@@ -1157,8 +1217,13 @@ mod tests {
             (x.max(0.0) + (-x.abs()).exp().ln_1p()) as f32
         };
         type Reference<'r> = &'r (dyn Fn(f32) -> f32 + Sync);
-        let cases: [(Op, Reference<'_>, u64); 4] = [
+        let cases: [(Op, Reference<'_>, u64); 5] = [
             (Op::Exp, &|x| f32::reference(Op::Exp, x), 1),
+            (
+                Op::ExpNonPositive,
+                &|x| f32::reference(Op::ExpNonPositive, x),
+                1,
+            ),
             (Op::Ln, &|x| f32::reference(Op::Ln, x), 1),
             (Op::Log1p, &|x| f32::reference(Op::Log1p, x), 1),
             (Op::Softplus, &softplus, 2),

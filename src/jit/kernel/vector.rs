@@ -1017,7 +1017,7 @@ impl Gen<'_, '_> {
                         let max = g.splat(max);
                         let shifted = g.b.ins().fsub(v, max);
                         let constants = g.constants();
-                        v = g.math.exp(&mut g.b, shifted, constants);
+                        v = g.math.exp_nonpositive(&mut g.b, shifted, constants);
                         if let Some(buffer) = kept {
                             // Masked before it is kept (and summed): see `SoftmaxRow`.
                             if let Some(mask) = mask.take() {
@@ -1180,7 +1180,7 @@ impl Gen<'_, '_> {
         if let Fold::ShiftedExp { max, kept, .. } = fold {
             let shifted = self.b.ins().fsub(v, max);
             let constants = self.constants();
-            v = self.math.exp(&mut self.b, shifted, constants);
+            v = self.math.exp_nonpositive(&mut self.b, shifted, constants);
             if let Some(buffer) = kept {
                 let offset = self.b.ins().imul_imm_u(at.j, self.fb);
                 let addr = self.b.ins().iadd(buffer, offset);
