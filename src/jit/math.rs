@@ -45,9 +45,9 @@
 //! Over the whole input range, subnormal inputs and outputs included, and for
 //! all four types with and without `fma` (see the tests):
 //!
-//! * `exp`, `ln`, `log1p`: at most 1 ulp from Rust's `std` (`exp`, `ln`,
-//!   `ln_1p`); checked exhaustively for `f32` (ignored test `exhaustive_f32`),
-//!   by sampling for `f64`.
+//! * `exp`, `exp_nonpositive` (on its domain), `ln`, `log1p`: at most 1 ulp
+//!   from Rust's `std` (`exp`, `ln`, `ln_1p`); checked exhaustively for `f32`
+//!   (ignored test `exhaustive_f32`), by sampling for `f64`.
 //! * `softplus`, `sigmoid`: at most 2 ulp from the correctly rounded result
 //!   (errors of at most about 1.5 and 1.8 ulp before rounding); softplus is
 //!   checked exhaustively for `f32` too, against its formula in `f64`.
