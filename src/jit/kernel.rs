@@ -729,8 +729,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         (node, low, high)
     }
 
-    /// A whole float in `[0, 2^(p-1))` as an i64, through the bits of its sum with
-    /// `2^p` (`p` the significand's bits): a few instructions where the saturating
+    /// A whole float in `[0, 2^p)` as an i64, through the bits of its sum with `2^p` (`p`
+    /// the bits of the significand's fraction): a few instructions where the saturating
     /// conversion branches. Any other input gives some i64 (a NaN, a large one).
     fn small_float_to_index(&mut self, whole: Value) -> Value {
         let (bits_type, significand) = if self.float == F32 {

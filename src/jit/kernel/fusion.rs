@@ -221,8 +221,8 @@ impl Gen<'_, '_> {
         Ok(coefficient)
     }
 
-    /// `coefficient`, or zero when the softmax's sum is (its `inverse` is not finite: the
-    /// set has no member, or a member is NaN, which the members' own terms show).
+    /// `coefficient`, or zero where the softmax's `1 / sum` is not finite: the set has no
+    /// member (a NaN member's own term is NaN whatever the coefficient).
     fn unless_empty(&mut self, coefficient: Value, inverse: Value) -> Value {
         let infinity = self.fconst(f64::INFINITY);
         let finite = self.b.ins().fcmp(FloatCC::LessThan, inverse, infinity);
