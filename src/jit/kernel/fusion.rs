@@ -257,8 +257,6 @@ impl Gen<'_, '_> {
                 self.prepare(h)?;
             }
             let mut scatters = Vec::with_capacity(group.effects.len());
-            // Per scatter, the softmax buffer its weight reads, if it is a softmax term.
-            let mut softmax_rows = Vec::with_capacity(group.effects.len());
             for &effect in &group.effects {
                 let scatter = self.plan.scatters[effect];
                 let side = match scatter.target {
@@ -270,10 +268,9 @@ impl Gen<'_, '_> {
                 let softmax = (self.softmax_of(core))
                     .filter(|&(set, _)| set == group.set && side.is_none())
                     .and_then(|key| self.softmax_rows.get(&key).copied());
-                softmax_rows.push(softmax);
                 let term = match softmax {
                     Some(row) => WeightTerm::Softmax {
-                        buffer: row.buffer,
+                        row,
                         coefficient: self.coefficient(row.inverse, &factors, row_scale)?,
                     },
                     // Only for a factor a loop would splat: constants are loaded where
@@ -315,12 +312,11 @@ impl Gen<'_, '_> {
             // Softmax weights from buffers with zeros off the set can be added over the whole
             // row: no mask. Zero, not `c / sum`, for a set without members (`0 * inf`).
             let whole_row = folds.is_empty()
-                && (softmax_rows.iter()).all(|row| row.is_some_and(|row| row.every_column));
+                && (scatters.iter())
+                    .all(|s| matches!(s.term, WeightTerm::Softmax { row, .. } if row.every_column));
             if whole_row {
-                for (scatter, row) in scatters.iter_mut().zip(&softmax_rows) {
-                    if let (WeightTerm::Softmax { coefficient, .. }, Some(row)) =
-                        (&mut scatter.term, row)
-                    {
+                for scatter in &mut scatters {
+                    if let WeightTerm::Softmax { row, coefficient } = &mut scatter.term {
                         *coefficient = self.unless_empty(*coefficient, row.inverse);
                     }
                 }

@@ -6,7 +6,7 @@
 //! matrix entries and per-anchor values are vectorised; a member expression that reads
 //! labels, indices or group sizes keeps the scalar loop.
 
-use super::{At, Gen, Repr, Result, internal};
+use super::{At, Gen, Repr, Result, SoftmaxRow, internal};
 use crate::grad::{Scatter, ScatterTarget};
 use crate::ir::*;
 use crate::jit::constants::LoopBase;
@@ -115,8 +115,9 @@ pub(super) enum WeightTerm {
         coefficient: Value,
     },
     /// `core` is the softmax `exp(z - lse(set, z))` over the scatter's own set: the
-    /// entry of the log-sum-exp's buffer (`exp(z - max)`) times `coefficient` (`c / sum`).
-    Softmax { buffer: Value, coefficient: Value },
+    /// entry of the log-sum-exp's buffer (`exp(z - max)`, kept in `row`) times
+    /// `coefficient` (`c / sum`).
+    Softmax { row: SoftmaxRow, coefficient: Value },
 }
 
 /// What a [`WeightTerm`] reads per member.
@@ -132,10 +133,9 @@ impl WeightTerm {
         match self {
             WeightTerm::Tree { row_scale } => (TermRead::Expr(weight), row_scale),
             WeightTerm::Scaled { core, coefficient } => (TermRead::Expr(core), Some(coefficient)),
-            WeightTerm::Softmax {
-                buffer,
-                coefficient,
-            } => (TermRead::Kept(buffer), Some(coefficient)),
+            WeightTerm::Softmax { row, coefficient } => {
+                (TermRead::Kept(row.buffer), Some(coefficient))
+            }
         }
     }
 }
