@@ -192,8 +192,8 @@ impl Gen<'_, '_> {
         }
     }
 
-    /// `start` times the factors and the scatter's row scale, computed before the loop:
-    /// the coefficient of a [`WeightTerm`].
+    /// `start` times the factors and the scatter's row scale: the coefficient of a
+    /// [`WeightTerm`] (pinned before the loop once final).
     fn coefficient(
         &mut self,
         start: Value,
@@ -217,7 +217,6 @@ impl Gen<'_, '_> {
         if let Some(scale) = row_scale {
             coefficient = self.b.ins().fmul(coefficient, scale);
         }
-        self.pin(coefficient);
         Ok(coefficient)
     }
 
@@ -227,9 +226,7 @@ impl Gen<'_, '_> {
         let infinity = self.fconst(f64::INFINITY);
         let finite = self.b.ins().fcmp(FloatCC::LessThan, inverse, infinity);
         let zero = self.fconst(0.0);
-        let kept = self.b.ins().select(finite, coefficient, zero);
-        self.pin(kept);
-        kept
+        self.b.ins().select(finite, coefficient, zero)
     }
 
     /// Emits the planned scatter loops whose weights and sums evaluate on lanes; returns
@@ -319,6 +316,13 @@ impl Gen<'_, '_> {
                     if let WeightTerm::Softmax { row, coefficient } = &mut scatter.term {
                         *coefficient = self.unless_empty(*coefficient, row.inverse);
                     }
+                }
+            }
+            for scatter in &scatters {
+                if let WeightTerm::Scaled { coefficient, .. }
+                | WeightTerm::Softmax { coefficient, .. } = scatter.term
+                {
+                    self.pin(coefficient);
                 }
             }
             let totals = self.vector_loop(&repr, &folds, &scatters, !whole_row);
