@@ -325,40 +325,6 @@ fn metric_backward<F: Real>(
         Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
     let mut sparse = sparse::Compressed::of(g.view(), threads);
-    let (symmetric, dense) = (left == right, sparse.is_none());
-    if let (Some(floor), true, true) = (floor, symmetric, dense) {
-        // One pass over the pairs (i, j), (j, i) of a symmetric matrix (the distances are
-        // symmetric too) takes both adjoint entries to dQ, sums them into each side's
-        // coefficient and writes -2 (dQ + dQᵀ) to both: the symmetrised adjoint of the
-        // cross term, ready for the GEMM.
-        let n = g.nrows();
-        let d = value
-            .as_slice()
-            .expect("pair matrices are allocated in standard layout");
-        // The clamp is tested per entry, but whether there is one is not: a branch
-        // on it in the loop kept the pass off the vector lanes.
-        let partial = match floor {
-            Some(floor) => {
-                let two = F::from_f64(2.0);
-                symmetric_distance_adjoint(g, d, threads, move |w, distance| {
-                    if distance > floor {
-                        w / (two * distance)
-                    } else {
-                        F::ZERO
-                    }
-                })
-            }
-            None => symmetric_distance_adjoint(g, d, threads, |w, _| w),
-        };
-        let mut coefficients = vec![F::ZERO; n];
-        for part in partial {
-            add_into(&mut coefficients, &part);
-        }
-        let x = &tensors[left];
-        add_scaled_rows(&mut grads[left], x, &coefficients, two * scale);
-        gemm::ab_acc(scale, g.view(), x.view(), grads[left].view_mut(), threads);
-        return;
-    }
     if let Some(floor) = floor {
         // dQ = dD / (2 D) where the clamp does not hold (D above its floor); the |a_i|^2
         // and |b_j|^2 terms take the row and column sums of dQ, the cross term -2 a_i . b_j
@@ -405,11 +371,19 @@ fn metric_backward<F: Real>(
                 }
             }
         }
-        if to_left {
-            add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
-        }
-        if to_right {
-            add_scaled_rows(&mut grads[right], &tensors[right], &cols, two * scale);
+        if left == right {
+            // Both sums are one sample's coefficient: one pass over its row, not two.
+            if to_left {
+                add_into(&mut rows, &cols);
+                add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
+            }
+        } else {
+            if to_left {
+                add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
+            }
+            if to_right {
+                add_scaled_rows(&mut grads[right], &tensors[right], &cols, two * scale);
+            }
         }
     }
     if let Some(by_row) = sparse {
@@ -465,75 +439,6 @@ fn add_scaled_rows<F: Real>(grad: &mut Array2<F>, x: &Array2<F>, coefficients: &
         let factor = scale * c;
         row.zip_mut_with(&x_row, |acc, &v| *acc = *acc + factor * v);
     }
-}
-
-/// The dense pass of a symmetric distance matrix's adjoint: for each pair (i, j), (j, i)
-/// (the distances are symmetric too), `dq` takes the sum of both adjoint entries to dQ,
-/// which is added into each side's coefficient (the `|x_i|²` terms), and `-2 dQ` replaces
-/// both entries: the symmetrised adjoint of the cross term, ready for the GEMM. Returns
-/// the coefficients of each task, in task order.
-fn symmetric_distance_adjoint<F: Real>(
-    g: &mut Array2<F>,
-    d: &[F],
-    threads: usize,
-    dq: impl Fn(F, F) -> F + Sync,
-) -> Vec<Vec<F>> {
-    let n = g.nrows();
-    let minus_two = F::from_f64(-2.0);
-    gemm::symmetrize_with(
-        g.view_mut(),
-        threads,
-        || vec![F::ZERO; n],
-        |coefficients: &mut Vec<F>, i, j, upper: &mut [F], lower: &mut [F]| {
-            let len = upper.len();
-            let distances = &d[i * n + j..][..len];
-            let columns = &mut coefficients[j..][..len];
-            let row_total = if let (Ok(upper), Ok(lower)) = (
-                <&mut [F; LINE]>::try_from(&mut *upper),
-                <&mut [F; LINE]>::try_from(&mut *lower),
-            ) {
-                // The lines of the blocks off the diagonal: a fixed length keeps them on
-                // the vector lanes.
-                let mut both = [F::ZERO; LINE];
-                for (k, b) in both.iter_mut().enumerate() {
-                    *b = dq(upper[k] + lower[k], distances[k]);
-                }
-                distance_line(&both, upper, lower, columns, minus_two)
-            } else {
-                // The diagonal's entries and the edges' short lines, an entry at a time.
-                (0..len).fold(F::ZERO, |total, k| {
-                    let both = [dq(upper[k] + lower[k], distances[k])];
-                    let (upper, lower) = (&mut upper[k..=k], &mut lower[k..=k]);
-                    total + distance_line(&both, upper, lower, &mut columns[k..=k], minus_two)
-                })
-            };
-            // On the diagonal, (i, i) went into its coefficient once already.
-            if j != i {
-                coefficients[i] = coefficients[i] + row_total;
-            }
-        },
-    )
-}
-
-/// The length of the lines [`gemm::symmetrize_with`] hands out off the diagonal.
-const LINE: usize = 8;
-
-/// Writes `-2 dQ` (`both`) to a line and its mirror and adds it into the columns'
-/// coefficients; returns the line's total, for its row's coefficient.
-#[inline(always)]
-fn distance_line<F: Real>(
-    both: &[F],
-    upper: &mut [F],
-    lower: &mut [F],
-    columns: &mut [F],
-    minus_two: F,
-) -> F {
-    for (((&b, u), l), c) in both.iter().zip(upper).zip(lower).zip(columns) {
-        *c = *c + b;
-        *u = minus_two * b;
-        *l = *u;
-    }
-    both.iter().fold(F::ZERO, |total, &b| total + b)
 }
 
 /// `dQ = dD / (2 D)` from an entry `w` of the adjoint of a distance `d` (zero where the clamp
