@@ -299,41 +299,10 @@ pub fn gram_with<T: Real>(
 
 /// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
 /// that `dX += (G + Gᵀ) X` is then one [`ab_acc`]. The result is exactly
-/// symmetric and does not depend on the thread count.
-pub fn symmetrize<T: Real>(g: ArrayViewMut2<'_, T>, threads: usize) {
-    symmetrize_with(
-        g,
-        threads,
-        || (),
-        |_, _, _, upper, lower| {
-            for (u, l) in upper.iter_mut().zip(lower) {
-                let v = *u + *l;
-                *u = v;
-                *l = v;
-            }
-        },
-    );
-}
-
-/// Tasks of [`symmetrize_with`]: a fixed number, whatever the thread count, so that
-/// what each accumulates does not depend on it; a few per thread, since sharing out
-/// single tiles costs more than it balances.
-const SYMMETRIZE_TASKS: usize = 8;
-
-/// Makes the leading `min(rows, cols)` square block of `g` symmetric by combining each
-/// entry above the diagonal with its mirror: `combine(state, i, j, upper, lower)` gets
-/// the entries `(i, j..j + len)` in `upper` and `(j..j + len, i)` in `lower` (with
-/// `i <= j`; on the diagonal, `len` is 1 and both are the one entry) and leaves the same
-/// values in both. Pairs of 64 x 64 tiles (one above the diagonal, its mirror below) are
-/// shared out between `SYMMETRIZE_TASKS` tasks in a fixed order, each with its own
-/// `state` from `init`; the states come back in task order, and each element is written
-/// once, so nothing depends on the thread count.
-pub fn symmetrize_with<T: Real, S: Send>(
-    mut g: ArrayViewMut2<'_, T>,
-    threads: usize,
-    init: impl Fn() -> S,
-    combine: impl Fn(&mut S, usize, usize, &mut [T], &mut [T]) + Sync,
-) -> Vec<S> {
+/// symmetric and does not depend on the thread count: pairs of 64 x 64 tiles (one
+/// above the diagonal, its mirror below) are shared out between
+/// `SYMMETRIZE_TASKS` tasks, and each element is written once.
+pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
     const TILE: usize = 64;
     let n = g.nrows().min(g.ncols());
     // Rows of unit stride, each starting `ld` after the last: padded rows are welcome
@@ -341,16 +310,15 @@ pub fn symmetrize_with<T: Real, S: Send>(
     let (row_stride, column_stride) = (g.strides()[0], g.strides()[1]);
     let ld = usize::try_from(row_stride).unwrap_or(0);
     if column_stride != 1 || ld < g.ncols() {
-        let mut state = init();
         for i in 0..n {
-            for j in i..n {
-                let (mut upper, mut lower) = ([g[(i, j)]], [g[(j, i)]]);
-                combine(&mut state, i, j, &mut upper, &mut lower);
-                g[(i, j)] = upper[0];
-                g[(j, i)] = lower[0];
+            for j in i + 1..n {
+                let sum = g[(i, j)] + g[(j, i)];
+                g[(i, j)] = sum;
+                g[(j, i)] = sum;
             }
+            g[(i, i)] = g[(i, i)] + g[(i, i)];
         }
-        return vec![state];
+        return;
     }
     let tiles = n.div_ceil(TILE);
     let pairs: Vec<(usize, usize)> = (0..tiles)
@@ -359,20 +327,29 @@ pub fn symmetrize_with<T: Real, S: Send>(
     let threads = if n < 512 { 1 } else { threads };
     let base = SharedMut(g.as_mut_ptr());
     let per_task = pairs.len().div_ceil(SYMMETRIZE_TASKS).max(1);
-    let chunks: Vec<&[(usize, usize)]> = pairs.chunks(per_task).collect();
-    let mut states: Vec<S> = chunks.iter().map(|_| init()).collect();
-    let tasks: Vec<_> = chunks.into_iter().zip(states.iter_mut()).collect();
-    run_tasks(tasks, threads, |(chunk, state)| {
+    let tasks: Vec<&[(usize, usize)]> = pairs.chunks(per_task).collect();
+    run_tasks(tasks, threads, |chunk| {
         for &(i0, j0) in chunk {
             let (h, w) = (TILE.min(n - i0), TILE.min(n - j0));
-            let mut combine =
-                |i, j, upper: &mut [T], lower: &mut [T]| combine(state, i, j, upper, lower);
             // SAFETY: the tile at (i0, j0) and its mirror lie inside the n x ld buffer, and
             // no other task touches them.
-            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w), &mut combine) }
+            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w)) }
         }
     });
-    states
+}
+
+/// Tasks of [`symmetrize`]: a few per thread, since sharing out single tiles costs more
+/// than it balances.
+const SYMMETRIZE_TASKS: usize = 8;
+
+/// `upper[k]` and `lower[k]` both become their sum.
+#[inline(always)]
+fn add_mirrored<T: Real>(upper: &mut [T], lower: &mut [T]) {
+    for (u, l) in upper.iter_mut().zip(lower) {
+        let v = *u + *l;
+        *u = v;
+        *l = v;
+    }
 }
 
 /// A pointer tasks share to write disjoint parts of one buffer.
@@ -381,35 +358,23 @@ struct SharedMut<T>(*mut T);
 // buffer is used again.
 unsafe impl<T> Sync for SharedMut<T> {}
 
-/// Combines the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
-/// length `ld`) with the transpose of its mirror tile (row `j0`, column `i0`), as
-/// [`symmetrize_with`] describes, 8 x 8 blocks at a time off the diagonal. Compiled for
-/// AVX2 and AVX-512 too: the combinations run on vector lanes.
+/// Symmetrises the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
+/// length `ld`) with its mirror tile (row `j0`, column `i0`), 8 x 8 blocks at a time
+/// off the diagonal. Compiled for AVX2 and AVX-512 too: the sums run on vector lanes.
 ///
 /// # Safety
 /// Both tiles lie inside the buffer at `base`, and nothing else reads or writes
 /// them while this runs.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-unsafe fn symmetrize_tile<T: Real, C: FnMut(usize, usize, &mut [T], &mut [T])>(
+unsafe fn symmetrize_tile<T: Real>(
     base: &SharedMut<T>,
     ld: usize,
     (i0, j0): (usize, usize),
     (h, w): (usize, usize),
-    combine: &mut C,
 ) {
     const M: usize = 8;
     // SAFETY (for every use): the caller keeps (i, j) inside the buffer.
     let at = |i: usize, j: usize| unsafe { base.0.add(i * ld + j) };
-    let single = |i: usize, j: usize, combine: &mut C| {
-        let (upper, lower) = (at(i, j), at(j, i));
-        // SAFETY: both entries lie in the tiles (they are one entry on the diagonal).
-        unsafe {
-            let (mut u, mut l) = ([*upper], [*lower]);
-            combine(i, j, &mut u, &mut l);
-            *upper = u[0];
-            *lower = l[0];
-        }
-    };
     let full_blocks = i0 != j0;
     for i in (0..h).step_by(M) {
         let rows = M.min(h - i);
@@ -417,14 +382,21 @@ unsafe fn symmetrize_tile<T: Real, C: FnMut(usize, usize, &mut [T], &mut [T])>(
             let cols = M.min(w - j);
             if full_blocks && rows == M && cols == M {
                 let (upper, lower) = (at(i0 + i, j0 + j), at(j0 + j, i0 + i));
-                unsafe { symmetrize_block::<T, M, C>(upper, lower, ld, (i0 + i, j0 + j), combine) };
+                unsafe { symmetrize_block::<T, M>(upper, lower, ld) };
                 continue;
             }
             for a in 0..rows {
                 for b in 0..cols {
                     let (gi, gj) = (i0 + i + a, j0 + j + b);
-                    if gi <= gj {
-                        single(gi, gj, combine);
+                    // SAFETY: both entries lie in the tiles (one entry on the diagonal).
+                    unsafe {
+                        if gi < gj {
+                            let sum = *at(gi, gj) + *at(gj, gi);
+                            *at(gi, gj) = sum;
+                            *at(gj, gi) = sum;
+                        } else if gi == gj {
+                            *at(gi, gi) = *at(gi, gi) + *at(gi, gi);
+                        }
                     }
                 }
             }
@@ -432,20 +404,13 @@ unsafe fn symmetrize_tile<T: Real, C: FnMut(usize, usize, &mut [T], &mut [T])>(
     }
 }
 
-/// [`symmetrize_tile`] of one `M × M` block at `upper` (whose first entry is `(i, j)`)
-/// and its mirror at `lower`, a row of `upper` and the matching column of `lower` at a
-/// time.
+/// [`symmetrize_tile`] of one `M × M` block at `upper` and its mirror at `lower`, a row
+/// of `upper` and the matching column of `lower` at a time.
 ///
 /// # Safety
 /// Both blocks (rows of length `ld`) are valid, disjoint and not used elsewhere.
 #[inline(always)]
-unsafe fn symmetrize_block<T: Real, const M: usize, C: FnMut(usize, usize, &mut [T], &mut [T])>(
-    upper: *mut T,
-    lower: *mut T,
-    ld: usize,
-    (i, j): (usize, usize),
-    combine: &mut C,
-) {
+unsafe fn symmetrize_block<T: Real, const M: usize>(upper: *mut T, lower: *mut T, ld: usize) {
     // SAFETY: row `b` of either block, inside it as the caller guarantees.
     let line = |block: *mut T, b: usize| unsafe {
         &mut *std::ptr::slice_from_raw_parts_mut(block.add(b * ld), M)
@@ -458,7 +423,7 @@ unsafe fn symmetrize_block<T: Real, const M: usize, C: FnMut(usize, usize, &mut 
         }
     }
     for (a, column) in column.iter_mut().enumerate() {
-        combine(i + a, j, line(upper, a), column);
+        add_mirrored(line(upper, a), column);
     }
     for (b, values) in (0..M).map(|b| (b, line(lower, b))) {
         for (a, v) in values.iter_mut().enumerate() {
