@@ -299,10 +299,83 @@ pub fn gram_with<T: Real>(
 
 /// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
 /// that `dX += (G + Gᵀ) X` is then one [`ab_acc`]. The result is exactly
-/// symmetric and does not depend on the thread count: pairs of 64 x 64 tiles (one
-/// above the diagonal, its mirror below) are shared out between
-/// `SYMMETRIZE_TASKS` tasks, and each element is written once.
-pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
+/// symmetric and does not depend on the thread count.
+pub fn symmetrize<T: Real>(g: ArrayViewMut2<'_, T>, threads: usize) {
+    symmetrize_by(g, threads, &Sum);
+}
+
+/// [`MirrorPairs`] of [`symmetrize`]: both entries become their sum.
+struct Sum;
+
+impl<T: Real> MirrorPairs<T> for Sum {
+    type State = ();
+
+    fn state(&self) {}
+
+    #[inline(always)]
+    fn block(&self, _: &mut (), _: (usize, usize), upper: &mut Block<T>, lower: &mut Block<T>) {
+        // Row by row: flattened, the block stayed off the vector lanes.
+        for (upper, lower) in upper.iter_mut().zip(lower.iter_mut()) {
+            for (u, l) in upper.iter_mut().zip(lower.iter_mut()) {
+                let v = *u + *l;
+                *u = v;
+                *l = v;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn single(&self, _: &mut (), _: (usize, usize), upper: T, lower: T) -> T {
+        upper + lower
+    }
+}
+
+/// Side of the square blocks [`MirrorPairs::block`] combines.
+pub const BLOCK: usize = 8;
+
+/// A `BLOCK × BLOCK` block of entries, by rows.
+pub type Block<T> = [[T; BLOCK]; BLOCK];
+
+/// How [`symmetrize_by`] combines each entry above the diagonal with its mirror below it:
+/// both get the same value. The methods are inlined into code compiled for AVX2 and
+/// AVX-512, so that a block's arithmetic runs on vector lanes.
+pub trait MirrorPairs<T>: Sync {
+    /// What one task accumulates.
+    type State: Send;
+
+    /// A task's state before its first pair.
+    fn state(&self) -> Self::State;
+
+    /// The block whose first entry is `(i, j)` (above the diagonal): `upper[a][b]` is entry
+    /// `(i + a, j + b)` and `lower[a][b]` its mirror `(j + b, i + a)`.
+    fn block(
+        &self,
+        state: &mut Self::State,
+        at: (usize, usize),
+        upper: &mut Block<T>,
+        lower: &mut Block<T>,
+    );
+
+    /// The value of entry `(i, j)` and of its mirror (with `i <= j`; on the diagonal both
+    /// are the one entry).
+    fn single(&self, state: &mut Self::State, at: (usize, usize), upper: T, lower: T) -> T;
+}
+
+/// Tasks of [`symmetrize_by`]: a fixed number, whatever the thread count, so that what
+/// each accumulates does not depend on it; a few per thread, since sharing out single
+/// tiles costs more than it balances.
+const SYMMETRIZE_TASKS: usize = 8;
+
+/// Makes the leading `min(rows, cols)` square block of `g` symmetric by combining each
+/// entry above the diagonal with its mirror as `pairs` says. Pairs of 64 x 64 tiles (one
+/// above the diagonal, its mirror below) are shared out between `SYMMETRIZE_TASKS` tasks
+/// in a fixed order, each with its own state; the states come back in task order, and
+/// each element is written once, so nothing depends on the thread count.
+pub fn symmetrize_by<T: Real, P: MirrorPairs<T>>(
+    mut g: ArrayViewMut2<'_, T>,
+    threads: usize,
+    pairs: &P,
+) -> Vec<P::State> {
     const TILE: usize = 64;
     let n = g.nrows().min(g.ncols());
     // Rows of unit stride, each starting `ld` after the last: padded rows are welcome
@@ -310,46 +383,35 @@ pub fn symmetrize<T: Real>(mut g: ArrayViewMut2<'_, T>, threads: usize) {
     let (row_stride, column_stride) = (g.strides()[0], g.strides()[1]);
     let ld = usize::try_from(row_stride).unwrap_or(0);
     if column_stride != 1 || ld < g.ncols() {
+        let mut state = pairs.state();
         for i in 0..n {
-            for j in i + 1..n {
-                let sum = g[(i, j)] + g[(j, i)];
-                g[(i, j)] = sum;
-                g[(j, i)] = sum;
+            for j in i..n {
+                let v = pairs.single(&mut state, (i, j), g[(i, j)], g[(j, i)]);
+                g[(i, j)] = v;
+                g[(j, i)] = v;
             }
-            g[(i, i)] = g[(i, i)] + g[(i, i)];
         }
-        return;
+        return vec![state];
     }
     let tiles = n.div_ceil(TILE);
-    let pairs: Vec<(usize, usize)> = (0..tiles)
+    let tile_pairs: Vec<(usize, usize)> = (0..tiles)
         .flat_map(|a| (a..tiles).map(move |b| (a * TILE, b * TILE)))
         .collect();
     let threads = if n < 512 { 1 } else { threads };
     let base = SharedMut(g.as_mut_ptr());
-    let per_task = pairs.len().div_ceil(SYMMETRIZE_TASKS).max(1);
-    let tasks: Vec<&[(usize, usize)]> = pairs.chunks(per_task).collect();
-    run_tasks(tasks, threads, |chunk| {
+    let per_task = tile_pairs.len().div_ceil(SYMMETRIZE_TASKS).max(1);
+    let chunks: Vec<&[(usize, usize)]> = tile_pairs.chunks(per_task).collect();
+    let mut states: Vec<P::State> = chunks.iter().map(|_| pairs.state()).collect();
+    let tasks: Vec<_> = chunks.into_iter().zip(states.iter_mut()).collect();
+    run_tasks(tasks, threads, |(chunk, state)| {
         for &(i0, j0) in chunk {
             let (h, w) = (TILE.min(n - i0), TILE.min(n - j0));
             // SAFETY: the tile at (i0, j0) and its mirror lie inside the n x ld buffer, and
             // no other task touches them.
-            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w)) }
+            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w), pairs, state) }
         }
     });
-}
-
-/// Tasks of [`symmetrize`]: a few per thread, since sharing out single tiles costs more
-/// than it balances.
-const SYMMETRIZE_TASKS: usize = 8;
-
-/// `upper[k]` and `lower[k]` both become their sum.
-#[inline(always)]
-fn add_mirrored<T: Real>(upper: &mut [T], lower: &mut [T]) {
-    for (u, l) in upper.iter_mut().zip(lower) {
-        let v = *u + *l;
-        *u = v;
-        *l = v;
-    }
+    states
 }
 
 /// A pointer tasks share to write disjoint parts of one buffer.
@@ -358,44 +420,44 @@ struct SharedMut<T>(*mut T);
 // buffer is used again.
 unsafe impl<T> Sync for SharedMut<T> {}
 
-/// Symmetrises the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
-/// length `ld`) with its mirror tile (row `j0`, column `i0`), 8 x 8 blocks at a time
-/// off the diagonal. Compiled for AVX2 and AVX-512 too: the sums run on vector lanes.
+/// Combines the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
+/// length `ld`) with its mirror tile (row `j0`, column `i0`), as [`symmetrize_by`]
+/// describes, `BLOCK × BLOCK` blocks at a time off the diagonal.
 ///
 /// # Safety
 /// Both tiles lie inside the buffer at `base`, and nothing else reads or writes
 /// them while this runs.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-unsafe fn symmetrize_tile<T: Real>(
+unsafe fn symmetrize_tile<T: Real, P: MirrorPairs<T>>(
     base: &SharedMut<T>,
     ld: usize,
     (i0, j0): (usize, usize),
     (h, w): (usize, usize),
+    pairs: &P,
+    state: &mut P::State,
 ) {
-    const M: usize = 8;
     // SAFETY (for every use): the caller keeps (i, j) inside the buffer.
     let at = |i: usize, j: usize| unsafe { base.0.add(i * ld + j) };
     let full_blocks = i0 != j0;
-    for i in (0..h).step_by(M) {
-        let rows = M.min(h - i);
-        for j in (0..w).step_by(M) {
-            let cols = M.min(w - j);
-            if full_blocks && rows == M && cols == M {
-                let (upper, lower) = (at(i0 + i, j0 + j), at(j0 + j, i0 + i));
-                unsafe { symmetrize_block::<T, M>(upper, lower, ld) };
+    for i in (0..h).step_by(BLOCK) {
+        let rows = BLOCK.min(h - i);
+        for j in (0..w).step_by(BLOCK) {
+            let cols = BLOCK.min(w - j);
+            let (gi, gj) = (i0 + i, j0 + j);
+            if full_blocks && rows == BLOCK && cols == BLOCK {
+                // SAFETY: both blocks lie in the tiles, which are disjoint off the diagonal.
+                unsafe { symmetrize_block(at(gi, gj), at(gj, gi), ld, (gi, gj), pairs, state) };
                 continue;
             }
             for a in 0..rows {
                 for b in 0..cols {
-                    let (gi, gj) = (i0 + i + a, j0 + j + b);
-                    // SAFETY: both entries lie in the tiles (one entry on the diagonal).
-                    unsafe {
-                        if gi < gj {
-                            let sum = *at(gi, gj) + *at(gj, gi);
-                            *at(gi, gj) = sum;
-                            *at(gj, gi) = sum;
-                        } else if gi == gj {
-                            *at(gi, gi) = *at(gi, gi) + *at(gi, gi);
+                    let (gi, gj) = (gi + a, gj + b);
+                    if gi <= gj {
+                        // SAFETY: both entries lie in the tiles (one entry on the diagonal).
+                        unsafe {
+                            let v = pairs.single(state, (gi, gj), *at(gi, gj), *at(gj, gi));
+                            *at(gi, gj) = v;
+                            *at(gj, gi) = v;
                         }
                     }
                 }
@@ -404,30 +466,43 @@ unsafe fn symmetrize_tile<T: Real>(
     }
 }
 
-/// [`symmetrize_tile`] of one `M × M` block at `upper` and its mirror at `lower`, a row
-/// of `upper` and the matching column of `lower` at a time.
+/// [`symmetrize_tile`] of one block at `upper` (whose first entry is `at`) and its mirror
+/// at `lower`: both are read into registers (`lower` transposed), combined, and written
+/// back.
 ///
 /// # Safety
 /// Both blocks (rows of length `ld`) are valid, disjoint and not used elsewhere.
 #[inline(always)]
-unsafe fn symmetrize_block<T: Real, const M: usize>(upper: *mut T, lower: *mut T, ld: usize) {
+unsafe fn symmetrize_block<T: Real, P: MirrorPairs<T>>(
+    upper: *mut T,
+    lower: *mut T,
+    ld: usize,
+    at: (usize, usize),
+    pairs: &P,
+    state: &mut P::State,
+) {
     // SAFETY: row `b` of either block, inside it as the caller guarantees.
     let line = |block: *mut T, b: usize| unsafe {
-        &mut *std::ptr::slice_from_raw_parts_mut(block.add(b * ld), M)
+        &mut *std::ptr::slice_from_raw_parts_mut(block.add(b * ld), BLOCK)
     };
-    // column[a][b] is lower's row b, column a: the mirror of upper's (a, b).
-    let mut column = [[T::ZERO; M]; M];
-    for (b, values) in (0..M).map(|b| (b, line(lower, b))) {
+    let mut above = [[T::ZERO; BLOCK]; BLOCK];
+    // below[a][b] is lower's row b, column a: the mirror of above[a][b].
+    let mut below = [[T::ZERO; BLOCK]; BLOCK];
+    for (a, row) in above.iter_mut().enumerate() {
+        row.copy_from_slice(line(upper, a));
+    }
+    for (b, values) in (0..BLOCK).map(|b| (b, line(lower, b))) {
         for (a, &v) in values.iter().enumerate() {
-            column[a][b] = v;
+            below[a][b] = v;
         }
     }
-    for (a, column) in column.iter_mut().enumerate() {
-        add_mirrored(line(upper, a), column);
+    pairs.block(state, at, &mut above, &mut below);
+    for (a, row) in above.iter().enumerate() {
+        line(upper, a).copy_from_slice(row);
     }
-    for (b, values) in (0..M).map(|b| (b, line(lower, b))) {
+    for (b, values) in (0..BLOCK).map(|b| (b, line(lower, b))) {
         for (a, v) in values.iter_mut().enumerate() {
-            *v = column[a][b];
+            *v = below[a][b];
         }
     }
 }

@@ -325,6 +325,40 @@ fn metric_backward<F: Real>(
         Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
     let mut sparse = sparse::Compressed::of(g.view(), threads);
+    if let (Some(floor), true, true, None) = (floor, left == right, to_left, &sparse) {
+        // One pass over the pairs (i, j), (j, i) of the symmetric matrix and its adjoint
+        // (the distances are symmetric too): dQ of both entries' sum, into both samples'
+        // coefficients, and -2 dQ to both entries, the symmetrised adjoint of the cross
+        // term, ready for the GEMM.
+        let n = g.nrows();
+        let distances = value
+            .as_slice()
+            .expect("pair matrices are allocated in standard layout");
+        let sums = match floor {
+            Some(floor) => {
+                // Divided whatever the distance, then selected: no branch in the lanes.
+                let dq = move |w: F, d: F| {
+                    let q = w / (two * d);
+                    if d > floor { q } else { F::ZERO }
+                };
+                let pairs = SymmetricDistanceAdjoint { distances, n, dq };
+                gemm::symmetrize_by(g.view_mut(), threads, &pairs)
+            }
+            None => {
+                let pairs = SymmetricDistanceAdjoint {
+                    distances,
+                    n,
+                    dq: |w, _| w,
+                };
+                gemm::symmetrize_by(g.view_mut(), threads, &pairs)
+            }
+        };
+        let coefficients = CoefficientSums::total(sums, n);
+        let x = &tensors[left];
+        add_scaled_rows(&mut grads[left], x, &coefficients, two * scale);
+        gemm::ab_acc(scale, g.view(), x.view(), grads[left].view_mut(), threads);
+        return;
+    }
     if let Some(floor) = floor {
         // dQ = dD / (2 D) where the clamp does not hold (D above its floor); the |a_i|^2
         // and |b_j|^2 terms take the row and column sums of dQ, the cross term -2 a_i . b_j
@@ -441,6 +475,101 @@ fn add_scaled_rows<F: Real>(grad: &mut Array2<F>, x: &Array2<F>, coefficients: &
     }
 }
 
+/// The backward pass of a symmetric distance matrix as [`gemm::MirrorPairs`]: an entry
+/// and its mirror take `dq` of their sum (and of their distance), which goes into both
+/// samples' coefficients, and are replaced by `-2 dq`.
+struct SymmetricDistanceAdjoint<'a, F, Q> {
+    /// The distances, rows of length `n`.
+    distances: &'a [F],
+    n: usize,
+    dq: Q,
+}
+
+/// What a task of [`SymmetricDistanceAdjoint`] accumulates: per sample, the sums of `dq`
+/// over its row by lanes (a block's row adds to its first sample's lanes) and over its
+/// column; the coefficient is their total.
+struct CoefficientSums<F> {
+    rows: Vec<[F; gemm::BLOCK]>,
+    columns: Vec<F>,
+}
+
+impl<F: Real> CoefficientSums<F> {
+    /// Each sample's coefficient: the tasks' sums, added in task order.
+    fn total(tasks: Vec<CoefficientSums<F>>, n: usize) -> Vec<F> {
+        let mut coefficients = vec![F::ZERO; n];
+        for task in tasks {
+            let lanes = task
+                .rows
+                .iter()
+                .map(|lanes| lanes.iter().fold(F::ZERO, |t, &v| t + v));
+            for ((c, &column), row) in coefficients.iter_mut().zip(&task.columns).zip(lanes) {
+                *c = *c + (column + row);
+            }
+        }
+        coefficients
+    }
+}
+
+impl<F: Real, Q: Fn(F, F) -> F + Sync> gemm::MirrorPairs<F> for SymmetricDistanceAdjoint<'_, F, Q> {
+    type State = CoefficientSums<F>;
+
+    fn state(&self) -> CoefficientSums<F> {
+        CoefficientSums {
+            rows: vec![[F::ZERO; gemm::BLOCK]; self.n],
+            columns: vec![F::ZERO; self.n],
+        }
+    }
+
+    #[inline(always)]
+    fn block(
+        &self,
+        sums: &mut CoefficientSums<F>,
+        (i, j): (usize, usize),
+        upper: &mut gemm::Block<F>,
+        lower: &mut gemm::Block<F>,
+    ) {
+        const B: usize = gemm::BLOCK;
+        let minus_two = F::from_f64(-2.0);
+        let mut columns = [F::ZERO; B];
+        // A row at a time, each step its own loop over the row: so they run on vector lanes.
+        for (a, (upper, lower)) in upper.iter_mut().zip(lower.iter_mut()).enumerate() {
+            let distances = &self.distances[(i + a) * self.n + j..][..B];
+            let mut dq = [F::ZERO; B];
+            for (((q, &u), &l), &d) in dq.iter_mut().zip(&*upper).zip(&*lower).zip(distances) {
+                *q = (self.dq)(u + l, d);
+            }
+            for ((lane, column), &q) in sums.rows[i + a].iter_mut().zip(&mut columns).zip(&dq) {
+                *lane = *lane + q;
+                *column = *column + q;
+            }
+            for ((u, l), &q) in upper.iter_mut().zip(lower.iter_mut()).zip(&dq) {
+                *u = minus_two * q;
+                *l = *u;
+            }
+        }
+        for (total, column) in sums.columns[j..][..B].iter_mut().zip(columns) {
+            *total = *total + column;
+        }
+    }
+
+    #[inline(always)]
+    fn single(
+        &self,
+        sums: &mut CoefficientSums<F>,
+        (i, j): (usize, usize),
+        upper: F,
+        lower: F,
+    ) -> F {
+        let dq = (self.dq)(upper + lower, self.distances[i * self.n + j]);
+        sums.columns[j] = sums.columns[j] + dq;
+        // On the diagonal, (i, i) is one entry: it counts once.
+        if i != j {
+            sums.columns[i] = sums.columns[i] + dq;
+        }
+        F::from_f64(-2.0) * dq
+    }
+}
+
 /// `dQ = dD / (2 D)` from an entry `w` of the adjoint of a distance `d` (zero where the clamp
 /// holds, `d` at its `floor`); the adjoint itself for a squared distance (`floor` None).
 fn squared_adjoint<F: Real>(floor: Option<F>) -> impl Fn(F, F) -> F + Copy + Sync {
@@ -553,5 +682,68 @@ fn tensor_backward<F: Real>(
         | TensorOp::Stop { .. }
         | TensorOp::Concat { .. }
         | TensorOp::OneHot { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pass over mirrored pairs against its definition: entry (i, j) becomes
+    /// `-2 dq(g_ij + g_ji, d_ij)` and sample i's coefficient is the sum of
+    /// `dq(g_ij + g_ji, d_ij)` over its row; the same bits for any thread count, with tiles
+    /// cut at the edges, blocks off the diagonal and padded rows.
+    #[test]
+    fn symmetric_distance_adjoint_matches_its_definition() {
+        let floor = 0.25;
+        let dq = |w: f64, d: f64| if d > floor { w / (2.0 * d) } else { 0.0 };
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for n in [1, 7, 64, 65, 130, 700] {
+            let g0 = Array2::from_shape_fn((n, n + 3), |_| uniform() - 0.5);
+            let mut d = Array2::from_shape_fn((n, n), |_| uniform());
+            for i in 0..n {
+                d[(i, i)] = floor;
+                for j in 0..i {
+                    d[(i, j)] = d[(j, i)];
+                }
+            }
+            let distances = d.as_slice().expect("standard layout");
+            let mut first: Option<(Array2<f64>, Vec<f64>)> = None;
+            for threads in [1, 2, 3] {
+                let mut g = g0.clone();
+                let pairs = SymmetricDistanceAdjoint { distances, n, dq };
+                let sums = gemm::symmetrize_by(g.slice_mut(ndarray::s![.., ..n]), threads, &pairs);
+                let coefficients = CoefficientSums::total(sums, n);
+                for i in 0..n {
+                    let mut row = 0.0;
+                    for j in 0..n {
+                        let q = dq(g0[(i, j)] + g0[(j, i)], d[(i, j)]);
+                        assert_eq!(g[(i, j)], -2.0 * q, "n = {n}, entry ({i}, {j})");
+                        row += q;
+                    }
+                    let got = coefficients[i];
+                    assert!(
+                        (got - row).abs() <= 1e-12 * (1.0 + row.abs()),
+                        "n = {n}, row {i}: {got} against {row}"
+                    );
+                    assert_eq!(g[(i, n)], g0[(i, n)], "the padding is left alone");
+                }
+                match &first {
+                    None => first = Some((g, coefficients)),
+                    Some((g1, c1)) => {
+                        assert!(
+                            g == *g1 && coefficients == *c1,
+                            "n = {n}, {threads} threads"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
