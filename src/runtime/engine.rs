@@ -17,7 +17,7 @@ use crate::jit::{CompiledPass, Kernels, Target};
 use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2, Axis, ShapeBuilder};
 use std::any::Any;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -789,37 +789,48 @@ impl<'r, F: Real> Run<'r, F> {
             .collect();
         let scratch = lens.iter().copied().max().unwrap_or(0) as usize;
         let page_offset = matrix_ptrs.first().map_or(0, |&m| m as usize % PAGE);
-        let threads = self.threads.min(rows.max(1));
-        let chunk = rows.div_ceil(threads.max(1)).max(1);
+        // Anchors are handed out in small chunks as the workers ask for them: with one
+        // contiguous half per thread, a core that another tenant slowed (or the costlier
+        // anchors of a mining loss) held the whole pass back.
+        let chunks = rows.div_ceil(ANCHORS_PER_CHUNK);
+        let workers = self.threads.min(chunks).max(1);
         let code = pass.code;
-        // The pool's threads are already running: a pass costs no thread start.
+        let next_chunk = AtomicUsize::new(0);
         let status = AtomicU32::new(0);
-        rayon::scope(|scope| {
-            for start in (0..rows).step_by(chunk) {
-                let (args, buffers, status) = (&args, &buffers, &status);
-                scope.spawn(move |_| {
-                    let row_buffers = RowBuffers::<F>::new(buffers, scratch, page_offset);
-                    let mut flags = 0;
-                    for anchor in start..(start + chunk).min(rows) {
-                        // SAFETY: `args` points at tables that outlive the scope, sized for
-                        // this module and batch as the kernel's layout requires; each row
-                        // buffer and scratch buffer is as long as the domain it holds an
-                        // entry per column of; anchors are split between threads, and a
-                        // kernel writes only its anchor's outputs, skip flag and adjoint
-                        // rows.
-                        flags |= unsafe {
-                            code(
-                                &args.0,
-                                anchor as u64,
-                                row_buffers.addresses.as_ptr(),
-                                row_buffers.values,
-                                row_buffers.indices.cast::<u32>(),
-                            )
-                        };
-                    }
-                    status.fetch_or(flags, Ordering::Relaxed);
-                });
+        let (args, buffers, next, flags_of_all) = (&args, &buffers, &next_chunk, &status);
+        let work = move || {
+            let row_buffers = RowBuffers::<F>::new(buffers, scratch, page_offset);
+            let mut flags = 0;
+            loop {
+                let start = next.fetch_add(1, Ordering::Relaxed) * ANCHORS_PER_CHUNK;
+                if start >= rows {
+                    break;
+                }
+                for anchor in start..(start + ANCHORS_PER_CHUNK).min(rows) {
+                    // SAFETY: `args` points at tables that outlive the scope, sized for this
+                    // module and batch as the kernel's layout requires; each row buffer and
+                    // scratch buffer is as long as the domain it holds an entry per column
+                    // of; each anchor is taken by one worker, and a kernel writes only its
+                    // anchor's outputs, skip flag and adjoint rows.
+                    flags |= unsafe {
+                        code(
+                            &args.0,
+                            anchor as u64,
+                            row_buffers.addresses.as_ptr(),
+                            row_buffers.values,
+                            row_buffers.indices.cast::<u32>(),
+                        )
+                    };
+                }
             }
+            flags_of_all.fetch_or(flags, Ordering::Relaxed);
+        };
+        // The pool's threads are already running: a pass costs no thread start.
+        rayon::scope(|scope| {
+            for _ in 1..workers {
+                scope.spawn(move |_| work());
+            }
+            work();
         });
         let status = status.into_inner();
         for ((h, width), values) in pass.layout.outputs.iter().zip(outputs) {
@@ -836,6 +847,9 @@ impl<'r, F: Real> Run<'r, F> {
         status
     }
 }
+
+/// Anchors a worker takes at a time in a row pass.
+const ANCHORS_PER_CHUNK: usize = 16;
 
 /// Entries past the end of the per-domain tables that vector loads may touch.
 const PADDING: usize = 8;
