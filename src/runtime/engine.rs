@@ -451,6 +451,8 @@ struct Run<'r, F: Real> {
     matrices: Vec<Array2<F>>,
     /// Per matrix: its adjoint, for the matrices the plan scatters into.
     adjoints: Vec<Option<Array2<F>>>,
+    /// Per adjoint slot: whether it holds an earlier call's values, not yet zeroed.
+    unzeroed: Vec<bool>,
     values: BatchValues,
     rows: RowStore,
     stages: Stages,
@@ -486,14 +488,16 @@ impl<'r, F: Real> Run<'r, F> {
         stages.matrices_ms = elapsed_ms(started);
         let mut spare = std::mem::take(&mut workspace.adjoints);
         let mut adjoints: Vec<Option<Array2<F>>> = vec![None; plan.slots.len()];
+        let mut unzeroed = vec![false; plan.slots.len()];
         for scatter in &plan.scatters {
             if adjoints[scatter.slot].is_none() {
                 let dim = matrices[scatter.matrix.index()].dim();
+                // A buffer of an earlier call is zeroed by the first pass that writes it, a
+                // row just before its anchor's kernel (see `run_pass`).
                 adjoints[scatter.slot] = Some(match spare.iter().position(|a| a.dim() == dim) {
                     Some(at) => {
-                        let mut reused = spare.swap_remove(at);
-                        zero_on_threads(&mut reused, threads);
-                        reused
+                        unzeroed[scatter.slot] = true;
+                        spare.swap_remove(at)
                     }
                     None => padded_zeros(dim),
                 });
@@ -509,6 +513,7 @@ impl<'r, F: Real> Run<'r, F> {
             tensors,
             matrices,
             adjoints,
+            unzeroed,
             values: BatchValues::new(module),
             rows: RowStore::default(),
             stages,
@@ -592,6 +597,12 @@ impl<'r, F: Real> Run<'r, F> {
                 seed: self.seed,
             };
             let started = Instant::now();
+            // A slot no pass wrote (none does, but the backward must not read stale values).
+            for (adjoint, unzeroed) in self.adjoints.iter_mut().zip(&mut self.unzeroed) {
+                if let (Some(adjoint), true) = (adjoint, std::mem::take(unzeroed)) {
+                    zero_on_threads(adjoint, self.threads);
+                }
+            }
             let matrices = module.matrices.len();
             let scales = fold_slots(
                 &self.plan.slots,
@@ -689,6 +700,26 @@ impl<'r, F: Real> Run<'r, F> {
                     .map_or(0, |a| a.strides()[0].unsigned_abs() as u64)
             })
             .collect();
+        // The adjoints this pass writes first: their rows are zeroed one anchor at a time,
+        // just before its kernel adds into them (in cache), rather than in a pass of their
+        // own; a slot whose rows are not this pass's anchors is zeroed here.
+        let mut zero_rows: Vec<(usize, usize, usize)> = Vec::new();
+        for &slot in &bound.slots {
+            if !std::mem::take(&mut self.unzeroed[slot]) {
+                continue;
+            }
+            let Some(adjoint) = self.adjoints[slot].as_mut() else {
+                continue;
+            };
+            match (adjoint.nrows() == rows, adjoint.strides()) {
+                (true, &[stride, 1]) if stride >= 0 => zero_rows.push((
+                    adjoint.as_mut_ptr() as usize,
+                    stride.unsigned_abs(),
+                    adjoint.ncols(),
+                )),
+                _ => zero_on_threads(adjoint, self.threads),
+            }
+        }
         let domains = 1 + module.groupings.len();
         let mut labels: Vec<Vec<i64>> = vec![self.labels.to_vec()];
         let mut lens: Vec<u64> = vec![self.labels.len() as u64];
@@ -798,6 +829,7 @@ impl<'r, F: Real> Run<'r, F> {
         let next_chunk = AtomicUsize::new(0);
         let status = AtomicU32::new(0);
         let (args, buffers, next, flags_of_all) = (&args, &buffers, &next_chunk, &status);
+        let zero_rows = &zero_rows;
         let work = move || {
             let row_buffers = RowBuffers::<F>::new(buffers, scratch, page_offset);
             let mut flags = 0;
@@ -807,6 +839,14 @@ impl<'r, F: Real> Run<'r, F> {
                     break;
                 }
                 for anchor in start..(start + ANCHORS_PER_CHUNK).min(rows) {
+                    for &(base, stride, cols) in zero_rows {
+                        // SAFETY: the adjoint has a row per anchor, `stride` elements
+                        // apart, `cols` long; each anchor is taken by one worker.
+                        unsafe {
+                            let row = (base as *mut F).add(anchor * stride);
+                            std::ptr::write_bytes(row, 0, cols);
+                        }
+                    }
                     // SAFETY: `args` points at tables that outlive the scope, sized for this
                     // module and batch as the kernel's layout requires; each row buffer and
                     // scratch buffer is as long as the domain it holds an entry per column
