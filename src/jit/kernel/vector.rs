@@ -665,14 +665,88 @@ impl Gen<'_, '_> {
             return self.vector_members(repr, None, others, vector, scalar);
         };
         let (right, preds, space) = ((**right).clone(), preds.clone(), *space);
+        let listed = self.compacts_pairs(&right, &preds, others);
         self.each(left, &mut |g, outer| {
             let pairs = Pairs {
                 left: outer.j,
                 preds: &preds,
                 space,
             };
-            g.vector_members(&right, Some(pairs), others, vector, scalar)?;
+            match listed {
+                Some(list) => {
+                    let members = g.pair_list(&right, pairs, list)?;
+                    let pairs = Pairs {
+                        left: outer.j,
+                        preds: &[],
+                        space,
+                    };
+                    g.vector_members(&members, Some(pairs), NonMembers::Mask, vector, scalar)?;
+                }
+                None => g.vector_members(&right, Some(pairs), others, vector, scalar)?,
+            }
             left_done(g, outer.j)
+        })
+    }
+
+    /// A list buffer for the right members of a cross set's pairs, when a loop whose body
+    /// is costly (`others` is [`NonMembers::Skip`]) visits the pairs that meet conditions
+    /// the lanes can test: the members that meet them are written out first for each left
+    /// member, so that the body runs on full vectors of pairs, not on every vector with
+    /// one. (triplet keeps about one pair in eight.)
+    fn compacts_pairs(
+        &mut self,
+        right: &Repr,
+        preds: &[Handle<Expr>],
+        others: NonMembers,
+    ) -> Option<Value> {
+        let own = match right {
+            Repr::Masked { preds, .. } => preds.as_slice(),
+            _ => &[],
+        };
+        let all: Vec<Handle<Expr>> = own.iter().chain(preds).copied().collect();
+        let space = match right {
+            Repr::Range { space, .. } | Repr::Masked { space, .. } => *space,
+            _ => return None,
+        };
+        let compacts = others == NonMembers::Skip
+            && !preds.is_empty()
+            && self.can_compact_on_lanes(right, &all, None)
+            && !all.iter().any(|&p| self.costly(p));
+        compacts.then(|| self.new_list(space.cols.unwrap_or(Domain::Samples)))
+    }
+
+    /// The right members of `right` that meet its own conditions and the pairs' with the
+    /// left member of `pairs`, written to `list`.
+    fn pair_list(&mut self, right: &Repr, pairs: Pairs<'_>, list: Value) -> Result<Repr> {
+        let space = match right {
+            Repr::Range { space, .. } | Repr::Masked { space, .. } => *space,
+            _ => return Err(internal("a pair list over a set that is not a row")),
+        };
+        let len = self.b.declare_var(I64);
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.def_var(len, zero);
+        self.vector_members(
+            right,
+            Some(pairs),
+            NonMembers::Mask,
+            &mut |g, at| g.compact_lanes(at, &[], list, None, len),
+            &mut |g, at| {
+                let j = at.pair.map_or(at.j, |(_, q)| q);
+                let k = g.b.use_var(len);
+                let offset = g.b.ins().imul_imm_u(k, 4);
+                let addr = g.b.ins().iadd(list, offset);
+                let j32 = g.b.ins().ireduce(I32, j);
+                g.b.ins().store(Self::flags(), j32, addr, 0);
+                let next = g.b.ins().iadd_imm_u(k, 1);
+                g.b.def_var(len, next);
+                Ok(())
+            },
+        )?;
+        let len = self.b.use_var(len);
+        Ok(Repr::List {
+            ptr: list,
+            len,
+            space,
         })
     }
 
