@@ -1648,7 +1648,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                             self.compact_where(&class, &preds, cols_domain)?
                         }
                     }
-                    (Repr::Range { cols, .. }, _) if self.dense_filter(predicate) => {
+                    (Repr::Range { cols, .. }, _) if self.reads_masked(set, predicate) => {
                         self.prepare(predicate)?;
                         Repr::Masked {
                             cols,
@@ -1661,7 +1661,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                             cols, mut preds, ..
                         },
                         _,
-                    ) if self.dense_filter(predicate) => {
+                    ) if self.reads_masked(set, predicate) => {
                         self.prepare(predicate)?;
                         preds.push(predicate);
                         Repr::Masked { cols, preds, space }
@@ -1778,6 +1778,83 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
         let (_, class_size) = self.own_class?;
         Some(self.b.ins().isub(*cols, class_size))
+    }
+
+    /// Whether the filtered set `set` is read under a mask, not written out: its filter
+    /// keeps most of a row ([`Self::dense_filter`]) and it is not a mined set that a costly
+    /// reduction reads ([`Self::mined_for_costly_body`]).
+    fn reads_masked(&self, set: Handle<Set>, predicate: Handle<Expr>) -> bool {
+        self.dense_filter(predicate) && !self.mined_for_costly_body(set, predicate)
+    }
+
+    /// Whether `predicate` compares a member with the anchor's own minimum or maximum over
+    /// a set (give or take a constant) and a reduction with a costly body (a softplus per
+    /// member, say) reads `set`, and no log-sum-exp does. Such a set (hard negatives above
+    /// the closest positive: a fifth to a half of the row on the bench's batch, fewer as
+    /// training separates the classes) has members in most vectors of the row, so a
+    /// masked loop evaluates the body on every lane of most of them; written out, the body
+    /// runs on full vectors of members. A log-sum-exp keeps its terms for the softmax
+    /// scatter over the whole masked row, and `neg where v < max(pos)`, mined the same
+    /// way, keeps most of the row: both are left masked, as are sets with cheap bodies,
+    /// whose masked loop costs less than the writing out.
+    fn mined_for_costly_body(&self, set: Handle<Set>, predicate: Handle<Expr>) -> bool {
+        fn threshold(module: &Module, h: Handle<Expr>) -> bool {
+            let e = &module.exprs[h];
+            if !matches!(e.level, Level::Row(_)) {
+                return false;
+            }
+            let constant = |x: Handle<Expr>| module.exprs[x].level == Level::Const;
+            match e.kind {
+                ExprKind::Reduce {
+                    op: ReduceOp::Min | ReduceOp::Max,
+                    ..
+                } => true,
+                ExprKind::Binary {
+                    op: BinaryOp::Add | BinaryOp::Sub,
+                    lhs,
+                    rhs,
+                } if constant(rhs) => threshold(module, lhs),
+                ExprKind::Binary {
+                    op: BinaryOp::Add,
+                    lhs,
+                    rhs,
+                } if constant(lhs) => threshold(module, rhs),
+                _ => false,
+            }
+        }
+        fn mined(module: &Module, p: Handle<Expr>) -> bool {
+            match module.exprs[p].kind {
+                ExprKind::Binary {
+                    op: BinaryOp::And,
+                    lhs,
+                    rhs,
+                } => mined(module, lhs) || mined(module, rhs),
+                ExprKind::Binary {
+                    op: BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge,
+                    lhs,
+                    rhs,
+                } => threshold(module, lhs) || threshold(module, rhs),
+                _ => false,
+            }
+        }
+        if !mined(self.module, predicate) {
+            return false;
+        }
+        let readers = self.module.exprs.iter().filter_map(|(_, e)| match e.kind {
+            ExprKind::Reduce {
+                op,
+                set: read,
+                body,
+                ..
+            } if read == set => Some((op, body)),
+            _ => None,
+        });
+        let (mut costly, mut lse) = (false, false);
+        for (op, body) in readers {
+            lse |= op == ReduceOp::Lse;
+            costly |= self.costly(body);
+        }
+        costly && !lse
     }
 
     /// Whether a filter keeps most of a row, so that its set is better read under a mask

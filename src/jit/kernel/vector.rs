@@ -197,7 +197,7 @@ impl Gen<'_, '_> {
 
     /// Whether a per-member expression costs more than a few instructions a lane: it calls
     /// a transcendental function or divides.
-    fn costly(&self, h: Handle<Expr>) -> bool {
+    pub(super) fn costly(&self, h: Handle<Expr>) -> bool {
         let e = &self.module.exprs[h];
         if !matches!(e.level, Level::Member { .. } | Level::Cross { .. }) {
             return false;
