@@ -3,22 +3,42 @@
 //! semantics exactly (ties to the lower position, the same sampling streams).
 
 use crate::runtime::sample::{WeightedSampler, stream};
+use multiversion::multiversion;
 use std::cell::RefCell;
 
 /// A float type the kernels compute in.
 pub trait Lane: Copy + PartialOrd + std::ops::Neg<Output = Self> + 'static {
     fn to_f64(self) -> f64;
+    /// An integer whose order is the value's total order (`total_cmp`): negative values
+    /// (NaN with the sign bit too) have all their bits flipped, the others the sign bit set.
+    fn order_bits(self) -> u64;
 }
 
 impl Lane for f32 {
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
+    fn order_bits(self) -> u64 {
+        let bits = self.to_bits();
+        u64::from(if bits >> 31 == 1 {
+            !bits
+        } else {
+            bits | 1 << 31
+        })
+    }
 }
 
 impl Lane for f64 {
     fn to_f64(self) -> f64 {
         self
+    }
+    fn order_bits(self) -> u64 {
+        let bits = self.to_bits();
+        if bits >> 63 == 1 {
+            !bits
+        } else {
+            bits | 1 << 63
+        }
     }
 }
 
@@ -39,27 +59,33 @@ fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let mut chosen: Vec<u32> = match candidate_bound(values, k, key) {
-        Some(bound) => {
-            let mut within = Vec::new();
-            // Blocks of 8 are tested at once (on vector lanes); most hold no candidate.
-            for (b, block) in values.chunks(8).enumerate() {
-                if block.iter().fold(false, |any, &v| any | (key(v) <= bound)) {
-                    let start = 8 * b as u32;
-                    let hits = (start..).zip(block).filter(|&(_, &v)| key(v) <= bound);
-                    within.extend(hits.map(|(p, _)| p));
-                }
-            }
-            within
-        }
+    let chosen: Vec<u32> = match candidate_bound(values, k, key) {
+        Some(bound) => candidates(values, bound, key),
         None => (0..values.len() as u32).collect(),
     };
-    let order = |p: u32| key(values[p as usize]).to_f64();
-    chosen.select_nth_unstable_by(k - 1, |&a, &b| {
-        order(a).total_cmp(&order(b)).then(a.cmp(&b))
-    });
-    chosen.truncate(k);
-    chosen
+    // (value in the total order, position) as integers: the order is the pairs' own.
+    let mut keyed: Vec<(u64, u32)> = chosen
+        .into_iter()
+        .map(|p| (key(values[p as usize]).order_bits(), p))
+        .collect();
+    keyed.select_nth_unstable(k - 1);
+    keyed.truncate(k);
+    keyed.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The positions of the values whose key is at most `bound`, in order: each position is
+/// written and kept by advancing the length, without a branch on the comparison (which
+/// mispredicted on rows where candidates are not rare). Compiled for AVX2 and AVX-512 too.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn candidates<F: Lane>(values: &[F], bound: F, key: impl Fn(F) -> F) -> Vec<u32> {
+    let mut within = vec![0u32; values.len()];
+    let mut len = 0;
+    for (p, &v) in (0u32..).zip(values) {
+        within[len] = p;
+        len += usize::from(key(v) <= bound);
+    }
+    within.truncate(len);
+    within
 }
 
 /// A key that the first `k` keys do not exceed, when `k` is small against the count: the
@@ -67,6 +93,7 @@ fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
 /// values at or below it. The subsets are the residues modulo a multiple of 8, so that
 /// their minima are taken on vector lanes. None when every value must be sorted, or one is
 /// NaN (NaN sits at either end of the total order, past any bound).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn candidate_bound<F: Lane>(values: &[F], k: usize, key: impl Fn(F) -> F) -> Option<F> {
     if k * 8 >= values.len() {
         return None;
@@ -88,8 +115,7 @@ fn candidate_bound<F: Lane>(values: &[F], k: usize, key: impl Fn(F) -> F) -> Opt
     if nan {
         return None;
     }
-    let (_, bound, _) =
-        minima.select_nth_unstable_by(k - 1, |a, b| a.to_f64().total_cmp(&b.to_f64()));
+    let (_, bound, _) = minima.select_nth_unstable_by_key(k - 1, |v| v.order_bits());
     Some(*bound)
 }
 
