@@ -12,6 +12,11 @@ pub trait Lane: Copy + PartialOrd + std::ops::Neg<Output = Self> + 'static {
     /// An integer whose order is the value's total order (`total_cmp`): negative values
     /// (NaN with the sign bit too) have all their bits flipped, the others the sign bit set.
     fn order_bits(self) -> u64;
+    /// The positions of the values whose key (the value, or its negation when `largest`)
+    /// is at most `bound`, in order.
+    fn candidates(values: &[Self], bound: Self, largest: bool) -> Vec<u32> {
+        candidates(values, bound, |v: Self| if largest { -v } else { v })
+    }
 }
 
 impl Lane for f32 {
@@ -26,6 +31,59 @@ impl Lane for f32 {
             bits | 1 << 31
         })
     }
+    fn candidates(values: &[f32], bound: f32, largest: bool) -> Vec<u32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, as just checked.
+            return unsafe { candidates_avx512(values, bound, largest) };
+        }
+        candidates(values, bound, |v: f32| if largest { -v } else { v })
+    }
+}
+
+/// [`Lane::candidates`] of `f32` values sixteen at a time: a lane mask of the comparisons
+/// compresses the lanes' positions to the front of one store, and the length grows by its
+/// popcount.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool) -> Vec<u32> {
+    use std::arch::x86_64::*;
+    const LANES: usize = 16;
+    // Each store writes sixteen lanes from the current length on, which never exceeds the
+    // positions looked at so far: the last store ends within `values.len() + LANES`.
+    let mut out = vec![0u32; values.len() + LANES];
+    let mut len = 0;
+    // `-v <= bound` is `v >= -bound` (negation is exact; NaN meets neither).
+    let limit = _mm512_set1_ps(if largest { -bound } else { bound });
+    let mut positions = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(LANES as i32);
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        // SAFETY: `chunk` holds sixteen f32; `out` has room for sixteen from `len` on.
+        unsafe {
+            let v = _mm512_loadu_ps(chunk.as_ptr());
+            let kept = if largest {
+                _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, limit)
+            } else {
+                _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, limit)
+            };
+            let packed = _mm512_maskz_compress_epi32(kept, positions);
+            _mm512_storeu_si512(out.as_mut_ptr().add(len).cast(), packed);
+            len += kept.count_ones() as usize;
+        }
+        positions = _mm512_add_epi32(positions, step);
+    }
+    let start = (values.len() - tail.len()) as u32;
+    for (p, &v) in (start..).zip(tail) {
+        out[len] = p;
+        len += usize::from(if largest { -v <= bound } else { v <= bound });
+    }
+    out.truncate(len);
+    out
 }
 
 impl Lane for f64 {
@@ -60,7 +118,7 @@ fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
         return Vec::new();
     }
     let chosen: Vec<u32> = match candidate_bound(values, k, key) {
-        Some(bound) => candidates(values, bound, key),
+        Some(bound) => F::candidates(values, bound, largest),
         None => (0..values.len() as u32).collect(),
     };
     // (value in the total order, position) as integers: the order is the pairs' own.
