@@ -597,7 +597,8 @@ impl<'r, F: Real> Run<'r, F> {
                 seed: self.seed,
             };
             let started = Instant::now();
-            // A slot no pass wrote (none does, but the backward must not read stale values).
+            // A slot that no pass wrote (no plan has one) must not bring an earlier call's
+            // values to the backward.
             for (adjoint, unzeroed) in self.adjoints.iter_mut().zip(&mut self.unzeroed) {
                 if let (Some(adjoint), true) = (adjoint, std::mem::take(unzeroed)) {
                     zero_on_threads(adjoint, self.threads);
