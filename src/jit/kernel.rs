@@ -1559,12 +1559,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             let offset = g.b.ins().imul_imm_u(k, g.fb);
             let addr = g.b.ins().iadd(values, offset);
             g.b.ins().store(Self::flags(), v, addr, 0);
-            let offset = g.b.ins().imul_imm_u(k, 4);
-            let addr = g.b.ins().iadd(indices, offset);
-            let j32 = g.b.ins().ireduce(I32, at.j);
-            g.b.ins().store(Self::flags(), j32, addr, 0);
-            let next = g.b.ins().iadd_imm_u(k, 1);
-            g.b.def_var(n, next);
+            g.append_index(indices, n, at.j, None);
             Ok(())
         };
         if self.can_compact_on_lanes(repr, &[], Some(value)) {
@@ -1930,14 +1925,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let holds = g.member(p, at, &mut cache)?;
                 keep = g.b.ins().band(keep, holds);
             }
-            let k = g.b.use_var(len);
-            let offset = g.b.ins().imul_imm_u(k, 4);
-            let addr = g.b.ins().iadd(ptr, offset);
-            let j32 = g.b.ins().ireduce(I32, at.j);
-            g.b.ins().store(Self::flags(), j32, addr, 0);
-            let step = g.b.ins().uextend(I64, keep);
-            let next = g.b.ins().iadd(k, step);
-            g.b.def_var(len, next);
+            g.append_index(ptr, len, at.j, Some(keep));
             Ok(())
         };
         if self.can_compact_on_lanes(repr, preds, None) {
@@ -1952,6 +1940,25 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
         let len = self.b.use_var(len);
         Ok(Repr::List { ptr, len, space })
+    }
+
+    /// Writes column `j` at position `len` of the index list `list` and advances `len` by
+    /// one, or by `keep` (an `i8` of 0 or 1): stored always, kept by the length, so that
+    /// a condition costs no branch.
+    fn append_index(&mut self, list: Value, len: Variable, j: Value, keep: Option<Value>) {
+        let k = self.b.use_var(len);
+        let offset = self.b.ins().imul_imm_u(k, 4);
+        let addr = self.b.ins().iadd(list, offset);
+        let j32 = self.b.ins().ireduce(I32, j);
+        self.b.ins().store(Self::flags(), j32, addr, 0);
+        let next = match keep {
+            Some(keep) => {
+                let step = self.b.ins().uextend(I64, keep);
+                self.b.ins().iadd(k, step)
+            }
+            None => self.b.ins().iadd_imm_u(k, 1),
+        };
+        self.b.def_var(len, next);
     }
 
     /// The list of the anchor's class, when `predicate` keeps only members of it (`same`

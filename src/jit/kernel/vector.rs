@@ -731,14 +731,7 @@ impl Gen<'_, '_> {
             NonMembers::Mask,
             &mut |g, at| g.compact_lanes(at, &[], list, None, len),
             &mut |g, at| {
-                let j = at.pair.map_or(at.j, |(_, q)| q);
-                let k = g.b.use_var(len);
-                let offset = g.b.ins().imul_imm_u(k, 4);
-                let addr = g.b.ins().iadd(list, offset);
-                let j32 = g.b.ins().ireduce(I32, j);
-                g.b.ins().store(Self::flags(), j32, addr, 0);
-                let next = g.b.ins().iadd_imm_u(k, 1);
-                g.b.def_var(len, next);
+                g.append_index(list, len, at.pair.map_or(at.j, |(_, q)| q), None);
                 Ok(())
             },
         )?;
