@@ -24,6 +24,7 @@
 //! transposed reads then run in the GEMM's critical path, once per panel.)
 
 use super::real::Real;
+use super::transpose::{BLOCK, Block, Transposer};
 use multiversion::multiversion;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
 use std::sync::Mutex;
@@ -330,12 +331,6 @@ impl<T: Real> MirrorPairs<T> for Sum {
     }
 }
 
-/// Side of the square blocks [`MirrorPairs::block`] combines.
-pub const BLOCK: usize = 8;
-
-/// A `BLOCK × BLOCK` block of entries, by rows.
-pub type Block<T> = [[T; BLOCK]; BLOCK];
-
 /// How [`symmetrize_by`] combines each entry above the diagonal with its mirror below it:
 /// both get the same value. The methods are inlined into code compiled for AVX2 and
 /// AVX-512, so that a block's arithmetic runs on vector lanes.
@@ -403,12 +398,13 @@ pub fn symmetrize_by<T: Real, P: MirrorPairs<T>>(
     let chunks: Vec<&[(usize, usize)]> = tile_pairs.chunks(per_task).collect();
     let mut states: Vec<P::State> = chunks.iter().map(|_| pairs.state()).collect();
     let tasks: Vec<_> = chunks.into_iter().zip(states.iter_mut()).collect();
+    let transposer = Transposer::detect();
     run_tasks(tasks, threads, |(chunk, state)| {
         for &(i0, j0) in chunk {
             let (h, w) = (TILE.min(n - i0), TILE.min(n - j0));
             // SAFETY: the tile at (i0, j0) and its mirror lie inside the n x ld buffer, and
             // no other task touches them.
-            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w), pairs, state) }
+            unsafe { symmetrize_tile(&base, ld, (i0, j0), (h, w), (pairs, transposer), state) }
         }
     });
     states
@@ -433,7 +429,7 @@ unsafe fn symmetrize_tile<T: Real, P: MirrorPairs<T>>(
     ld: usize,
     (i0, j0): (usize, usize),
     (h, w): (usize, usize),
-    pairs: &P,
+    (pairs, transposer): (&P, Transposer),
     state: &mut P::State,
 ) {
     // SAFETY (for every use): the caller keeps (i, j) inside the buffer.
@@ -446,7 +442,10 @@ unsafe fn symmetrize_tile<T: Real, P: MirrorPairs<T>>(
             let (gi, gj) = (i0 + i, j0 + j);
             if full_blocks && rows == BLOCK && cols == BLOCK {
                 // SAFETY: both blocks lie in the tiles, which are disjoint off the diagonal.
-                unsafe { symmetrize_block(at(gi, gj), at(gj, gi), ld, (gi, gj), pairs, state) };
+                unsafe {
+                    let blocks = (at(gi, gj), at(gj, gi));
+                    symmetrize_block(blocks, ld, (gi, gj), (pairs, transposer), state);
+                };
                 continue;
             }
             for a in 0..rows {
@@ -474,44 +473,34 @@ unsafe fn symmetrize_tile<T: Real, P: MirrorPairs<T>>(
 /// Both blocks (rows of length `ld`) are valid, disjoint and not used elsewhere.
 #[inline(always)]
 unsafe fn symmetrize_block<T: Real, P: MirrorPairs<T>>(
-    upper: *mut T,
-    lower: *mut T,
+    (upper, lower): (*mut T, *mut T),
     ld: usize,
     at: (usize, usize),
-    pairs: &P,
+    (pairs, transposer): (&P, Transposer),
     state: &mut P::State,
 ) {
-    // SAFETY: row `b` of either block, inside it as the caller guarantees.
-    let line = |block: *mut T, b: usize| unsafe {
-        &mut *std::ptr::slice_from_raw_parts_mut(block.add(b * ld), BLOCK)
-    };
     let mut above = [[T::ZERO; BLOCK]; BLOCK];
-    // below[a][b] is lower's row b, column a: the mirror of above[a][b].
-    let mut below = [[T::ZERO; BLOCK]; BLOCK];
     for (a, row) in above.iter_mut().enumerate() {
-        row.copy_from_slice(line(upper, a));
+        // SAFETY: row `a` of the block at `upper`, inside it as the caller guarantees.
+        row.copy_from_slice(unsafe { &*std::ptr::slice_from_raw_parts(upper.add(a * ld), BLOCK) });
     }
-    for (b, values) in (0..BLOCK).map(|b| (b, line(lower, b))) {
-        for (a, &v) in values.iter().enumerate() {
-            below[a][b] = v;
-        }
-    }
+    // below[a][b] is lower's row b, column a: the mirror of above[a][b].
+    // SAFETY: the caller vouches for the block at `lower`.
+    let mut below = unsafe { transposer.load(lower, ld) };
     pairs.block(state, at, &mut above, &mut below);
     for (a, row) in above.iter().enumerate() {
-        line(upper, a).copy_from_slice(row);
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), upper.add(a * ld), BLOCK) };
     }
-    for (b, values) in (0..BLOCK).map(|b| (b, line(lower, b))) {
-        for (a, v) in values.iter_mut().enumerate() {
-            *v = below[a][b];
-        }
-    }
+    // SAFETY: as above.
+    unsafe { transposer.store(&below, lower, ld) };
 }
 
 /// `dst[i·dld + j] = src[j·sld + i]` for `i < rows`, `j < cols`.
 ///
-/// Cache-blocked: 64×64 blocks of 8×8 register tiles; every source row
-/// segment is read contiguously. Compiled for AVX2 and AVX-512 too: the tiles'
-/// shuffles then run on wider lanes.
+/// Cache-blocked: 64×64 blocks of 8×8 register tiles, each moved by a
+/// [`Transposer`]; every source row segment is read contiguously. Compiled for
+/// AVX2 and AVX-512 too, so that the tiles' shuffles are inlined.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn transpose_into<T: Real>(
     dst: &mut [T],
@@ -522,7 +511,6 @@ fn transpose_into<T: Real>(
     cols: usize,
 ) {
     const B: usize = 64;
-    const M: usize = 8;
     let scalar = |dst: &mut [T], i: std::ops::Range<usize>, j: std::ops::Range<usize>| {
         for a in i {
             for b in j.clone() {
@@ -530,28 +518,30 @@ fn transpose_into<T: Real>(
             }
         }
     };
+    assert!(
+        rows == 0
+            || cols == 0
+            || (src.len() >= (cols - 1) * sld + rows && dst.len() >= (rows - 1) * dld + cols)
+    );
+    let transposer = Transposer::detect();
     for i0 in (0..rows).step_by(B) {
         let i1 = (i0 + B).min(rows);
         for j0 in (0..cols).step_by(B) {
             let j1 = (j0 + B).min(cols);
             let mut i = i0;
-            while i + M <= i1 {
+            while i + BLOCK <= i1 {
                 let mut j = j0;
-                while j + M <= j1 {
-                    let mut t = [[T::ZERO; M]; M];
-                    for (b, col) in t.iter_mut().enumerate() {
-                        col.copy_from_slice(&src[(j + b) * sld + i..][..M]);
+                while j + BLOCK <= j1 {
+                    // SAFETY: the block's rows i..i + 8 of `dst` and j..j + 8 of `src` lie
+                    // inside them (checked above); a slice and a shared slice cannot overlap.
+                    unsafe {
+                        let from = src.as_ptr().add(j * sld + i);
+                        transposer.block(from, sld, dst.as_mut_ptr().add(i * dld + j), dld);
                     }
-                    for a in 0..M {
-                        let d: &mut [T] = &mut dst[(i + a) * dld + j..][..M];
-                        for b in 0..M {
-                            d[b] = t[b][a];
-                        }
-                    }
-                    j += M;
+                    j += BLOCK;
                 }
-                scalar(dst, i..i + M, j..j1);
-                i += M;
+                scalar(dst, i..i + BLOCK, j..j1);
+                i += BLOCK;
             }
             scalar(dst, i..i1, j0..j1);
         }

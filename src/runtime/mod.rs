@@ -12,6 +12,7 @@ pub mod sample;
 pub mod sparse;
 pub mod synthetic;
 pub mod tensors;
+pub mod transpose;
 
 pub use batch::{Batch, InputError};
 pub use error::RunError;

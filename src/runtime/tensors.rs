@@ -6,6 +6,7 @@ use super::gemm;
 use super::groups::{GroupValues, column_part, column_range, partition_columns};
 use super::real::Real;
 use super::sparse;
+use super::transpose;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use multiversion::multiversion;
@@ -512,7 +513,7 @@ struct SymmetricDistanceAdjoint<'a, F, Q> {
 /// over its row by lanes (a block's row adds to its first sample's lanes) and over its
 /// column; the coefficient is their total.
 struct CoefficientSums<F> {
-    rows: Vec<[F; gemm::BLOCK]>,
+    rows: Vec<[F; transpose::BLOCK]>,
     columns: Vec<F>,
 }
 
@@ -538,7 +539,7 @@ impl<F: Real, Q: Fn(F, F) -> F + Sync> gemm::MirrorPairs<F> for SymmetricDistanc
 
     fn state(&self) -> CoefficientSums<F> {
         CoefficientSums {
-            rows: vec![[F::ZERO; gemm::BLOCK]; self.n],
+            rows: vec![[F::ZERO; transpose::BLOCK]; self.n],
             columns: vec![F::ZERO; self.n],
         }
     }
@@ -548,10 +549,10 @@ impl<F: Real, Q: Fn(F, F) -> F + Sync> gemm::MirrorPairs<F> for SymmetricDistanc
         &self,
         sums: &mut CoefficientSums<F>,
         (i, j): (usize, usize),
-        upper: &mut gemm::Block<F>,
-        lower: &mut gemm::Block<F>,
+        upper: &mut transpose::Block<F>,
+        lower: &mut transpose::Block<F>,
     ) {
-        const B: usize = gemm::BLOCK;
+        const B: usize = transpose::BLOCK;
         let minus_two = F::from_f64(-2.0);
         let mut columns = [F::ZERO; B];
         // A row at a time, each step its own loop over the row: so they run on vector lanes.
