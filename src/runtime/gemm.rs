@@ -41,8 +41,8 @@ const MAX_PANELS: usize = 4;
 const MIRROR_PAR_MIN: usize = 1024;
 /// Row panels are multiples of this (keeps gemm micro-tiles full).
 const ROW_ALIGN: usize = 16;
-/// Row-panel height bounds for the triangle of [`gram`]; the redundant work
-/// on diagonal blocks is about `panel / n` of the triangle.
+/// Panel width bounds for the triangle of [`gram`]; the redundant work on
+/// diagonal blocks is about `panel / n` of the triangle.
 const TRI_PANEL_MIN: usize = 64;
 const TRI_PANEL_MAX: usize = 256;
 
@@ -232,21 +232,28 @@ pub fn atb_acc<T: Real>(
 
 /// `out = x · xᵀ` (`x`: n×d, `out`: n×n, previous contents ignored).
 ///
-/// Only the lower triangle (in row panels, each including its diagonal
+/// Only the lower triangle (in column panels, each including its diagonal
 /// block) is computed; the upper triangle is then copied from it, so `out` is
 /// exactly symmetric.
 pub fn gram<T: Real>(x: ArrayView2<'_, T>, out: ArrayViewMut2<'_, T>, threads: usize) {
     gram_with(x, out, threads, |_, _| {});
 }
 
-/// [`gram`], with `transform(i, row)` applied to each row `i`'s lower part (columns `0..=i`)
-/// as soon as its panel is computed, while it is in cache, and before the mirroring: an
-/// elementwise function of a symmetric matrix, on half of it.
+/// [`gram`], with `transform(first, panel)` applied to each column panel of the lower
+/// triangle as soon as it is computed, while it is in cache, and before the mirroring: an
+/// elementwise function of a symmetric matrix, on half of it. `panel` holds rows `first..n`
+/// and columns `first..first + panel.ncols()`; its entries above the diagonal are
+/// overwritten by the mirroring afterwards.
+///
+/// The triangle is computed in column panels (each from its diagonal block down): `gemm`
+/// then packs only the panel's few columns of `x`, where row panels (each from column 0
+/// to its diagonal) had it gather every earlier row of `x` again, panel after panel (a
+/// quarter of the Gram matrix's time at n = 1024). The products are the same, bit for bit.
 pub fn gram_with<T: Real>(
     x: ArrayView2<'_, T>,
     mut out: ArrayViewMut2<'_, T>,
     threads: usize,
-    transform: impl Fn(usize, &mut [T]) + Sync,
+    transform: impl Fn(usize, ArrayViewMut2<'_, T>) + Sync,
 ) {
     let n = x.nrows();
     assert_eq!(out.dim(), (n, n), "gram: out must be {n}x{n}");
@@ -263,35 +270,22 @@ pub fn gram_with<T: Real>(
     let p = (n / 8)
         .next_multiple_of(ROW_ALIGN)
         .clamp(TRI_PANEL_MIN, TRI_PANEL_MAX);
-    let mut tasks: Vec<_> = out
-        .axis_chunks_iter_mut(Axis(0), p)
+    // Largest panels first (the leftmost): better balance.
+    let tasks: Vec<_> = out
+        .axis_chunks_iter_mut(Axis(1), p)
         .zip(x.axis_chunks_iter(Axis(0), p))
         .enumerate()
-        .map(|(i, (o, xr))| {
-            let end = (i * p + xr.nrows()).min(n);
-            (
-                i * p,
-                o.slice_move(s![.., ..end]),
-                xr,
-                x.slice_move(s![..end, ..]),
-            )
-        })
+        .map(|(j, (o, xc))| (j * p, o.slice_move(s![j * p.., ..]), xc))
         .collect();
-    tasks.reverse(); // largest panels first: better balance
     let d = x.ncols();
     let threads = if worth_parallel::<T>(n.saturating_mul(n).saturating_mul(d)) {
         threads
     } else {
         1
     };
-    run_tasks(tasks, threads, |(first, mut o, xr, xc)| {
-        kernel(o.view_mut(), xr, xc.t(), None);
-        for (i, mut row) in (first..).zip(o.rows_mut()) {
-            let row = row
-                .as_slice_mut()
-                .expect("rows of a standard-layout matrix are contiguous");
-            transform(i, &mut row[..=i]);
-        }
+    run_tasks(tasks, threads, |(first, mut o, xc)| {
+        kernel(o.view_mut(), x.slice(s![first.., ..]), xc.t(), None);
+        transform(first, o);
     });
     let data = out.as_slice_mut().expect("standard layout checked above");
     let mirror_threads = if n >= MIRROR_PAR_MIN { threads } else { 1 };

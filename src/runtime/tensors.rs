@@ -10,7 +10,7 @@ use super::transpose;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use multiversion::multiversion;
-use ndarray::{Array2, ArrayView2, Axis as NdAxis};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis as NdAxis};
 
 /// The tensors of the module in order, up to and including `last` (all when `None`): the
 /// k-means features come before the groupings computed from them, and so before any tensor
@@ -161,17 +161,14 @@ pub fn pair_matrix<F: Real>(
     // shared out by rows without changing a bit (and on the lower triangle alone, mirrored
     // with the products, when the matrix is symmetric).
     let na = row_norms(a);
-    let symmetric = matrix.is_symmetric();
-    let own_nb = if symmetric { Vec::new() } else { row_norms(b) };
-    let nb: &[F] = if symmetric { &na } else { &own_nb };
     let floor = eps.map(|e| e.sqrt());
-    if symmetric {
-        gemm::gram_with(a.view(), values.view_mut(), threads, |i, row| {
-            distance_row(row, na[i], &nb[..row.len()], eps.zip(floor));
-            row[i] = floor.unwrap_or(F::ZERO);
+    if matrix.is_symmetric() {
+        gemm::gram_with(a.view(), values.view_mut(), threads, |first, panel| {
+            distance_panel(panel, first, &na, eps.zip(floor));
         });
         return;
     }
+    let nb = &row_norms(b);
     gemm::abt(a.view(), b.view(), values.view_mut(), threads);
     let cols = values.ncols();
     let Some(data) = values.as_slice_mut() else {
@@ -189,6 +186,33 @@ pub fn pair_matrix<F: Real>(
 /// `D = sqrt(Q)` above the clamp `eps` (with `floor = sqrt(eps)` below it), or `Q` itself.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn distance_row<F: Real>(row: &mut [F], ni: F, nb: &[F], clamp: Option<(F, F)>) {
+    distances_from_products(row, ni, nb, clamp);
+}
+
+/// [`distance_row`] on a column panel of a symmetric matrix's lower triangle (rows and
+/// columns from `first` on, `norms` those of every sample), with the diagonal's distances
+/// exactly zero (or the clamp's floor).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn distance_panel<F: Real>(
+    mut panel: ArrayViewMut2<'_, F>,
+    first: usize,
+    norms: &[F],
+    clamp: Option<(F, F)>,
+) {
+    let columns = &norms[first..][..panel.ncols()];
+    for (r, mut row) in panel.rows_mut().into_iter().enumerate() {
+        let Some(row) = row.as_slice_mut() else {
+            unreachable!("rows of a panel of a standard-layout matrix are contiguous")
+        };
+        distances_from_products(row, norms[first + r], columns, clamp);
+        if let Some(diagonal) = row.get_mut(r) {
+            *diagonal = clamp.map_or(F::ZERO, |(_, floor)| floor);
+        }
+    }
+}
+
+#[inline(always)]
+fn distances_from_products<F: Real>(row: &mut [F], ni: F, nb: &[F], clamp: Option<(F, F)>) {
     let two = F::from_f64(2.0);
     let squared = row.iter_mut().zip(nb);
     match clamp {
