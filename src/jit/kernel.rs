@@ -2039,7 +2039,8 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             Repr::Masked { cols, preds, space } => {
                 let (space, preds) = (*space, preds.clone());
-                self.counted_loop(*cols, &mut |g, j| {
+                let start = self.first_column(&preds, 1);
+                self.range_loop(start, *cols, 1, &mut |g, j| {
                     let at = At {
                         j,
                         pair: None,
@@ -2067,6 +2068,38 @@ impl<'a, 'f> Gen<'a, 'f> {
                     })
                 })
             }
+        }
+    }
+
+    /// The first column a loop `step` columns at a time needs to visit for members that meet
+    /// `preds`: after the anchor's own when they include `i < j` (a pair counted once, as
+    /// histogram's are), rounded down to a multiple of `step`; else the first.
+    fn first_column(&mut self, preds: &[Handle<Expr>], step: i64) -> Value {
+        if !preds.iter().any(|&p| self.only_after_anchor(p)) {
+            return self.b.ins().iconst(I64, 0);
+        }
+        let next = self.b.ins().iadd_imm_u(self.anchor, 1);
+        self.b.ins().band_imm_s(next, -step)
+    }
+
+    /// Whether condition `h` holds only at columns after the anchor's index.
+    fn only_after_anchor(&self, h: Handle<Expr>) -> bool {
+        let index = |h: Handle<Expr>| match self.module.exprs[h].kind {
+            ExprKind::Index(axis) => Some(axis),
+            _ => None,
+        };
+        match self.module.exprs[h].kind {
+            ExprKind::Binary {
+                op: BinaryOp::And,
+                lhs,
+                rhs,
+            } => self.only_after_anchor(lhs) || self.only_after_anchor(rhs),
+            ExprKind::Binary { op, lhs, rhs } => matches!(
+                (op, index(lhs), index(rhs)),
+                (BinaryOp::Lt, Some(Axis::Row), Some(Axis::Col))
+                    | (BinaryOp::Gt, Some(Axis::Col), Some(Axis::Row))
+            ),
+            _ => false,
         }
     }
 

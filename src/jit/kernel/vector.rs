@@ -773,10 +773,16 @@ impl Gen<'_, '_> {
             }
         };
         let full = self.b.ins().band_imm_s(n, -(lanes as i64));
-        let zero = self.b.ins().iconst(I64, 0);
+        // Vectors before the set's first member column have no member: when such vectors
+        // are skipped anyway, the loop starts after them. (A masked loop may write every
+        // column it visits.)
+        let start = match (list, others) {
+            (None, NonMembers::Skip) => self.first_column(&own_preds, lanes as i64),
+            _ => self.b.ins().iconst(I64, 0),
+        };
         let base = LoopBase::before_loop(&mut self.b, self.constants);
         let outer_base = self.lane_base;
-        self.range_loop(zero, full, lanes as i64, &mut |g, k| {
+        self.range_loop(start, full, lanes as i64, &mut |g, k| {
             g.lane_base = Some(base.in_iteration(&mut g.b));
             let mut cols = Vec::with_capacity(lanes);
             for lane in 0..lanes {
