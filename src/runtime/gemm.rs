@@ -27,6 +27,7 @@ use super::real::Real;
 use super::transpose::{BLOCK, Block, Transposer};
 use multiversion::multiversion;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
+use std::cell::Cell;
 use std::sync::Mutex;
 
 /// Below this much work (flops × `size_of::<T>()`; 2^28 = 67 Mflop in f32,
@@ -283,13 +284,44 @@ pub fn gram_with<T: Real>(
     } else {
         1
     };
+    let x = x.as_standard_layout();
+    let rows = x.as_slice().expect("a standard-layout copy is contiguous");
     run_tasks(tasks, threads, |(first, mut o, xc)| {
-        kernel(o.view_mut(), x.slice(s![first.., ..]), xc.t(), None);
+        let width = xc.nrows();
+        // The panel's rows of x, transposed: gemm reads them in place, where it would copy
+        // them into a fresh buffer (faulted in anew each call) to transpose them itself.
+        with_scratch(width * d, |panel: &mut [T]| {
+            transpose_into(panel, width, &rows[first * d..], d, d, width);
+            let columns = ArrayView2::from_shape((d, width), &*panel).expect("d x width buffer");
+            kernel(o.view_mut(), x.slice(s![first.., ..]), columns, None);
+        });
         transform(first, o);
     });
     let data = out.as_slice_mut().expect("standard layout checked above");
     let mirror_threads = if n >= MIRROR_PAR_MIN { threads } else { 1 };
     mirror_lower(data, n, 0, n, mirror_threads);
+}
+
+/// Runs `f` on `len` floats of a buffer this thread keeps between calls: a fresh buffer
+/// of a panel's size would come from `mmap`, and be faulted in and unmapped (with a TLB
+/// shootdown on every other thread) each call.
+fn with_scratch<T: Real, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
+    }
+    // Taken out while in use: a nested call (none is made) would get a buffer of its own.
+    let mut words = SCRATCH.take();
+    let needed = (len * size_of::<T>()).div_ceil(size_of::<u64>());
+    if words.len() < needed {
+        words.resize(needed, 0);
+    }
+    // SAFETY: `T` is f32 or f64 (the only `Real`s), for which every bit pattern is a value
+    // and whose alignment u64's covers; the `len` floats lie inside the vector, which
+    // nothing else refers to while `f` runs.
+    let floats = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
+    let result = f(floats);
+    SCRATCH.set(words);
+    result
 }
 
 /// `g ← g + gᵀ` in place, on the leading `min(rows, cols)` square block, so
