@@ -125,11 +125,15 @@ pub struct Loss {
     target: Target,
 }
 
-/// The large buffers of a run, reused by the next.
+/// The large buffers of a run, reused by the next. (Allocated afresh, a buffer from
+/// 128 KiB on comes from `mmap` with glibc's defaults, and is faulted in page by page each
+/// call: histogram's per-anchor histograms cost it 0.8 ms a call so.)
 struct Workspace<F> {
     embedding: Option<Array2<F>>,
     matrices: Vec<Array2<F>>,
     adjoints: Vec<Array2<F>>,
+    /// The row passes' output buffers, in the run's float type and in f64.
+    outputs: Buffers<F>,
 }
 
 impl<F> Default for Workspace<F> {
@@ -138,7 +142,43 @@ impl<F> Default for Workspace<F> {
             embedding: None,
             matrices: Vec::new(),
             adjoints: Vec::new(),
+            outputs: Buffers::default(),
         }
+    }
+}
+
+/// Spare buffers for the row passes' outputs: as the kernels write them, and widened for
+/// the batch phases.
+struct Buffers<F> {
+    written: Vec<Vec<F>>,
+    widened: Vec<Vec<f64>>,
+}
+
+impl<F> Default for Buffers<F> {
+    fn default() -> Self {
+        Buffers {
+            written: Vec::new(),
+            widened: Vec::new(),
+        }
+    }
+}
+
+impl<F: Real> Buffers<F> {
+    /// `len` zeros, in a spare buffer when there is one.
+    fn zeros(&mut self, len: usize) -> Vec<F> {
+        let mut buffer = self.written.pop().unwrap_or_default();
+        buffer.clear();
+        buffer.resize(len, F::ZERO);
+        buffer
+    }
+
+    /// `values` in f64, in a spare buffer when there is one; `values`' buffer is kept.
+    fn widen(&mut self, values: Vec<F>) -> Vec<f64> {
+        let mut wide = self.widened.pop().unwrap_or_default();
+        wide.clear();
+        wide.extend(values.iter().map(|v| v.to_f64()));
+        self.written.push(values);
+        wide
     }
 }
 
@@ -455,6 +495,7 @@ struct Run<'r, F: Real> {
     unzeroed: Vec<bool>,
     values: BatchValues,
     rows: RowStore,
+    outputs: Buffers<F>,
     stages: Stages,
 }
 
@@ -516,6 +557,7 @@ impl<'r, F: Real> Run<'r, F> {
             unzeroed,
             values: BatchValues::new(module),
             rows: RowStore::default(),
+            outputs: std::mem::take(&mut workspace.outputs),
             stages,
         })
     }
@@ -540,6 +582,9 @@ impl<'r, F: Real> Run<'r, F> {
         workspace.embedding = embedding.map(|e| std::mem::take(&mut self.tensors[e]));
         workspace.matrices = std::mem::take(&mut self.matrices);
         workspace.adjoints = self.adjoints.iter_mut().filter_map(Option::take).collect();
+        let stored = self.rows.outputs.drain().map(|(_, stored)| stored.values);
+        self.outputs.widened.extend(stored);
+        workspace.outputs = std::mem::take(&mut self.outputs);
     }
 
     fn execute(&mut self, with_gradient: bool) -> Result<Option<Output<F>>, RunError> {
@@ -644,11 +689,8 @@ impl<'r, F: Real> Run<'r, F> {
     fn run_pass(&mut self, pass: &CompiledPass) -> u32 {
         let module = &self.plan.module;
         let rows = self.domain_len(module.blocks[pass.layout.block].rows);
-        let mut outputs: Vec<Vec<F>> = pass
-            .layout
-            .outputs
-            .iter()
-            .map(|&(_, width)| vec![F::ZERO; rows * width])
+        let mut outputs: Vec<Vec<F>> = (pass.layout.outputs.iter())
+            .map(|&(_, width)| self.outputs.zeros(rows * width))
             .collect();
         let mut skipped = vec![0u8; rows];
 
@@ -875,7 +917,7 @@ impl<'r, F: Real> Run<'r, F> {
         });
         let status = status.into_inner();
         for ((h, width), values) in pass.layout.outputs.iter().zip(outputs) {
-            let values = values.iter().map(|v| v.to_f64()).collect();
+            let values = self.outputs.widen(values);
             self.rows.outputs.insert(
                 (pass.layout.block, *h),
                 Stored {
