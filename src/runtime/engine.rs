@@ -1040,11 +1040,22 @@ const PAGE: usize = 4096;
 /// loads wait for its stores, which the CPU matched by their addresses' low 12 bits: a
 /// kernel of nca ran 60 % slower with one buffer placed so.
 struct RowBuffers<F> {
-    _block: Vec<u64>,
+    block: Vec<u64>,
     addresses: Vec<*mut u8>,
     values: *mut u8,
     indices: *mut u8,
     _floats: std::marker::PhantomData<F>,
+}
+
+thread_local! {
+    /// The block of the last [`RowBuffers`] this thread dropped.
+    static SPARE_BLOCK: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl<F> Drop for RowBuffers<F> {
+    fn drop(&mut self) {
+        SPARE_BLOCK.set(std::mem::take(&mut self.block));
+    }
 }
 
 impl<F: Real> RowBuffers<F> {
@@ -1061,7 +1072,11 @@ impl<F: Real> RowBuffers<F> {
             .chain([float * scratch.max(1), 4 * scratch.max(1)])
             .collect();
         let total: usize = bytes.iter().map(|b| b + PAGE).sum::<usize>() + PAGE;
-        let mut block = vec![0u64; total.div_ceil(8)];
+        // This thread's block of the last pass, zeroed: a fresh one of over 128 KiB would
+        // come from `mmap` and be faulted in again each pass (js_div's dozens of buffers).
+        let mut block = SPARE_BLOCK.take();
+        block.clear();
+        block.resize(total.div_ceil(8), 0);
         let base = block.as_mut_ptr().cast::<u8>();
         let mut cursor = 0;
         let mut starts: Vec<*mut u8> = Vec::with_capacity(bytes.len());
@@ -1079,7 +1094,7 @@ impl<F: Real> RowBuffers<F> {
         // A vector's heap block does not move when the vector does: the addresses stay
         // valid as the block is kept below.
         RowBuffers {
-            _block: block,
+            block,
             addresses: starts,
             values,
             indices,
