@@ -26,7 +26,7 @@
 use super::real::Real;
 use super::transpose::{BLOCK, Block, Transposer};
 use multiversion::multiversion;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis, s};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, ShapeBuilder, s};
 use std::cell::Cell;
 use std::sync::Mutex;
 
@@ -38,8 +38,6 @@ const MIN_PARALLEL_WORK: usize = 1 << 28;
 const TASK_FLOPS: usize = 1 << 25;
 /// Upper bound on the number of row panels of one product.
 const MAX_PANELS: usize = 4;
-/// The mirror step of [`gram`] only uses a second thread from this size on.
-const MIRROR_PAR_MIN: usize = 1024;
 /// Row panels are multiples of this (keeps gemm micro-tiles full).
 const ROW_ALIGN: usize = 16;
 /// Panel width bounds for the triangle of [`gram`]; the redundant work on
@@ -272,12 +270,7 @@ pub fn gram_with<T: Real>(
         .next_multiple_of(ROW_ALIGN)
         .clamp(TRI_PANEL_MIN, TRI_PANEL_MAX);
     // Largest panels first (the leftmost): better balance.
-    let tasks: Vec<_> = out
-        .axis_chunks_iter_mut(Axis(1), p)
-        .zip(x.axis_chunks_iter(Axis(0), p))
-        .enumerate()
-        .map(|(j, (o, xc))| (j * p, o.slice_move(s![j * p.., ..]), xc))
-        .collect();
+    let tasks: Vec<(usize, usize)> = (0..n).step_by(p).map(|j| (j, p.min(n - j))).collect();
     let d = x.ncols();
     let threads = if worth_parallel::<T>(n.saturating_mul(n).saturating_mul(d)) {
         threads
@@ -286,20 +279,37 @@ pub fn gram_with<T: Real>(
     };
     let x = x.as_standard_layout();
     let rows = x.as_slice().expect("a standard-layout copy is contiguous");
-    run_tasks(tasks, threads, |(first, mut o, xc)| {
-        let width = xc.nrows();
+    let base = SharedMut(out.as_mut_ptr());
+    run_tasks(tasks, threads, |(first, width)| {
+        // The panel of columns first..first + width, from its diagonal block down; the task
+        // then mirrors it onto rows first..first + width from that block right, while it is
+        // in cache. What the tasks touch is disjoint: panel j's rows start at or below the
+        // diagonal block of every panel to its right, and its mirror's rows end above the
+        // rows of those panels, while every panel to its left lies in columns before it.
+        let corner = first * n + first;
+        // SAFETY: the panel lies in `out` (n x n, standard layout), and no other task
+        // touches it (above).
+        let mut panel = unsafe {
+            let shape = (n - first, width).strides((n, 1));
+            ArrayViewMut2::from_shape_ptr(shape, base.start().add(corner))
+        };
         // The panel's rows of x, transposed: gemm reads them in place, where it would copy
         // them into a fresh buffer (faulted in anew each call) to transpose them itself.
-        with_scratch(width * d, |panel: &mut [T]| {
-            transpose_into(panel, width, &rows[first * d..], d, d, width);
-            let columns = ArrayView2::from_shape((d, width), &*panel).expect("d x width buffer");
-            kernel(o.view_mut(), x.slice(s![first.., ..]), columns, None);
+        with_scratch(width * d, |transposed: &mut [T]| {
+            transpose_into(transposed, width, &rows[first * d..], d, d, width);
+            let columns = ArrayView2::from_shape((d, width), &*transposed).expect("d x width");
+            kernel(panel.view_mut(), x.slice(s![first.., ..]), columns, None);
         });
-        transform(first, o);
+        transform(first, panel);
+        // SAFETY: the diagonal block and the panel below it are this task's; so are the rows
+        // of the diagonal block to its right (above). The view of the panel is gone.
+        unsafe {
+            let corner = base.start().add(corner);
+            mirror_square(corner, n, width);
+            let below = corner.add(width * n);
+            transpose_raw(corner.add(width), n, below, n, width, n - first - width);
+        }
     });
-    let data = out.as_slice_mut().expect("standard layout checked above");
-    let mirror_threads = if n >= MIRROR_PAR_MIN { threads } else { 1 };
-    mirror_lower(data, n, 0, n, mirror_threads);
 }
 
 /// Runs `f` on `len` floats of a buffer this thread keeps between calls: a fresh buffer
@@ -442,6 +452,13 @@ struct SharedMut<T>(*mut T);
 // buffer is used again.
 unsafe impl<T> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The buffer's start (a method, so that closures capture the `Sync` wrapper).
+    fn start(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// Combines the `h × w` tile at row `i0`, column `j0` of a row-major buffer (row
 /// length `ld`) with its mirror tile (row `j0`, column `i0`), as [`symmetrize_by`]
 /// describes, `BLOCK × BLOCK` blocks at a time off the diagonal.
@@ -523,11 +540,6 @@ unsafe fn symmetrize_block<T: Real, P: MirrorPairs<T>>(
 }
 
 /// `dst[i·dld + j] = src[j·sld + i]` for `i < rows`, `j < cols`.
-///
-/// Cache-blocked: 64×64 blocks of 8×8 register tiles, each moved by a
-/// [`Transposer`]; every source row segment is read contiguously. Compiled for
-/// AVX2 and AVX-512 too, so that the tiles' shuffles are inlined.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn transpose_into<T: Real>(
     dst: &mut [T],
     dld: usize,
@@ -536,19 +548,42 @@ fn transpose_into<T: Real>(
     rows: usize,
     cols: usize,
 ) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(src.len() >= (cols - 1) * sld + rows && dst.len() >= (rows - 1) * dld + cols);
+    // SAFETY: both ranges lie in their slices (checked above); a mutable slice and a shared
+    // one do not overlap.
+    unsafe { transpose_raw(dst.as_mut_ptr(), dld, src.as_ptr(), sld, rows, cols) }
+}
+
+/// [`transpose_into`] on raw pointers, for parts of one matrix.
+///
+/// Cache-blocked: 64×64 blocks of 8×8 register tiles, each moved by a
+/// [`Transposer`]; every source row segment is read contiguously. Compiled for
+/// AVX2 and AVX-512 too, so that the tiles' shuffles are inlined.
+///
+/// # Safety
+/// The `rows × cols` entries at `dst` (rows `dld` apart) and the `cols × rows` at `src`
+/// (rows `sld` apart) are valid, do not overlap, and nothing else uses them meanwhile.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+unsafe fn transpose_raw<T: Real>(
+    dst: *mut T,
+    dld: usize,
+    src: *const T,
+    sld: usize,
+    rows: usize,
+    cols: usize,
+) {
     const B: usize = 64;
-    let scalar = |dst: &mut [T], i: std::ops::Range<usize>, j: std::ops::Range<usize>| {
+    // SAFETY (for every use): entry (a, b) of `dst` and (b, a) of `src`, inside them.
+    let scalar = |i: std::ops::Range<usize>, j: std::ops::Range<usize>| {
         for a in i {
             for b in j.clone() {
-                dst[a * dld + b] = src[b * sld + a];
+                unsafe { *dst.add(a * dld + b) = *src.add(b * sld + a) };
             }
         }
     };
-    assert!(
-        rows == 0
-            || cols == 0
-            || (src.len() >= (cols - 1) * sld + rows && dst.len() >= (rows - 1) * dld + cols)
-    );
     let transposer = Transposer::detect();
     for i0 in (0..rows).step_by(B) {
         let i1 = (i0 + B).min(rows);
@@ -559,58 +594,45 @@ fn transpose_into<T: Real>(
                 let mut j = j0;
                 while j + BLOCK <= j1 {
                     // SAFETY: the block's rows i..i + 8 of `dst` and j..j + 8 of `src` lie
-                    // inside them (checked above); a slice and a shared slice cannot overlap.
+                    // inside them, as the caller guarantees.
                     unsafe {
-                        let from = src.as_ptr().add(j * sld + i);
-                        transposer.block(from, sld, dst.as_mut_ptr().add(i * dld + j), dld);
+                        let (from, to) = (src.add(j * sld + i), dst.add(i * dld + j));
+                        transposer.block(from, sld, to, dld);
                     }
                     j += BLOCK;
                 }
-                scalar(dst, i..i + BLOCK, j..j1);
+                scalar(i..i + BLOCK, j..j1);
                 i += BLOCK;
             }
-            scalar(dst, i..i1, j0..j1);
+            scalar(i..i1, j0..j1);
         }
     }
 }
 
-/// Copies the strictly lower triangle of the `len × len` diagonal block whose
-/// top-left corner is at column `c0` of the first row of `rows` (a row-major
-/// matrix with row length `ld`) onto its upper triangle.
-fn mirror_lower<T: Real>(rows: &mut [T], ld: usize, c0: usize, len: usize, threads: usize) {
+/// Copies the strictly lower triangle of the `len × len` block at `corner` (rows `ld`
+/// apart) onto its upper triangle.
+///
+/// # Safety
+/// The block is valid, and nothing else uses it meanwhile.
+unsafe fn mirror_square<T: Real>(corner: *mut T, ld: usize, len: usize) {
     if len <= 64 {
         for i in 0..len {
             for j in i + 1..len {
-                rows[i * ld + c0 + j] = rows[j * ld + c0 + i];
+                // SAFETY: both entries lie in the block.
+                unsafe { *corner.add(i * ld + j) = *corner.add(j * ld + i) };
             }
         }
         return;
     }
+    // The two diagonal quarters, then the lower-left quarter onto the upper-right one: all
+    // four are disjoint.
     let h = (len / 2).next_multiple_of(8);
     let w = len - h;
-    let (top, bottom) = rows.split_at_mut(h * ld);
-    // The two diagonal halves are disjoint; then the off-diagonal quadrant
-    // top[.., c0+h..] is written from bottom[.., c0..c0+h], read-only.
-    let par = threads > 1 && len > 256;
-    if par {
-        rayon::join(
-            || mirror_lower(top, ld, c0, h, threads),
-            || mirror_lower(bottom, ld, c0 + h, w, threads),
-        );
-    } else {
-        mirror_lower(top, ld, c0, h, 1);
-        mirror_lower(bottom, ld, c0 + h, w, 1);
-    }
-    let src = &bottom[c0..];
-    if par {
-        let half = (h / 2).next_multiple_of(8);
-        let (t1, t2) = top.split_at_mut(half * ld);
-        rayon::join(
-            || transpose_into(&mut t1[c0 + h..], ld, src, ld, half, w),
-            || transpose_into(&mut t2[c0 + h..], ld, &src[half..], ld, h - half, w),
-        );
-    } else {
-        transpose_into(&mut top[c0 + h..], ld, src, ld, h, w);
+    // SAFETY: the quarters lie in the block.
+    unsafe {
+        mirror_square(corner, ld, h);
+        mirror_square(corner.add(h * ld + h), ld, w);
+        transpose_raw(corner.add(h), ld, corner.add(h * ld), ld, h, w);
     }
 }
 
