@@ -300,6 +300,51 @@ fn thread_counts_give_identical_bits() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Calls from several threads at once into one loss, each asking for two threads of the
+/// pool (whose helpers wait for work), all finish, with the bits of a call made alone.
+#[test]
+fn concurrent_calls_finish_alike() {
+    let (x, labels) = batch_with_overlap(&[4; 150], 64, 31, 0.2, 0.4);
+    let x = x.mapv(|v| v as f32);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for name in ["multi_similarity", "batch_all", "histogram"] {
+            let module = lower(name, &small_params(name, x.nrows(), 64));
+            let loss = Loss::new(
+                module.clone(),
+                losscc::grad::differentiate(&module).unwrap(),
+            );
+            let options = Options {
+                threads: 2,
+                seed: 0,
+                inputs: &[],
+            };
+            let bits = |out: losscc::runtime::engine::Output<f32>| {
+                let grad = out.grad.unwrap();
+                let grad: Vec<u32> = grad.iter().map(|v| v.to_bits()).collect();
+                (out.loss.to_bits(), grad)
+            };
+            let alone = bits(loss.run(x.view(), &labels, &options, true).unwrap());
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        for _ in 0..25 {
+                            let out = loss.run(x.view(), &labels, &options, true).unwrap();
+                            assert!(bits(out) == alone, "{name}: a concurrent call differs");
+                        }
+                    });
+                }
+            });
+        }
+        done.send(()).unwrap();
+    });
+    let outcome = finished.recv_timeout(std::time::Duration::from_secs(300));
+    assert!(
+        outcome.is_ok(),
+        "concurrent calls did not finish within 300 s"
+    );
+}
+
 /// The kernels draw the same samples as the interpreter: the same losses and gradients in
 /// float64, for several seeds.
 #[test]
