@@ -19,8 +19,9 @@ use crate::ir::Domain;
 pub struct KernelArgs {
     /// Per bound matrix: its values, row-major, in the run's float type.
     pub matrices: *const *const u8,
-    /// Per bound matrix: its number of columns.
-    pub matrix_cols: *const u64,
+    /// Per bound matrix: how many floats apart its rows start (at least its number of
+    /// columns: the runtime pads them).
+    pub matrix_strides: *const u64,
     /// Per bound batch-level number or condition: its value (f64).
     pub batch: *const f64,
     /// Per bound per-anchor number: its values per anchor (f64), which an earlier pass stored.

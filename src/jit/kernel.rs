@@ -557,15 +557,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
-    /// `base + anchor * cols(m) * size of float`.
+    /// `base + anchor * stride(m) * size of float`.
     fn row_address(&mut self, base: Value, m: Handle<Matrix>) -> Value {
-        let cols_table = self.arg_field(offset_of!(KernelArgs, matrix_cols));
+        let strides = self.arg_field(offset_of!(KernelArgs, matrix_strides));
         let slot = bind(&mut self.bindings.matrices, m);
-        let cols = self
+        let stride = self
             .b
             .ins()
-            .load(I64, Self::flags(), cols_table, (8 * slot) as i32);
-        self.offset_row(base, cols)
+            .load(I64, Self::flags(), strides, (8 * slot) as i32);
+        self.offset_row(base, stride)
     }
 
     /// The anchor's row of a row-major table at `base` whose rows are `stride` floats apart.

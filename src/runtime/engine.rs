@@ -15,7 +15,7 @@ use crate::ir::*;
 use crate::jit::abi::{KernelArgs, RowBuffer, domain_slot};
 use crate::jit::{CompiledPass, Kernels, Target};
 use crate::opt::Plan;
-use ndarray::{Array2, ArrayView2, Axis, ShapeBuilder};
+use ndarray::{Array2, ArrayView2, Axis};
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -540,7 +540,7 @@ impl<'r, F: Real> Run<'r, F> {
                         unzeroed[scatter.slot] = true;
                         spare.swap_remove(at)
                     }
-                    None => padded_zeros(dim),
+                    None => tensors::padded_zeros(dim),
                 });
             }
         }
@@ -701,10 +701,10 @@ impl<'r, F: Real> Run<'r, F> {
             .iter()
             .map(|m| self.matrices[m.index()].as_ptr() as *const u8)
             .collect();
-        let matrix_cols: Vec<u64> = bound
+        let matrix_strides: Vec<u64> = bound
             .matrices
             .iter()
-            .map(|m| self.matrices[m.index()].ncols() as u64)
+            .map(|m| self.matrices[m.index()].strides()[0] as u64)
             .collect();
         let batch: Vec<f64> = bound
             .batch
@@ -733,7 +733,7 @@ impl<'r, F: Real> Run<'r, F> {
                     .map_or(std::ptr::null_mut(), |a| a.as_mut_ptr() as *mut u8)
             })
             .collect();
-        // Adjoint rows are padded (see `padded_zeros`); their columns are adjacent.
+        // Adjoint rows are padded (see `tensors::padded_zeros`); their columns are adjacent.
         let grad_strides: Vec<u64> = bound
             .slots
             .iter()
@@ -837,7 +837,7 @@ impl<'r, F: Real> Run<'r, F> {
             .unwrap_or_default();
         let args = Shared(KernelArgs {
             matrices: matrix_ptrs.as_ptr(),
-            matrix_cols: matrix_cols.as_ptr(),
+            matrix_strides: matrix_strides.as_ptr(),
             batch: batch.as_ptr(),
             vectors: vector_ptrs.as_ptr(),
             stored: stored.as_ptr(),
@@ -966,7 +966,7 @@ fn fold_slots<F: Real>(
             continue;
         };
         let m = slot.matrix.index();
-        let target = own[m].get_or_insert_with(|| padded_zeros(values.dim()));
+        let target = own[m].get_or_insert_with(|| tensors::padded_zeros(values.dim()));
         let (own_scale, scale) = (scales[m], scale_of(slot));
         scaled_add_on_threads(target, own_scale, values, scale, threads);
         scales[m] = F::ONE;
@@ -1000,20 +1000,6 @@ fn zero_on_threads<F: Real>(a: &mut Array2<F>, threads: usize) {
 
 /// Rows per task of the elementwise passes over an adjoint.
 const ROWS_PER_TASK: usize = 64;
-
-/// An adjoint of zeros whose rows are padded to a length that is not a multiple of a
-/// kilobyte: rows 4 KiB apart (1024 f32 columns) share their cache sets, and the
-/// transposed reads of the symmetrisation ran three times slower on them.
-fn padded_zeros<F: Real>((rows, cols): (usize, usize)) -> Array2<F> {
-    let line = 64 / size_of::<F>();
-    let mut stride = cols.next_multiple_of(line);
-    if (stride * size_of::<F>()).is_multiple_of(1024) {
-        stride += line;
-    }
-    let len = rows.saturating_sub(1) * stride + cols;
-    Array2::from_shape_vec((rows, cols).strides((stride, 1)), vec![F::ZERO; len])
-        .unwrap_or_else(|_| Array2::zeros((rows, cols)))
-}
 
 /// How long a helper of [`on_pool`] looks for work before it leaves: longer than the gaps
 /// between a call's parallel steps.

@@ -15,7 +15,7 @@
 //!
 //! Inputs may be views with any strides (non-contiguous, transposed, negative):
 //! `gemm` reads them in place. Outputs may have any strides too, except that
-//! [`gram`] goes through a temporary when its output is not in standard layout.
+//! [`gram`] goes through a temporary when its output's rows are not of unit stride.
 //! Shapes are checked with `assert!`; empty and single-row shapes are fine.
 //!
 //! Symmetric backward: `dX += (G + Gᵀ) X` is one GEMM, [`symmetrize`] in place
@@ -259,7 +259,11 @@ pub fn gram_with<T: Real>(
     if n == 0 {
         return;
     }
-    if !out.is_standard_layout() {
+    // Rows of unit stride, each `ld` after the last (padded rows are welcome: rows exactly
+    // 4 KiB apart share their cache sets, and a panel of them does not stay in cache).
+    let [row_stride, column_stride] = [out.strides()[0], out.strides()[1]];
+    let ld = usize::try_from(row_stride).unwrap_or(0);
+    if column_stride != 1 || ld < n {
         let mut tmp = vec![T::ZERO; n * n];
         let view = ArrayViewMut2::from_shape((n, n), &mut tmp[..]).expect("n*n buffer");
         gram_with(x, view, threads, transform);
@@ -286,11 +290,11 @@ pub fn gram_with<T: Real>(
         // in cache. What the tasks touch is disjoint: panel j's rows start at or below the
         // diagonal block of every panel to its right, and its mirror's rows end above the
         // rows of those panels, while every panel to its left lies in columns before it.
-        let corner = first * n + first;
-        // SAFETY: the panel lies in `out` (n x n, standard layout), and no other task
+        let corner = first * ld + first;
+        // SAFETY: the panel lies in `out` (n x n, rows `ld` apart), and no other task
         // touches it (above).
         let mut panel = unsafe {
-            let shape = (n - first, width).strides((n, 1));
+            let shape = (n - first, width).strides((ld, 1));
             ArrayViewMut2::from_shape_ptr(shape, base.start().add(corner))
         };
         // The panel's rows of x, transposed: gemm reads them in place, where it would copy
@@ -305,9 +309,9 @@ pub fn gram_with<T: Real>(
         // of the diagonal block to its right (above). The view of the panel is gone.
         unsafe {
             let corner = base.start().add(corner);
-            mirror_square(corner, n, width);
-            let below = corner.add(width * n);
-            transpose_raw(corner.add(width), n, below, n, width, n - first - width);
+            mirror_square(corner, ld, width);
+            let below = corner.add(width * ld);
+            transpose_raw(corner.add(width), ld, below, ld, width, n - first - width);
         }
     });
 }
