@@ -8,6 +8,7 @@ use super::error::RunError;
 use super::gemm;
 use super::groups::{GroupValues, evaluate_groupings};
 use super::real::{self, Real};
+use super::spare;
 use super::tensors;
 use crate::grad::{AdjointSlot, Gradient};
 use crate::interp::{self, Precision};
@@ -125,9 +126,9 @@ pub struct Loss {
     target: Target,
 }
 
-/// The large buffers of a run, reused by the next. (Allocated afresh, a buffer from
-/// 128 KiB on comes from `mmap` with glibc's defaults, and is faulted in page by page each
-/// call: histogram's per-anchor histograms cost it 0.8 ms a call so.)
+/// The large buffers of a run, reused by the next (allocated afresh, they would be
+/// faulted in every call: see [`super::spare`]; histogram's per-anchor histograms cost it
+/// 0.8 ms a call so).
 struct Workspace<F> {
     embedding: Option<Array2<F>>,
     matrices: Vec<Array2<F>>,
@@ -1063,14 +1064,9 @@ struct RowBuffers<F> {
     _floats: std::marker::PhantomData<F>,
 }
 
-thread_local! {
-    /// The block of the last [`RowBuffers`] this thread dropped.
-    static SPARE_BLOCK: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
 impl<F> Drop for RowBuffers<F> {
     fn drop(&mut self) {
-        SPARE_BLOCK.set(std::mem::take(&mut self.block));
+        spare::keep(std::mem::take(&mut self.block));
     }
 }
 
@@ -1088,9 +1084,8 @@ impl<F: Real> RowBuffers<F> {
             .chain([float * scratch.max(1), 4 * scratch.max(1)])
             .collect();
         let total: usize = bytes.iter().map(|b| b + PAGE).sum::<usize>() + PAGE;
-        // This thread's block of the last pass, zeroed: a fresh one of over 128 KiB would
-        // come from `mmap` and be faulted in again each pass (js_div's dozens of buffers).
-        let mut block = SPARE_BLOCK.take();
+        // This thread's spare block, zeroed (js_div's dozens of buffers take over 128 KiB).
+        let mut block = spare::take();
         block.clear();
         block.resize(total.div_ceil(8), 0);
         let base = block.as_mut_ptr().cast::<u8>();

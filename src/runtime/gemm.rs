@@ -24,10 +24,10 @@
 //! transposed reads then run in the GEMM's critical path, once per panel.)
 
 use super::real::Real;
+use super::spare;
 use super::transpose::{BLOCK, Block, Transposer};
 use multiversion::multiversion;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis, ShapeBuilder, s};
-use std::cell::Cell;
 use std::sync::Mutex;
 
 /// Below this much work (flops × `size_of::<T>()`; 2^28 = 67 Mflop in f32,
@@ -298,7 +298,7 @@ pub fn gram_with<T: Real>(
             ArrayViewMut2::from_shape_ptr(shape, base.start().add(corner))
         };
         // The panel's rows of x, transposed: gemm reads them in place, where it would copy
-        // them into a fresh buffer (faulted in anew each call) to transpose them itself.
+        // them into a fresh buffer (see `spare`) to transpose them itself.
         with_scratch(width * d, |transposed: &mut [T]| {
             transpose_into(transposed, width, &rows[first * d..], d, d, width);
             let columns = ArrayView2::from_shape((d, width), &*transposed).expect("d x width");
@@ -316,15 +316,9 @@ pub fn gram_with<T: Real>(
     });
 }
 
-/// Runs `f` on `len` floats of a buffer this thread keeps between calls: a fresh buffer
-/// of a panel's size would come from `mmap`, and be faulted in and unmapped (with a TLB
-/// shootdown on every other thread) each call.
+/// Runs `f` on `len` floats of this thread's [`spare`] block.
 fn with_scratch<T: Real, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    thread_local! {
-        static SCRATCH: Cell<Vec<u64>> = const { Cell::new(Vec::new()) };
-    }
-    // Taken out while in use: a nested call (none is made) would get a buffer of its own.
-    let mut words = SCRATCH.take();
+    let mut words = spare::take();
     let needed = (len * size_of::<T>()).div_ceil(size_of::<u64>());
     if words.len() < needed {
         words.resize(needed, 0);
@@ -334,7 +328,7 @@ fn with_scratch<T: Real, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     // nothing else refers to while `f` runs.
     let floats = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) };
     let result = f(floats);
-    SCRATCH.set(words);
+    spare::keep(words);
     result
 }
 

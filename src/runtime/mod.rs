@@ -9,6 +9,7 @@ pub mod groups;
 pub mod kmeans;
 pub mod real;
 pub mod sample;
+pub mod spare;
 pub mod sparse;
 pub mod synthetic;
 pub mod tensors;
