@@ -300,6 +300,66 @@ fn thread_counts_give_identical_bits() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A minimum or maximum over a row that meets a NaN is NaN, whichever lane (or the scalar
+/// tail) it falls in, and a mining that compares with it selects nothing: as in the
+/// interpreter. Here `log(v)` is NaN wherever a similarity is negative, which some anchors'
+/// rows have in a few columns and others in none.
+#[test]
+fn extremes_over_nan_match_the_interpreter() {
+    let source = "loss nan_extremes() {
+        s = dot(x)
+        per anchor {
+            neg = s where !same
+            top = max(neg, log(v))
+            low = min(neg, log(v))
+            above = neg where log(v) > top - 1
+            below = neg where log(v) < low + 1
+            term = sum(above) + count(below)
+        }
+        loss = sum(term)
+    }";
+    let loss = Loss::compile(source, &vec![]).expect("compiles");
+    let mut compared = 0;
+    for (classes, seed) in [
+        (vec![4; 6], 31),
+        (vec![5, 4, 4, 4, 4, 5], 32),
+        (vec![3; 9], 33),
+    ] {
+        let (mut x, labels) = batch_with_overlap(&classes, 6, seed, 0.0, 0.9);
+        // All entries positive but a few: most rows meet no negative similarity.
+        x.mapv_inplace(f64::abs);
+        for (row, col) in [(2, 1), (9, 4), (13, 0), (20, 5)] {
+            x[(row, col)] = -4.0;
+        }
+        let batch = Batch {
+            x: x.view(),
+            labels: &labels,
+            inputs: &[],
+            seed: 0,
+        };
+        let reference = evaluate_with_gradient(loss.gradient(), &batch, Precision::F64)
+            .expect("the interpreter evaluates it");
+        for threads in [1, 2] {
+            let options = Options {
+                threads,
+                seed: 0,
+                inputs: &[],
+            };
+            let out = loss.run(x.view(), &labels, &options, true).expect("runs");
+            assert_eq!(out.evaluator, Evaluator::Jit);
+            let gap = (out.loss - reference.loss).abs() / reference.loss.abs().max(1e-300);
+            assert!(
+                gap < 1e-12,
+                "{classes:?}: compiled {} against {}",
+                out.loss,
+                reference.loss
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 6);
+}
+
 /// Calls from several threads at once into one loss, each asking for two threads of the
 /// pool (whose helpers wait for work), all finish, with the bits of a call made alone.
 #[test]

@@ -12,7 +12,9 @@ use crate::ir::*;
 use crate::jit::constants::LoopBase;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I8, I8X16, I32, I32X4, I64, I64X2};
-use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Type as ClifType, Value};
+use cranelift_codegen::ir::{
+    Endianness, InstBuilder, InstructionData, MemFlagsData, Type as ClifType, Value, ValueDef,
+};
 use cranelift_frontend::Variable;
 use std::collections::HashMap;
 
@@ -327,8 +329,23 @@ impl Gen<'_, '_> {
         }
     }
 
+    /// `scalar` on every lane. A constant comes from the loop's table like [`Gen::vconst`]'s:
+    /// splatted, it would be hoisted to the function's entry and take a register in every
+    /// loop (a spill, a reload and a store per iteration where registers run short).
     pub(super) fn splat(&mut self, scalar: Value) -> Value {
-        let ty = self.vector_type();
+        let dfg = &self.b.func.dfg;
+        let lane = match dfg.value_def(scalar) {
+            ValueDef::Result(inst, _) => match dfg.insts[inst] {
+                InstructionData::UnaryIeee32 { imm, .. } => Some(u64::from(imm.bits())),
+                InstructionData::UnaryIeee64 { imm, .. } => Some(imm.bits()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (ty, constants) = (self.vector_type(), self.constants());
+        if let Some(loaded) = lane.and_then(|lane| constants.vector(&mut self.b, ty, lane)) {
+            return loaded;
+        }
         self.b.ins().splat(ty, scalar)
     }
 
@@ -1023,7 +1040,14 @@ impl Gen<'_, '_> {
             let tail = self.b.declare_var(self.float);
             let start = self.fconst(fold.identity());
             self.b.def_var(tail, start);
-            accumulators.push((lanes, tail));
+            let nan_lanes = matches!(fold, Fold::Min(_) | Fold::Max(_)).then(|| {
+                let nan_lanes = self.b.declare_var(self.mask_type());
+                let none = self.b.ins().iconst(I64, 0);
+                let none = self.splat_int(none);
+                self.b.def_var(nan_lanes, none);
+                nan_lanes
+            });
+            accumulators.push((lanes, tail, nan_lanes));
         }
         let add = |g: &mut Self, grad_row: Value, col: Value, w: Value| {
             let offset = g.b.ins().imul_imm_u(col, g.fb);
@@ -1073,7 +1097,7 @@ impl Gen<'_, '_> {
                 // One cache for the whole body: what the folds and the weights share is
                 // computed once.
                 let mut cache = HashMap::new();
-                for ((fold, only), &(lanes, _)) in folds.iter().zip(&accumulators) {
+                for ((fold, only), &(lanes, _, nan_lanes)) in folds.iter().zip(&accumulators) {
                     let mut v = match fold.body() {
                         Some(body) => g.vmember(body, at, &mut cache)?,
                         None => g.vconst(1.0),
@@ -1100,7 +1124,13 @@ impl Gen<'_, '_> {
                         }
                     }
                     let current = g.b.use_var(lanes);
-                    let next = g.fold_step(*fold, current, v, mask);
+                    let next = match (*fold, nan_lanes) {
+                        (Fold::Min(_) | Fold::Max(_), Some(nan_lanes)) => {
+                            let min = matches!(fold, Fold::Min(_));
+                            g.lane_extreme(current, v, min, mask, nan_lanes)
+                        }
+                        _ => g.fold_step(*fold, current, v, mask),
+                    };
                     g.b.def_var(lanes, next);
                 }
                 for (k, scatter) in scatters.iter().enumerate() {
@@ -1129,7 +1159,7 @@ impl Gen<'_, '_> {
             },
             &mut |g, at| {
                 let mut cache = HashMap::new();
-                for (&(fold, only), &(_, tail)) in folds.iter().zip(&accumulators) {
+                for (&(fold, only), &(_, tail, _)) in folds.iter().zip(&accumulators) {
                     match only {
                         // What is computed under the condition is not shared: it would not
                         // dominate the rest of the body.
@@ -1172,8 +1202,17 @@ impl Gen<'_, '_> {
             },
         )?;
         let mut results = Vec::with_capacity(folds.len());
-        for ((fold, _), (lanes, tail)) in folds.iter().zip(accumulators) {
-            let lanes = self.b.use_var(lanes);
+        for ((fold, _), (lanes, tail, nan_lanes)) in folds.iter().zip(accumulators) {
+            let mut lanes = self.b.use_var(lanes);
+            if let Some(nan_lanes) = nan_lanes {
+                // A lane that met a NaN becomes one (all bits set), as the scalar rule has it.
+                let flags = MemFlagsData::new();
+                let nan_lanes = self.b.use_var(nan_lanes);
+                let ity = self.mask_type();
+                let bits = self.b.ins().bitcast(ity, flags, lanes);
+                let bits = self.b.ins().bor(bits, nan_lanes);
+                lanes = self.b.ins().bitcast(vty, flags, bits);
+            }
             let tail = self.b.use_var(tail);
             let parts: Vec<Value> = (0..self.lanes())
                 .map(|lane| self.b.ins().extractlane(lanes, lane as u8))
@@ -1371,6 +1410,45 @@ impl Gen<'_, '_> {
         merged
             .map(|(_, chosen)| chosen)
             .ok_or_else(|| internal("a vector of no lanes"))
+    }
+
+    /// One step of a minimum (or maximum) on lanes, `acc` where `mask` (if any) leaves a lane
+    /// out. The result is the rule of [`Self::extreme_of`] split in two: the lanes' extremes
+    /// ignoring NaNs, one `minps` (`maxps`) after `acc` (a NaN member leaves it as it is, an
+    /// equal one too), and the lanes that met a NaN, or-ed into `nan_lanes`. The
+    /// accumulator's chain from one iteration to the next is then one instruction where the
+    /// rule's compare, or, and and blend took twice its latency.
+    fn lane_extreme(
+        &mut self,
+        acc: Value,
+        v: Value,
+        min: bool,
+        mask: Option<Value>,
+        nan_lanes: Variable,
+    ) -> Value {
+        let identity = if min {
+            f64::INFINITY
+        } else {
+            f64::NEG_INFINITY
+        };
+        let v = match mask {
+            Some(mask) => self.vmasked(mask, v, identity),
+            None => v,
+        };
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, v, v);
+        let seen = self.b.use_var(nan_lanes);
+        let seen = self.b.ins().bor(seen, nan);
+        self.b.def_var(nan_lanes, seen);
+        // The shapes Cranelift lowers to `minps v, acc` and `maxps v, acc`: `v` where it is
+        // below (above) `acc`, else `acc`.
+        let better = if min {
+            self.b.ins().fcmp(FloatCC::LessThan, v, acc)
+        } else {
+            self.b.ins().fcmp(FloatCC::LessThan, acc, v)
+        };
+        let ty = self.b.func.dfg.value_type(v);
+        let better = self.b.ins().bitcast(ty, MemFlagsData::new(), better);
+        self.b.ins().bitselect(better, v, acc)
     }
 
     /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
