@@ -98,6 +98,9 @@ pub struct Machine<'t> {
 pub struct LaneOps {
     /// Bytes of a vector shuffled by a vector of indices (`swizzle`; x86-64: SSSE3).
     pub shuffles: bool,
+    /// The shuffle as x86's `pshufb`: an index with its top bit set gives a zero, where
+    /// `swizzle` first saturates every index (one more instruction).
+    pub pshufb: bool,
     /// A select on each lane's top bit in one instruction (`blendv`; x86-64: SSE4.1),
     /// where `bitselect` takes three.
     pub blend: bool,
@@ -407,6 +410,14 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     fn flags() -> MemFlagsData {
         MemFlagsData::trusted()
+    }
+
+    /// The flags of a load from what no kernel writes while the passes run (the pair
+    /// matrices, the class ids): the optimiser may merge equal loads and take one whose
+    /// address does not change out of a loop (the left member's entry of a cross set, read
+    /// once per left member instead of once per vector of right members).
+    fn input_flags() -> MemFlagsData {
+        Self::flags().with_readonly().with_can_move()
     }
 
     fn fconst(&mut self, value: f64) -> Value {
@@ -2205,7 +2216,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let row = self.matrix_row(m)?;
                 let offset = self.b.ins().imul_imm_u(at.j, self.fb);
                 let addr = self.b.ins().iadd(row, offset);
-                self.b.ins().load(self.float, Self::flags(), addr, 0)
+                self.b.ins().load(self.float, Self::input_flags(), addr, 0)
             }
             ExprKind::Same => {
                 // The rows of a member's space are the block's anchors.

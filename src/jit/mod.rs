@@ -358,7 +358,7 @@ fn build(
 }
 
 /// The lane instructions beyond Cranelift's portable set that `isa` has: `swizzle` on
-/// x86-64 from SSSE3 on and on every other target; `blendv`, an x86 instruction, from
+/// x86-64 from SSSE3 on (as `pshufb` itself) and on every other target; `blendv`, an x86 instruction, from
 /// SSE4.1 on; memory operands at any address on x86-64 from AVX on.
 fn lane_ops(isa: &dyn TargetIsa) -> kernel::LaneOps {
     let x64 = isa.name() == "x64";
@@ -370,6 +370,7 @@ fn lane_ops(isa: &dyn TargetIsa) -> kernel::LaneOps {
     };
     kernel::LaneOps {
         shuffles: !x64 || has("has_ssse3"),
+        pshufb: x64 && has("has_ssse3"),
         blend: x64 && has("has_sse41"),
         unaligned_operands: !x64 || has("has_avx"),
     }

@@ -156,6 +156,11 @@ impl Gen<'_, '_> {
         MemFlagsData::new().with_notrap()
     }
 
+    /// [`Self::vector_flags`] for lanes of what no kernel writes (see [`Gen::input_flags`]).
+    fn vector_input_flags() -> MemFlagsData {
+        Self::vector_flags().with_readonly().with_can_move()
+    }
+
     /// Whether `h`, evaluated per member, can be evaluated on lanes.
     pub(super) fn vectorizable(&self, h: Handle<Expr>, contiguous: bool) -> bool {
         let e = &self.module.exprs[h];
@@ -301,9 +306,11 @@ impl Gen<'_, '_> {
         let offset = self.b.ins().imul_imm_u(first, 4);
         let addr = self.b.ins().iadd(self.ids[&domain], offset);
         if self.float == F32 {
-            self.b.ins().load(I32X4, Self::vector_flags(), addr, 0)
+            self.b
+                .ins()
+                .load(I32X4, Self::vector_input_flags(), addr, 0)
         } else {
-            self.b.ins().sload32x2(Self::vector_flags(), addr, 0)
+            self.b.ins().sload32x2(Self::vector_input_flags(), addr, 0)
         }
     }
 
@@ -412,7 +419,7 @@ impl Gen<'_, '_> {
             return Ok(v);
         }
         if let Some(&row) = self.softmax_reads.get(&h) {
-            let kept = self.load_lanes(row.buffer, at)?;
+            let kept = self.load_lanes(row.buffer, at, false)?;
             let inverse = self.splat(row.inverse);
             let v = self.b.ins().fmul(kept, inverse);
             cache.insert(h, v);
@@ -421,7 +428,7 @@ impl Gen<'_, '_> {
         let v = match e.kind {
             ExprKind::Entry(m) => {
                 let row = self.matrix_row(m)?;
-                self.load_lanes(row, at)?
+                self.load_lanes(row, at, true)?
             }
             ExprKind::Same => {
                 let space = self.member_space(h, at);
@@ -510,27 +517,33 @@ impl Gen<'_, '_> {
         Ok(v)
     }
 
-    /// The floats of a row (`base`, one per column) at the lanes' columns.
-    fn load_lanes(&mut self, base: Value, at: &VAt) -> Result<Value> {
+    /// The floats of a row (`base`, one per column) at the lanes' columns; `input`: a row
+    /// no kernel writes (a pair matrix's).
+    fn load_lanes(&mut self, base: Value, at: &VAt, input: bool) -> Result<Value> {
         let ty = self.vector_type();
+        let (vector_flags, flags) = if input {
+            (Self::vector_input_flags(), Self::input_flags())
+        } else {
+            (Self::vector_flags(), Self::flags())
+        };
         if at.contiguous {
             let offset = self.b.ins().imul_imm_u(at.first, self.fb);
             let addr = self.b.ins().iadd(base, offset);
             if self.lanes.unaligned_operands {
-                return Ok(self.b.ins().load(ty, Self::vector_flags(), addr, 0));
+                return Ok(self.b.ins().load(ty, vector_flags, addr, 0));
             }
             // Cranelift 0.135 folds a load into the SSE form of a float compare (`cmpps`),
             // which faults on an address not aligned to 16 bytes; a load reinterpreted is
             // not folded.
             let bits = self.mask_type();
-            let loaded = self.b.ins().load(bits, Self::vector_flags(), addr, 0);
+            let loaded = self.b.ins().load(bits, vector_flags, addr, 0);
             return Ok(self.b.ins().bitcast(ty, MemFlagsData::new(), loaded));
         }
         let mut vector = None;
         for (lane, &j) in at.cols.iter().enumerate() {
             let offset = self.b.ins().imul_imm_u(j, self.fb);
             let addr = self.b.ins().iadd(base, offset);
-            let x = self.b.ins().load(self.float, Self::flags(), addr, 0);
+            let x = self.b.ins().load(self.float, flags, addr, 0);
             vector = Some(match vector {
                 None => self.b.ins().scalar_to_vector(ty, x),
                 Some(v) => self.b.ins().insertlane(v, x, lane as u8),
@@ -607,7 +620,7 @@ impl Gen<'_, '_> {
             &Repr::Range { cols, space },
             false,
             &mut |g, at| {
-                let v = g.load_lanes(grad_row, at)?;
+                let v = g.load_lanes(grad_row, at, false)?;
                 let factor = g.splat(factor);
                 let v = scaled(g, v, factor);
                 g.store_lanes(grad_row, at, v);
@@ -829,19 +842,22 @@ impl Gen<'_, '_> {
                     Some(all) => g.b.ins().band(all, m),
                 });
             }
-            let Some(mask) = at.mask.filter(|_| others == NonMembers::Skip) else {
-                return vector(g, &at);
-            };
-            // Mined sets keep few members of a row: a vector without one costs a test, not
-            // the member expression (a masked lane changes no sum and no adjoint).
-            let any = g.b.ins().vany_true(mask);
-            let members = g.b.create_block();
-            let after = g.b.create_block();
-            g.b.ins().brif(any, members, &[], after, &[]);
-            g.b.switch_to_block(members);
-            vector(g, &at)?;
-            g.b.ins().jump(after, &[]);
-            g.b.switch_to_block(after);
+            match at.mask.filter(|_| others == NonMembers::Skip) {
+                None => vector(g, &at)?,
+                Some(mask) => {
+                    // Mined sets keep few members of a row: a vector without one costs a
+                    // test, not the member expression (a masked lane changes no sum and no
+                    // adjoint).
+                    let any = g.b.ins().vany_true(mask);
+                    let members = g.b.create_block();
+                    let after = g.b.create_block();
+                    g.b.ins().brif(any, members, &[], after, &[]);
+                    g.b.switch_to_block(members);
+                    vector(g, &at)?;
+                    g.b.ins().jump(after, &[]);
+                    g.b.switch_to_block(after);
+                }
+            }
             Ok(())
         })?;
         self.lane_base = outer_base;
@@ -936,11 +952,16 @@ impl Gen<'_, '_> {
         Ok(())
     }
 
-    /// The 16 bytes of `v` shuffled by `control`, stored at `base + offset`.
+    /// The 16 bytes of `v` shuffled by `control` (whose unused bytes are `0x80`), stored at
+    /// `base + offset`.
     fn store_packed(&mut self, v: Value, control: Value, base: Value, offset: Value) {
         let little = MemFlagsData::new().with_endianness(Endianness::Little);
         let bytes = self.b.ins().bitcast(I8X16, little, v);
-        let packed = self.b.ins().swizzle(bytes, control);
+        let packed = if self.lanes.pshufb {
+            self.b.ins().x86_pshufb(bytes, control)
+        } else {
+            self.b.ins().swizzle(bytes, control)
+        };
         let addr = self.b.ins().iadd(base, offset);
         self.b.ins().store(Self::vector_flags(), packed, addr, 0);
     }
@@ -1248,7 +1269,7 @@ impl Gen<'_, '_> {
         let (read, factor) = scatter.term.parts(scatter.weight);
         let v = match read {
             TermRead::Expr(h) => self.vmember(h, at, cache)?,
-            TermRead::Kept(buffer) => self.load_lanes(buffer, at)?,
+            TermRead::Kept(buffer) => self.load_lanes(buffer, at, false)?,
         };
         Ok(match factor {
             Some(factor) => {
