@@ -300,8 +300,8 @@ fn thread_counts_give_identical_bits() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A minimum or maximum over a row that meets a NaN is NaN, whichever lane (or the scalar
-/// tail) it falls in, and a mining that compares with it selects nothing: as in the
+/// A minimum, maximum or rank over a row that meets a NaN is NaN, whichever lane (or the
+/// scalar tail) it falls in, and a mining that compares with it selects nothing: as in the
 /// interpreter. Here `log(v)` is NaN wherever a similarity is negative, which some anchors'
 /// rows have in a few columns and others in none.
 #[test]
@@ -312,9 +312,11 @@ fn extremes_over_nan_match_the_interpreter() {
             neg = s where !same
             top = max(neg, log(v))
             low = min(neg, log(v))
+            third = rank(neg, 2)
             above = neg where log(v) > top - 1
             below = neg where log(v) < low + 1
-            term = sum(above) + count(below)
+            near = neg where log(v) <= third
+            term = sum(above) + count(below) + count(near)
         }
         loss = sum(term)
     }";
@@ -358,6 +360,42 @@ fn extremes_over_nan_match_the_interpreter() {
         }
     }
     assert_eq!(compared, 6);
+}
+
+/// A rank the set does not have fails as in the interpreter, also where the row is ranked
+/// whole (the kernels pad it to the row's length): 21 of a set of 20 in a row of 24. (The
+/// rank is stopped, since its gradient would pick its member by position on another path,
+/// and bounded, since an infinite loss would go to the interpreter anyway.)
+#[test]
+fn a_rank_beyond_the_members_fails_alike() {
+    let source = "loss beyond(k = 21) {
+        s = dot(x)
+        per anchor {
+            neg = s where !same
+            th = stop(rank(neg, k))
+            term = (if th > 5 then 5 else th) + sum(neg)
+        }
+        loss = sum(term)
+    }";
+    let (x, labels) = batch_with_overlap(&[4; 6], 5, 41, 0.0, 0.5);
+    let loss = Loss::compile(source, &vec![]).expect("compiles");
+    let batch = Batch {
+        x: x.view(),
+        labels: &labels,
+        inputs: &[],
+        seed: 0,
+    };
+    let reference = evaluate_with_gradient(loss.gradient(), &batch, Precision::F64)
+        .expect_err("no rank 21 among 20");
+    let options = Options {
+        threads: 2,
+        seed: 0,
+        inputs: &[],
+    };
+    let compiled = loss
+        .run(x.view(), &labels, &options, true)
+        .expect_err("fails");
+    assert_eq!(compiled.to_string(), reference.to_string());
 }
 
 /// Calls from several threads at once into one loss, each asking for two threads of the

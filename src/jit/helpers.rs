@@ -225,19 +225,31 @@ unsafe fn extreme<F: Lane>(
 }
 
 /// The position (in `values`) of the value at rank `k` (0-based, ascending, ties to the
-/// lower position), or -1 when `k` is not a rank of the set.
+/// lower position), or -1 when `k` is not a rank of the set or a value is NaN (the kernels
+/// rank a row padded with `+inf`, which a NaN member would rank after: the interpreter
+/// takes such a row).
 ///
 /// # Safety
 /// `values` must point at `len` readable elements.
 unsafe fn rank<F: Lane>(values: *const F, len: u64, k: f64) -> i64 {
     // SAFETY: the caller guarantees `len` elements.
     let values = unsafe { std::slice::from_raw_parts(values, len as usize) };
+    if any_nan(values) {
+        return -1;
+    }
     match count(k) {
         Some(k) if k < values.len() => first_in_order(values, k + 1, false)
             .last()
             .map_or(-1, |&p| i64::from(p)),
         _ => -1,
     }
+}
+
+/// Whether a value is NaN (every value looked at, so that the loop runs on vector lanes).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn any_nan<F: Lane>(values: &[F]) -> bool {
+    #[allow(clippy::eq_op)] // NaN is the one value unequal to itself
+    values.iter().fold(false, |nan, &v| nan | (v != v))
 }
 
 thread_local! {

@@ -1046,6 +1046,12 @@ impl<'a, 'f> Gen<'a, 'f> {
             ExprKind::Stop(arg) => self.row(arg)?,
             ExprKind::Reduce { op, set, body, .. } => self.reduce(op, set, body)?,
             ExprKind::Rank { set, k, .. } => {
+                let (repr, value) = (self.set_repr(set)?, self.module.sets[set].value);
+                if self.ranks_over_row(&repr, value) {
+                    let k = self.row(k)?;
+                    let k = self.widen(k);
+                    return self.rank_over_row(&repr, value, k);
+                }
                 let ((values, _), position, _) = self.rank_position(set, k)?;
                 let offset = self.b.ins().imul_imm_u(position, self.fb);
                 let addr = self.b.ins().iadd(values, offset);

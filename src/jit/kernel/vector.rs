@@ -6,12 +6,12 @@
 //! matrix entries and per-anchor values are vectorised; a member expression that reads
 //! labels, indices or group sizes keeps the scalar loop.
 
-use super::{At, Gen, Repr, Result, SoftmaxRow, internal};
+use super::{At, Gen, Repr, Result, SoftmaxRow, Status, internal};
 use crate::grad::{Scatter, ScatterTarget};
 use crate::ir::*;
 use crate::jit::constants::LoopBase;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, F64X2, I8, I8X16, I32, I32X4, I64, I64X2};
+use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I8, I8X16, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{
     Endianness, InstBuilder, InstructionData, MemFlagsData, Type as ClifType, Value, ValueDef,
 };
@@ -964,6 +964,92 @@ impl Gen<'_, '_> {
         };
         let addr = self.b.ins().iadd(base, offset);
         self.b.ins().store(Self::vector_flags(), packed, addr, 0);
+    }
+
+    /// Whether [`Self::rank_over_row`] can rank the members of `repr` by `value`.
+    pub(super) fn ranks_over_row(&self, repr: &Repr, value: Handle<Expr>) -> bool {
+        matches!(repr, Repr::Range { .. } | Repr::Masked { .. })
+            && self.lanes_can_visit(repr)
+            && self.vectorizable(value, true)
+    }
+
+    /// The value of rank `k` (ascending) among the members of a whole row (`repr`, a range
+    /// or a masked row), by `value`. The row is written out whole, `+inf` in place of each
+    /// column that is not a member: a plain store per vector, where writing out the members
+    /// alone (as [`Gen::fill`] does for the other helpers) shuffles every vector, and that
+    /// loop took two fifths of knn_softmax's kernel. The fillers rank after every member
+    /// but `+inf` and NaN ones: an `+inf` ties and is the same value, and a NaN (which would
+    /// rank after them) makes the helper fail, which is flagged for the interpreter, as is a
+    /// rank beyond the members.
+    pub(super) fn rank_over_row(
+        &mut self,
+        repr: &Repr,
+        value: Handle<Expr>,
+        k: Value,
+    ) -> Result<Value> {
+        let (Repr::Range { cols, .. } | Repr::Masked { cols, .. }) = *repr else {
+            return Err(internal("a row ranked on lanes that is not a row"));
+        };
+        self.prepare(value)?;
+        let values = self.values_arg;
+        let filler = self.fconst(f64::INFINITY);
+        // The scalar tail visits members only: its other columns are filled first.
+        let lanes = self.lanes() as i64;
+        let full = self.b.ins().band_imm_s(cols, -lanes);
+        self.range_loop(full, cols, 1, &mut |g, j| {
+            let offset = g.b.ins().imul_imm_u(j, g.fb);
+            let addr = g.b.ins().iadd(values, offset);
+            g.b.ins().store(Self::flags(), filler, addr, 0);
+            Ok(())
+        })?;
+        let count = self.b.declare_var(I64);
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.def_var(count, zero);
+        self.each_vector(
+            repr,
+            false,
+            &mut |g, at| {
+                let v = g.vmember(value, at, &mut HashMap::new())?;
+                let (stored, members) = match at.mask {
+                    Some(mask) => {
+                        let stored = g.vmasked(mask, v, f64::INFINITY);
+                        let bits = g.b.ins().vhigh_bits(I64, mask);
+                        (stored, g.b.ins().popcnt(bits))
+                    }
+                    None => (v, g.b.ins().iconst(I64, lanes)),
+                };
+                g.store_lanes(values, at, stored);
+                let so_far = g.b.use_var(count);
+                let so_far = g.b.ins().iadd(so_far, members);
+                g.b.def_var(count, so_far);
+                Ok(())
+            },
+            &mut |g, at| {
+                let v = g.member(value, at, &mut HashMap::new())?;
+                let offset = g.b.ins().imul_imm_u(at.j, g.fb);
+                let addr = g.b.ins().iadd(values, offset);
+                g.b.ins().store(Self::flags(), v, addr, 0);
+                let so_far = g.b.use_var(count);
+                let so_far = g.b.ins().iadd_imm_u(so_far, 1);
+                g.b.def_var(count, so_far);
+                Ok(())
+            },
+        )?;
+        let call = self.b.ins().call(self.helpers.rank, &[values, cols, k]);
+        let position = self.b.inst_results(call)[0];
+        let count = self.b.use_var(count);
+        let count = self.b.ins().fcvt_from_uint(F64, count);
+        let beyond = self
+            .b
+            .ins()
+            .fcmp(FloatCC::UnorderedOrGreaterThanOrEqual, k, count);
+        let missing = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, position, 0);
+        let bad = self.b.ins().bor(missing, beyond);
+        self.flag(Status::RANK, bad);
+        let safe = self.b.ins().select(bad, zero, position);
+        let offset = self.b.ins().imul_imm_u(safe, self.fb);
+        let addr = self.b.ins().iadd(values, offset);
+        Ok(self.b.ins().load(self.float, Self::flags(), addr, 0))
     }
 
     /// `acc <- combine(acc, map(body))` over every member of `repr`, on lanes then in the
