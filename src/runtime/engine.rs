@@ -334,7 +334,8 @@ impl Loss {
             &self.module
         };
         let groups = batch_groupings(module, batch, threads)?;
-        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None, None)?;
+        let tensors =
+            tensors::tensors(module, batch.x, &groups, batch.seed, None, (None, threads))?;
         let mut values = Array2::zeros((0, 0));
         let mut matrices = Vec::with_capacity(module.matrices.len());
         for (_, m) in module.matrices.iter() {
@@ -402,7 +403,7 @@ impl Loss {
         let Ok(groups) = batch_groupings(module, &batch, threads) else {
             return f64::NAN;
         };
-        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, None) else {
+        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (None, threads)) else {
             return f64::NAN;
         };
         let reaches = crate::grad::tensors::reaches_embedding(module);
@@ -471,7 +472,7 @@ fn batch_groupings<F: Real>(
             groups,
             batch.seed,
             Some(tensor),
-            None,
+            (None, threads),
         ) {
             Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
             Err(_) => Array2::zeros((0, 0)),
@@ -513,7 +514,8 @@ impl<'r, F: Real> Run<'r, F> {
         let mut stages = Stages::default();
         let started = Instant::now();
         let spare = workspace.embedding.take();
-        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None, spare)?;
+        let tensors =
+            tensors::tensors(module, batch.x, &groups, batch.seed, None, (spare, threads))?;
         stages.tensors_ms = elapsed_ms(started);
         let started = Instant::now();
         let mut matrices = std::mem::take(&mut workspace.matrices);
@@ -667,7 +669,7 @@ impl<'r, F: Real> Run<'r, F> {
             );
             self.stages.backward_ms = elapsed_ms(started);
             let finite = match grad.as_slice_memory_order() {
-                Some(values) => real::all_finite(values),
+                Some(values) => real::all_finite_on_threads(values, self.threads),
                 None => grad.iter().all(|v| v.is_finite()),
             };
             if !finite {

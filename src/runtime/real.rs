@@ -4,6 +4,7 @@ use crate::interp::Precision;
 use multiversion::multiversion;
 use std::fmt::Debug;
 use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `f32` or `f64`: the embeddings, matrices, kernels and gradient of one run.
 pub trait Real:
@@ -75,4 +76,17 @@ pub fn all_finite<F: Real>(values: &[F]) -> bool {
     values
         .chunks(256)
         .all(|chunk| chunk.iter().fold(true, |ok, &v| ok & (v - v == F::ZERO)))
+}
+
+/// [`all_finite`] in blocks on `threads` (a 1024 x 256 gradient's check took 0.013 ms of
+/// one core, a serial stretch of the call).
+pub fn all_finite_on_threads<F: Real>(values: &[F], threads: usize) -> bool {
+    let finite = AtomicBool::new(true);
+    let blocks: Vec<&[F]> = values.chunks(1 << 16).collect();
+    super::gemm::run_tasks(blocks, threads, |block| {
+        if !all_finite(block) {
+            finite.store(false, Ordering::Relaxed);
+        }
+    });
+    finite.into_inner()
 }
