@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use losscc::interp::{Precision, evaluate_with_gradient};
 use losscc::jit::Target;
-use losscc::runtime::Batch;
 use losscc::runtime::engine::{Evaluator, Loss, Options};
+use losscc::runtime::{Batch, RunError};
 use ndarray::Array2;
 use std::path::Path;
 
@@ -333,21 +333,10 @@ fn extremes_over_nan_match_the_interpreter() {
         for (row, col) in [(2, 1), (9, 4), (13, 0), (20, 5)] {
             x[(row, col)] = -4.0;
         }
-        let batch = Batch {
-            x: x.view(),
-            labels: &labels,
-            inputs: &[],
-            seed: 0,
-        };
-        let reference = evaluate_with_gradient(loss.gradient(), &batch, Precision::F64)
-            .expect("the interpreter evaluates it");
         for threads in [1, 2] {
-            let options = Options {
-                threads,
-                seed: 0,
-                inputs: &[],
-            };
-            let out = loss.run(x.view(), &labels, &options, true).expect("runs");
+            let (reference, out) = both_ways(&loss, &x, &labels, threads);
+            let reference = reference.expect("the interpreter evaluates it");
+            let out = out.expect("runs");
             assert_eq!(out.evaluator, Evaluator::Jit);
             let gap = (out.loss - reference.loss).abs() / reference.loss.abs().max(1e-300);
             assert!(
@@ -379,23 +368,36 @@ fn a_rank_beyond_the_members_fails_alike() {
     }";
     let (x, labels) = batch_with_overlap(&[4; 6], 5, 41, 0.0, 0.5);
     let loss = Loss::compile(source, &vec![]).expect("compiles");
+    let (reference, compiled) = both_ways(&loss, &x, &labels, 2);
+    let reference = reference.expect_err("no rank 21 among 20");
+    let compiled = compiled.expect_err("fails");
+    assert_eq!(compiled.to_string(), reference.to_string());
+}
+
+/// `loss` with its gradient on a batch (seed 0): by the float64 interpreter, and by the
+/// compiled backend on `threads`.
+fn both_ways(
+    loss: &Loss,
+    x: &Array2<f64>,
+    labels: &[i64],
+    threads: usize,
+) -> (
+    Result<losscc::interp::Output, RunError>,
+    Result<losscc::runtime::engine::Output<f64>, RunError>,
+) {
     let batch = Batch {
         x: x.view(),
-        labels: &labels,
+        labels,
         inputs: &[],
         seed: 0,
     };
-    let reference = evaluate_with_gradient(loss.gradient(), &batch, Precision::F64)
-        .expect_err("no rank 21 among 20");
+    let reference = evaluate_with_gradient(loss.gradient(), &batch, Precision::F64);
     let options = Options {
-        threads: 2,
+        threads,
         seed: 0,
         inputs: &[],
     };
-    let compiled = loss
-        .run(x.view(), &labels, &options, true)
-        .expect_err("fails");
-    assert_eq!(compiled.to_string(), reference.to_string());
+    (reference, loss.run(x.view(), labels, &options, true))
 }
 
 /// Calls from several threads at once into one loss, each asking for two threads of the
