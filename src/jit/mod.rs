@@ -358,8 +358,8 @@ fn build(
 }
 
 /// The lane instructions beyond Cranelift's portable set that `isa` has: `swizzle` on
-/// x86-64 from SSSE3 on (as `pshufb` itself) and on every other target; `blendv`, an x86 instruction, from
-/// SSE4.1 on; memory operands at any address on x86-64 from AVX on.
+/// x86-64 from SSSE3 on (as `pshufb` itself) and on every other target; `blendv`, an x86
+/// instruction, from SSE4.1 on; memory operands at any address on x86-64 from AVX on.
 fn lane_ops(isa: &dyn TargetIsa) -> kernel::LaneOps {
     let x64 = isa.name() == "x64";
     let flags = isa.isa_flags();

@@ -842,22 +842,19 @@ impl Gen<'_, '_> {
                     Some(all) => g.b.ins().band(all, m),
                 });
             }
-            match at.mask.filter(|_| others == NonMembers::Skip) {
-                None => vector(g, &at)?,
-                Some(mask) => {
-                    // Mined sets keep few members of a row: a vector without one costs a
-                    // test, not the member expression (a masked lane changes no sum and no
-                    // adjoint).
-                    let any = g.b.ins().vany_true(mask);
-                    let members = g.b.create_block();
-                    let after = g.b.create_block();
-                    g.b.ins().brif(any, members, &[], after, &[]);
-                    g.b.switch_to_block(members);
-                    vector(g, &at)?;
-                    g.b.ins().jump(after, &[]);
-                    g.b.switch_to_block(after);
-                }
-            }
+            let Some(mask) = at.mask.filter(|_| others == NonMembers::Skip) else {
+                return vector(g, &at);
+            };
+            // Mined sets keep few members of a row: a vector without one costs a test, not
+            // the member expression (a masked lane changes no sum and no adjoint).
+            let any = g.b.ins().vany_true(mask);
+            let members = g.b.create_block();
+            let after = g.b.create_block();
+            g.b.ins().brif(any, members, &[], after, &[]);
+            g.b.switch_to_block(members);
+            vector(g, &at)?;
+            g.b.ins().jump(after, &[]);
+            g.b.switch_to_block(after);
             Ok(())
         })?;
         self.lane_base = outer_base;
