@@ -78,11 +78,16 @@ pub fn all_finite<F: Real>(values: &[F]) -> bool {
         .all(|chunk| chunk.iter().fold(true, |ok, &v| ok & (v - v == F::ZERO)))
 }
 
-/// [`all_finite`] in blocks on `threads` (a 1024 x 256 gradient's check took 0.013 ms of
-/// one core, a serial stretch of the call).
+/// Floats each thread takes at once where a call's flat passes over a gradient or an
+/// embedding (zeros, copies, checks) run on the threads: alone, each was a serial stretch
+/// of the call.
+pub(super) const FLOATS_PER_TASK: usize = 1 << 16;
+
+/// [`all_finite`] in blocks on `threads` (alone, a 1024 x 256 gradient's check took
+/// 0.013 ms of one core).
 pub fn all_finite_on_threads<F: Real>(values: &[F], threads: usize) -> bool {
     let finite = AtomicBool::new(true);
-    let blocks: Vec<&[F]> = values.chunks(1 << 16).collect();
+    let blocks: Vec<&[F]> = values.chunks(FLOATS_PER_TASK).collect();
     super::gemm::run_tasks(blocks, threads, |block| {
         if !all_finite(block) {
             finite.store(false, Ordering::Relaxed);
