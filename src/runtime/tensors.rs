@@ -507,12 +507,25 @@ fn metric_backward<F: Real>(
     }
     if let Some(by_row) = sparse {
         let (x_left, x_right) = (tensors[left].view(), tensors[right].view());
-        if to_left {
-            by_row.accumulate(scale, x_right, grads[left].view_mut(), threads);
-        }
-        if to_right {
-            let by_column = by_row.transpose(g.ncols());
-            by_column.accumulate(scale, x_left, grads[right].view_mut(), threads);
+        let by_column = to_right.then(|| by_row.transpose(g.ncols()));
+        match (to_left, by_column) {
+            // One sample's gradient takes both sides: (G + Gᵀ) X, the pairs taken both ways
+            // once.
+            (true, Some(by_column)) if left == right => by_row.accumulate_symmetric(
+                &by_column,
+                scale,
+                x_right,
+                grads[left].view_mut(),
+                threads,
+            ),
+            (to_left, by_column) => {
+                if to_left {
+                    by_row.accumulate(scale, x_right, grads[left].view_mut(), threads);
+                }
+                if let Some(by_column) = by_column {
+                    by_column.accumulate(scale, x_left, grads[right].view_mut(), threads);
+                }
+            }
         }
         return;
     }
