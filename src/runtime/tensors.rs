@@ -440,7 +440,7 @@ fn metric_backward<F: Real>(
         };
         let coefficients = CoefficientSums::total(sums, n);
         let x = &tensors[left];
-        add_scaled_rows(&mut grads[left], x, &coefficients, two * scale);
+        add_scaled_rows(&mut grads[left], x, &coefficients, two * scale, threads);
         gemm::ab_acc(scale, g.view(), x.view(), grads[left].view_mut(), threads);
         return;
     }
@@ -494,14 +494,32 @@ fn metric_backward<F: Real>(
             // Both sums are one sample's coefficient: one pass over its row, not two.
             if to_left {
                 add_into(&mut rows, &cols);
-                add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
+                add_scaled_rows(
+                    &mut grads[left],
+                    &tensors[left],
+                    &rows,
+                    two * scale,
+                    threads,
+                );
             }
         } else {
             if to_left {
-                add_scaled_rows(&mut grads[left], &tensors[left], &rows, two * scale);
+                add_scaled_rows(
+                    &mut grads[left],
+                    &tensors[left],
+                    &rows,
+                    two * scale,
+                    threads,
+                );
             }
             if to_right {
-                add_scaled_rows(&mut grads[right], &tensors[right], &cols, two * scale);
+                add_scaled_rows(
+                    &mut grads[right],
+                    &tensors[right],
+                    &cols,
+                    two * scale,
+                    threads,
+                );
             }
         }
     }
@@ -565,12 +583,26 @@ fn add_into<F: Real>(total: &mut [F], part: &[F]) {
     total.iter_mut().zip(part).for_each(|(t, &p)| *t = *t + p);
 }
 
-/// Row `i` of `grad` gains `scale · coefficients[i]` times row `i` of `x`.
-fn add_scaled_rows<F: Real>(grad: &mut Array2<F>, x: &Array2<F>, coefficients: &[F], scale: F) {
-    for ((mut row, x_row), &c) in grad.rows_mut().into_iter().zip(x.rows()).zip(coefficients) {
-        let factor = scale * c;
-        row.zip_mut_with(&x_row, |acc, &v| *acc = *acc + factor * v);
-    }
+/// Row `i` of `grad` gains `scale · coefficients[i]` times row `i` of `x`, blocks of rows on
+/// the threads.
+fn add_scaled_rows<F: Real>(
+    grad: &mut Array2<F>,
+    x: &Array2<F>,
+    coefficients: &[F],
+    scale: F,
+    threads: usize,
+) {
+    let rows = (FLOATS_PER_TASK / x.ncols().max(1)).max(1);
+    let blocks: Vec<_> = (grad.axis_chunks_iter_mut(NdAxis(0), rows))
+        .zip(x.axis_chunks_iter(NdAxis(0), rows))
+        .zip(coefficients.chunks(rows))
+        .collect();
+    gemm::run_tasks(blocks, threads, |((mut grad, x), coefficients)| {
+        for ((mut row, x_row), &c) in grad.rows_mut().into_iter().zip(x.rows()).zip(coefficients) {
+            let factor = scale * c;
+            row.zip_mut_with(&x_row, |acc, &v| *acc = *acc + factor * v);
+        }
+    });
 }
 
 /// The backward pass of a symmetric distance matrix as [`gemm::MirrorPairs`]: an entry
