@@ -286,7 +286,7 @@ impl<'m> Interp<'m> {
         mut mode: Mode,
         given: Option<Vec<Array2<f64>>>,
     ) -> Result<Interp<'m>> {
-        batch.validate(module)?;
+        batch.validate(module, 1)?;
         let x = batch.x.mapv(|v| precision.round(v));
         let mut tensor_cache: Vec<Option<Array2<f64>>> = vec![None; module.tensors.len()];
         if let Mode::Replay(frozen) = &mode {

@@ -1,6 +1,6 @@
 //! A batch to evaluate a loss on, and the checks every backend runs before touching it.
 
-use super::real::{Real, all_finite};
+use super::real::{Real, all_finite_on_threads};
 use crate::ir::{Grouping, Module};
 use ndarray::ArrayView2;
 
@@ -57,8 +57,9 @@ impl<F: Real> Batch<'_, F> {
         self.x.nrows()
     }
 
-    /// Checks the batch against the loss: shapes, finiteness, inputs.
-    pub fn validate(&self, module: &Module) -> Result<(), InputError> {
+    /// Checks the batch against the loss: shapes, finiteness (in blocks on `threads`),
+    /// inputs.
+    pub fn validate(&self, module: &Module, threads: usize) -> Result<(), InputError> {
         let (rows, cols) = self.x.dim();
         if rows == 0 {
             return Err(InputError::NoRows);
@@ -73,7 +74,8 @@ impl<F: Real> Batch<'_, F> {
             });
         }
         // The first non-finite value is looked for once there is one.
-        let finite = self.x.as_slice_memory_order().is_some_and(all_finite);
+        let finite = (self.x.as_slice_memory_order())
+            .is_some_and(|values| all_finite_on_threads(values, threads));
         if !finite {
             for ((row, col), &value) in self.x.indexed_iter() {
                 if !value.is_finite() {

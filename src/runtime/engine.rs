@@ -299,13 +299,14 @@ impl Loss {
             inputs: options.inputs,
             seed: options.seed,
         };
-        batch.validate(&self.module)?;
         let plan = self.plan(with_gradient);
+        let threads = options.threads.max(1);
         if plan.row_local {
             let kernels = self.kernels(F::PRECISION, with_gradient)?;
             let mut workspace = self.take_workspace::<F>();
-            let threads = options.threads.max(1);
+            // Checked on the pool, whose threads are then awake to share the check.
             let outcome = on_pool(threads, || {
+                batch.validate(&self.module, threads)?;
                 Run::new(plan, kernels, &batch, threads, &mut workspace).and_then(|mut run| {
                     let outcome = run.execute(with_gradient);
                     run.release(&mut workspace);
@@ -316,8 +317,10 @@ impl Loss {
             if let Some(output) = outcome? {
                 return Ok(output);
             }
+        } else {
+            batch.validate(&self.module, threads)?;
         }
-        let matrices = self.pair_matrices(&batch, with_gradient, options.threads.max(1))?;
+        let matrices = self.pair_matrices(&batch, with_gradient, threads)?;
         self.interpret_batch(&batch, with_gradient, Some(matrices))
     }
 
