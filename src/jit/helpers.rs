@@ -13,9 +13,9 @@ pub trait Lane: Copy + PartialOrd + std::ops::Neg<Output = Self> + 'static {
     /// (NaN with the sign bit too) have all their bits flipped, the others the sign bit set.
     fn order_bits(self) -> u64;
     /// The positions of the values whose key (the value, or its negation when `largest`)
-    /// is at most `bound`, in order.
-    fn candidates(values: &[Self], bound: Self, largest: bool) -> Vec<u32> {
-        candidates(values, bound, |v: Self| if largest { -v } else { v })
+    /// is at most `bound`, in order, into `out`.
+    fn candidates(values: &[Self], bound: Self, largest: bool, out: &mut Vec<u32>) {
+        candidates(values, bound, |v: Self| if largest { -v } else { v }, out)
     }
 }
 
@@ -31,13 +31,13 @@ impl Lane for f32 {
             bits | 1 << 31
         })
     }
-    fn candidates(values: &[f32], bound: f32, largest: bool) -> Vec<u32> {
+    fn candidates(values: &[f32], bound: f32, largest: bool, out: &mut Vec<u32>) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, as just checked.
-            return unsafe { candidates_avx512(values, bound, largest) };
+            return unsafe { candidates_avx512(values, bound, largest, out) };
         }
-        candidates(values, bound, |v: f32| if largest { -v } else { v })
+        candidates(values, bound, |v: f32| if largest { -v } else { v }, out)
     }
 }
 
@@ -49,12 +49,13 @@ impl Lane for f32 {
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool) -> Vec<u32> {
+unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool, out: &mut Vec<u32>) {
     use std::arch::x86_64::*;
     const LANES: usize = 16;
     // Each store writes sixteen lanes from the current length on, which never exceeds the
     // positions looked at so far: the last store ends within `values.len() + LANES`.
-    let mut out = vec![0u32; values.len() + LANES];
+    out.clear();
+    out.resize(values.len() + LANES, 0);
     let mut len = 0;
     // `-v <= bound` is `v >= -bound` (negation is exact; NaN meets neither).
     let limit = _mm512_set1_ps(if largest { -bound } else { bound });
@@ -83,7 +84,6 @@ unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool) -> Vec<u3
         len += usize::from(if largest { -v <= bound } else { v <= bound });
     }
     out.truncate(len);
-    out
 }
 
 impl Lane for f64 {
@@ -117,33 +117,49 @@ fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let chosen: Vec<u32> = match candidate_bound(values, k, key) {
-        Some(bound) => F::candidates(values, bound, largest),
-        None => (0..values.len() as u32).collect(),
-    };
-    // (value in the total order, position) as integers: the order is the pairs' own.
-    let mut keyed: Vec<(u64, u32)> = chosen
-        .into_iter()
-        .map(|p| (key(values[p as usize]).order_bits(), p))
-        .collect();
-    keyed.select_nth_unstable(k - 1);
-    keyed.truncate(k);
-    keyed.into_iter().map(|(_, p)| p).collect()
+    ORDER_SCRATCH.with_borrow_mut(|OrderScratch { chosen, keyed }| {
+        match candidate_bound(values, k, key) {
+            Some(bound) => F::candidates(values, bound, largest, chosen),
+            None => {
+                chosen.clear();
+                chosen.extend(0..values.len() as u32);
+            }
+        }
+        // (value in the total order, position) as integers: the order is the pairs' own.
+        keyed.clear();
+        keyed.extend((chosen.iter()).map(|&p| (key(values[p as usize]).order_bits(), p)));
+        keyed.select_nth_unstable(k - 1);
+        keyed[..k].iter().map(|&(_, p)| p).collect()
+    })
+}
+
+/// The candidates of [`first_in_order`]: their positions, and their keys with them.
+struct OrderScratch {
+    chosen: Vec<u32>,
+    keyed: Vec<(u64, u32)>,
+}
+
+thread_local! {
+    /// Kept between calls: the kernels call [`first_in_order`] for every anchor, and fresh
+    /// buffers each time met the other threads' allocations at the allocator's lock (which
+    /// put threads to sleep).
+    static ORDER_SCRATCH: RefCell<OrderScratch> =
+        const { RefCell::new(OrderScratch { chosen: Vec::new(), keyed: Vec::new() }) };
 }
 
 /// The positions of the values whose key is at most `bound`, in order: each position is
 /// written and kept by advancing the length, without a branch on the comparison (which
 /// mispredicted on rows where candidates are not rare). Compiled for AVX2 and AVX-512 too.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn candidates<F: Lane>(values: &[F], bound: F, key: impl Fn(F) -> F) -> Vec<u32> {
-    let mut within = vec![0u32; values.len()];
+fn candidates<F: Lane>(values: &[F], bound: F, key: impl Fn(F) -> F, within: &mut Vec<u32>) {
+    within.clear();
+    within.resize(values.len(), 0);
     let mut len = 0;
     for (p, &v) in (0u32..).zip(values) {
         within[len] = p;
         len += usize::from(key(v) <= bound);
     }
     within.truncate(len);
-    within
 }
 
 /// A key that the first `k` keys do not exceed, when `k` is small against the count: the
