@@ -9,6 +9,7 @@ use super::gemm;
 use super::groups::{GroupValues, evaluate_groupings};
 use super::real::{self, Real};
 use super::spare;
+use super::sparse::{Compressed, Scan};
 use super::tensors;
 use crate::grad::{AdjointSlot, Gradient};
 use crate::interp::{self, Precision};
@@ -498,6 +499,9 @@ struct Run<'r, F: Real> {
     adjoints: Vec<Option<Array2<F>>>,
     /// Per adjoint slot: whether it holds an earlier call's values, not yet zeroed.
     unzeroed: Vec<bool>,
+    /// Per adjoint slot: what the pass that writes it found of its entries, when it
+    /// scanned its rows as they were written.
+    scanned: Vec<Option<Scan<F>>>,
     values: BatchValues,
     rows: RowStore,
     outputs: Buffers<F>,
@@ -561,6 +565,7 @@ impl<'r, F: Real> Run<'r, F> {
             matrices,
             adjoints,
             unzeroed,
+            scanned: (0..plan.slots.len()).map(|_| None).collect(),
             values: BatchValues::new(module),
             rows: RowStore::default(),
             outputs: std::mem::take(&mut workspace.outputs),
@@ -667,6 +672,7 @@ impl<'r, F: Real> Run<'r, F> {
                 &forward,
                 &self.plan.tensor_steps,
                 &mut self.adjoints[..matrices],
+                &mut self.scanned[..matrices],
                 &scales,
                 self.threads,
             );
@@ -689,6 +695,40 @@ impl<'r, F: Real> Run<'r, F> {
             evaluator: Evaluator::Jit,
             stages: Some(self.stages),
         }))
+    }
+
+    /// The adjoints `pass` is to scan for their nonzero entries, a chunk of anchors' rows
+    /// as soon as their kernels wrote them (the backward's scan of a 4 MB adjoint reads it
+    /// back from memory): `(slot, address, row stride, columns)` of each matrix's own slot
+    /// with a row per anchor that this pass alone writes and no other slot adds into.
+    fn scans(&self, pass: &CompiledPass, rows: usize) -> Vec<(usize, usize, usize, usize)> {
+        let matrices = self.plan.module.matrices.len();
+        let writers = |slot: usize| {
+            (self.kernels.passes.iter())
+                .filter(|p| p.layout.bindings.slots.contains(&slot))
+                .count()
+        };
+        (pass.layout.bindings.slots.iter())
+            .filter(|&&slot| {
+                slot < matrices
+                    && !self.plan.slots[matrices..]
+                        .iter()
+                        .any(|s| s.matrix.index() == slot)
+                    && writers(slot) == 1
+            })
+            .filter_map(|&slot| {
+                let adjoint = self.adjoints[slot].as_ref()?;
+                match (adjoint.nrows() == rows, adjoint.strides()) {
+                    (true, &[stride, 1]) if stride >= 0 => Some((
+                        slot,
+                        adjoint.as_ptr() as usize,
+                        stride.unsigned_abs(),
+                        adjoint.ncols(),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     /// Runs one pass over every anchor of its block; returns the union of the statuses.
@@ -769,6 +809,7 @@ impl<'r, F: Real> Run<'r, F> {
                 _ => zero_on_threads(adjoint, self.threads),
             }
         }
+        let scans = self.scans(pass, rows);
         let domains = 1 + module.groupings.len();
         let mut labels: Vec<Vec<i64>> = vec![self.labels.to_vec()];
         let mut lens: Vec<u64> = vec![self.labels.len() as u64];
@@ -879,9 +920,15 @@ impl<'r, F: Real> Run<'r, F> {
         let status = AtomicU32::new(0);
         let (args, buffers, next, flags_of_all) = (&args, &buffers, &next_chunk, &status);
         let zero_rows = &zero_rows;
+        let chunk_scans = Mutex::new(Vec::new());
+        let dense: Vec<AtomicBool> = scans.iter().map(|_| AtomicBool::new(false)).collect();
+        let (scans, chunk_scans, dense) = (&scans, &chunk_scans, &dense);
         let work = move || {
             let row_buffers = RowBuffers::<F>::new(buffers, scratch, page_offset);
             let mut flags = 0;
+            // This worker's scans: each adjoint's rows of its chunks, in the order taken.
+            let mut found: Vec<Compressed<F>> = scans.iter().map(|_| Compressed::empty()).collect();
+            let mut taken = Vec::new();
             loop {
                 let start = next.fetch_add(1, Ordering::Relaxed) * ANCHORS_PER_CHUNK;
                 if start >= rows {
@@ -911,8 +958,39 @@ impl<'r, F: Real> Run<'r, F> {
                         )
                     };
                 }
+                // The chunk's rows of the adjoints scanned for their nonzero entries while
+                // they are in this core's cache.
+                let anchors = start..(start + ANCHORS_PER_CHUNK).min(rows);
+                if !scans.is_empty() {
+                    taken.push((start / ANCHORS_PER_CHUNK, found[0].rows()));
+                }
+                for ((&(_, base, stride, cols), found), dense) in
+                    scans.iter().zip(&mut found).zip(dense)
+                {
+                    let rows = anchors.clone().map(|anchor| {
+                        // SAFETY: as for the zeroing above; the kernels that wrote these rows
+                        // have returned, and no other worker touches them.
+                        unsafe {
+                            std::slice::from_raw_parts(
+                                (base as *const F).add(anchor * stride),
+                                cols,
+                            )
+                        }
+                    });
+                    found.append_rows(rows, dense);
+                    // The worker's rows so far are the sample `Compressed::of` takes.
+                    if found.tells_dense(cols) {
+                        dense.store(true, Ordering::Relaxed);
+                    }
+                }
             }
             flags_of_all.fetch_or(flags, Ordering::Relaxed);
+            // Once a worker, at its end: a lock the workers met at every chunk put them to
+            // sleep and woke them (tens of microseconds each on this VM).
+            if !taken.is_empty() {
+                let mut scanned = chunk_scans.lock().unwrap_or_else(|e| e.into_inner());
+                scanned.push((found, taken));
+            }
         };
         // The pool's threads are already running: a pass costs no thread start.
         rayon::scope(|scope| {
@@ -922,6 +1000,25 @@ impl<'r, F: Real> Run<'r, F> {
             work();
         });
         let status = status.into_inner();
+        let by_worker = std::mem::take(&mut *chunk_scans.lock().unwrap_or_else(|e| e.into_inner()));
+        // Chunk c's rows: worker w's, from its row `first` on.
+        let mut chunk_at = vec![(0, 0); chunks];
+        for (w, (_, taken)) in by_worker.iter().enumerate() {
+            for &(c, first) in taken {
+                chunk_at[c] = (w, first);
+            }
+        }
+        for (k, (&(slot, _, _, cols), dense)) in scans.iter().zip(dense).enumerate() {
+            let pieces = chunk_at.iter().enumerate().map(|(c, &(w, first))| {
+                let len = ANCHORS_PER_CHUNK.min(rows - c * ANCHORS_PER_CHUNK);
+                (&by_worker[w].0[k], first..first + len)
+            });
+            let dense = dense.load(Ordering::Relaxed);
+            let joined = (!dense)
+                .then(|| Compressed::join(pieces, (rows, cols)))
+                .flatten();
+            self.scanned[slot] = Some(joined.map_or(Scan::Dense, Scan::Sparse));
+        }
         for ((h, width), values) in pass.layout.outputs.iter().zip(outputs) {
             let values = self.outputs.widen(values);
             self.rows.outputs.insert(

@@ -10,6 +10,7 @@ use super::gemm::run_tasks;
 use super::real::Real;
 use multiversion::multiversion;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A matrix takes the sparse products when at most this fraction of its entries are
@@ -21,8 +22,18 @@ const MAX_DENSITY: f64 = 1.0 / 20.0;
 const CHUNK: usize = 32;
 /// One row in this many is counted before the scan, to tell a dense adjoint at once.
 const SAMPLE_STRIDE: usize = 16;
+/// A sample of rows this much over `MAX_DENSITY` tells a dense matrix. Near the limit the
+/// two products cost about the same, so a sample's error is harmless.
+const DENSE_SAMPLE: f64 = 1.2;
 /// Output rows per task of the products.
 const ROWS_PER_TASK: usize = 64;
+
+/// What a scan found of a matrix's entries.
+pub enum Scan<F> {
+    Sparse(Compressed<F>),
+    /// Too many nonzero entries for the sparse products to pay.
+    Dense,
+}
 
 /// The nonzero entries of a matrix, row by row, in column order.
 pub struct Compressed<F> {
@@ -44,48 +55,88 @@ impl<F: Real> Compressed<F> {
             .into_iter()
             .map(|row| row.to_slice())
             .collect::<Option<_>>()?;
-        let limit = (g.len() as f64 * MAX_DENSITY) as usize;
-        // A sample of the rows a fifth over the density is dense: no scan (a scan that
-        // collects an eighth of a million entries, only to drop them, costs 0.9 ms). Near
-        // the limit the two products cost about the same, so a sample's error is harmless.
+        // A sample of the rows over the density is dense: no scan (a scan that collects an
+        // eighth of a million entries, only to drop them, costs 0.9 ms).
         let sample: Vec<&[F]> = row_slices.iter().copied().step_by(SAMPLE_STRIDE).collect();
         let sampled: usize = sample.iter().map(|row| count_nonzeros(row)).sum();
-        if sampled as f64 > 1.2 * MAX_DENSITY * (sample.len() * cols) as f64 {
+        if sampled as f64 > DENSE_SAMPLE * MAX_DENSITY * (sample.len() * cols) as f64 {
             return None;
         }
-        // A dense adjoint shows in any block: the first one over four times the density
-        // stops every scan.
-        let block_limit = (4.0 * MAX_DENSITY * (ROWS_PER_TASK * cols) as f64) as usize;
         let dense = AtomicBool::new(false);
-        let mut blocks: Vec<Option<Compressed<F>>> = (0..rows.div_ceil(ROWS_PER_TASK).max(1))
-            .map(|_| None)
+        let mut blocks: Vec<Compressed<F>> = (0..rows.div_ceil(ROWS_PER_TASK).max(1))
+            .map(|_| Compressed::empty())
             .collect();
         let tasks: Vec<_> = blocks
             .iter_mut()
             .zip(row_slices.chunks(ROWS_PER_TASK))
             .collect();
-        run_tasks(tasks, threads, |(slot, block)| {
-            let mut part = Compressed {
-                starts: vec![0],
-                columns: Vec::new(),
-                values: Vec::new(),
-            };
-            for row in block {
-                if dense.load(Ordering::Relaxed) {
-                    return;
-                }
-                push_nonzeros(row, &mut part.columns, &mut part.values);
-                part.starts.push(part.values.len());
-                if part.values.len() > block_limit {
-                    dense.store(true, Ordering::Relaxed);
-                    return;
-                }
-            }
-            *slot = Some(part);
+        run_tasks(tasks, threads, |(block, rows)| {
+            block.append_rows(rows.iter().copied(), &dense);
         });
-        let blocks: Vec<Compressed<F>> = blocks.into_iter().collect::<Option<_>>()?;
-        let nonzeros: usize = blocks.iter().map(|b| b.values.len()).sum();
-        if nonzeros > limit {
+        if dense.into_inner() {
+            return None;
+        }
+        let pieces = blocks.iter().map(|block| (block, 0..block.rows()));
+        Self::join(pieces, (rows, cols))
+    }
+
+    /// No rows yet.
+    pub fn empty() -> Self {
+        Compressed {
+            starts: vec![0],
+            columns: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    /// How many rows.
+    pub fn rows(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    /// Whether its rows, as a sample of a matrix with `cols` columns, tell a dense one.
+    pub fn tells_dense(&self, cols: usize) -> bool {
+        self.values.len() as f64 > DENSE_SAMPLE * MAX_DENSITY * (self.rows() * cols) as f64
+    }
+
+    /// Appends the nonzero entries of a block of rows (of equal length), unless `dense` is
+    /// set, which they set when they pass four times `MAX_DENSITY`: a dense matrix shows in
+    /// any block, and stops the other blocks' scans.
+    pub fn append_rows<'r>(
+        &mut self,
+        rows: impl ExactSizeIterator<Item = &'r [F]>,
+        dense: &AtomicBool,
+    ) {
+        let (count, first) = (rows.len(), self.values.len());
+        for row in rows {
+            if dense.load(Ordering::Relaxed) {
+                return;
+            }
+            push_nonzeros(row, &mut self.columns, &mut self.values);
+            self.starts.push(self.values.len());
+            if (self.values.len() - first) as f64 > 4.0 * MAX_DENSITY * (count * row.len()) as f64 {
+                dense.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// The rows `range` of each piece, in turn, as the rows of one `rows x cols` matrix;
+    /// `None` when they are not `rows` rows or more than `MAX_DENSITY` of the entries are
+    /// nonzero.
+    pub fn join<'p>(
+        pieces: impl Iterator<Item = (&'p Self, Range<usize>)> + Clone,
+        (rows, cols): (usize, usize),
+    ) -> Option<Self>
+    where
+        F: 'p,
+    {
+        let span = |(piece, range): &(&Self, Range<usize>)| {
+            piece.starts[range.start]..piece.starts[range.end]
+        };
+        let nonzeros: usize = pieces.clone().map(|piece| span(&piece).len()).sum();
+        let joined_rows: usize = pieces.clone().map(|(_, range)| range.len()).sum();
+        if joined_rows != rows || nonzeros as f64 > (rows * cols) as f64 * MAX_DENSITY {
             return None;
         }
         let mut whole = Compressed {
@@ -94,13 +145,15 @@ impl<F: Real> Compressed<F> {
             values: Vec::with_capacity(nonzeros),
         };
         whole.starts.push(0);
-        for block in blocks {
-            let offset = whole.values.len();
+        for piece in pieces {
+            let (entries, (block, range)) = (span(&piece), piece);
+            let offset = whole.values.len() - entries.start;
+            let ends = &block.starts[range.start + 1..=range.end];
+            whole.starts.extend(ends.iter().map(|&s| s + offset));
             whole
-                .starts
-                .extend(block.starts[1..].iter().map(|&s| s + offset));
-            whole.columns.extend(block.columns);
-            whole.values.extend(block.values);
+                .columns
+                .extend_from_slice(&block.columns[entries.clone()]);
+            whole.values.extend_from_slice(&block.values[entries]);
         }
         Some(whole)
     }

@@ -309,6 +309,7 @@ pub fn backward<F: Real>(
     forward: &Forward<'_, F>,
     steps: &[TensorStep],
     adjoints: &mut [Option<Array2<F>>],
+    scanned: &mut [Option<sparse::Scan<F>>],
     scales: &[F],
     threads: usize,
 ) -> Array2<F> {
@@ -332,7 +333,7 @@ pub fn backward<F: Real>(
                 metric_backward(
                     &module.matrices[m],
                     scales[m.index()],
-                    g,
+                    (g, scanned[m.index()].take()),
                     &matrices[m.index()],
                     tensors,
                     (&mut grads, &reaches),
@@ -396,7 +397,7 @@ fn copy_on_threads<F: Real>(dst: &mut Array2<F>, src: ArrayView2<'_, F>, threads
 fn metric_backward<F: Real>(
     matrix: &Matrix,
     scale: F,
-    g: &mut Array2<F>,
+    (g, scanned): (&mut Array2<F>, Option<sparse::Scan<F>>),
     value: &Array2<F>,
     tensors: &[Array2<F>],
     (grads, reaches): (&mut [Array2<F>], &[bool]),
@@ -412,7 +413,12 @@ fn metric_backward<F: Real>(
         Metric::SqEuclid => Some(None),
         Metric::Euclid { eps } => Some(Some(F::from_f64(eps).sqrt())),
     };
-    let mut sparse = sparse::Compressed::of(g.view(), threads);
+    // The pass that wrote the adjoint may have found its entries already.
+    let mut sparse = match scanned {
+        Some(sparse::Scan::Sparse(entries)) => Some(entries),
+        Some(sparse::Scan::Dense) => None,
+        None => sparse::Compressed::of(g.view(), threads),
+    };
     if let (Some(floor), true, true, None) = (floor, left == right, to_left, &sparse) {
         // One pass over the pairs (i, j), (j, i) of the symmetric matrix and its adjoint
         // (the distances are symmetric too): dQ of both entries' sum, into both samples'
