@@ -315,7 +315,12 @@ impl Emitter<'_, '_, '_> {
 
     fn exp_scaled(&mut self, x: Value, scaling: Scaling) -> Value {
         let f = self.fmt;
-        let x = self.min_keep_nan(x, f.exp_hi);
+        // A non-positive x needs no upper bound (an instruction and a constant fewer in the
+        // log-sum-exp loops).
+        let x = match scaling {
+            Scaling::Any => self.min_keep_nan(x, f.exp_hi),
+            Scaling::NonPositive => x,
+        };
         let x = self.max_keep_nan(x, f.exp_lo);
         // k = round(x / ln2), as a float (`kf`) and in the low bits of `kbig`.
         let log2_e = self.fconst(f.log2_e);
