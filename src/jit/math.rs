@@ -322,11 +322,11 @@ impl Emitter<'_, '_, '_> {
             Scaling::NonPositive => x,
         };
         let x = self.max_keep_nan(x, f.exp_lo);
-        // k = round(x / ln2), as a float (`kf`) and in the low bits of `kbig`.
+        // k = round(x / ln2), as a float (`kf`) and in the low bits of `kbig` (with FMA, of
+        // the exact product: one rounding and one instruction fewer on the chain).
         let log2_e = self.fconst(f.log2_e);
-        let t = self.b.ins().fmul(x, log2_e);
         let magic = self.fconst(f.round_magic);
-        let kbig = self.b.ins().fadd(t, magic);
+        let kbig = self.mul_add(x, log2_e, magic);
         let kf = self.b.ins().fsub(kbig, magic);
         // r + r_lo = x - k ln2, where x - k ln2_hi is exact and r_lo holds
         // what rounding r lost.
