@@ -13,7 +13,8 @@ use crate::jit::constants::LoopBase;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I8, I8X16, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{
-    Endianness, InstBuilder, InstructionData, MemFlagsData, Type as ClifType, Value, ValueDef,
+    Endianness, InstBuilder, InstructionData, MemFlagsData, Opcode, Type as ClifType, Value,
+    ValueDef,
 };
 use cranelift_frontend::Variable;
 use std::collections::HashMap;
@@ -376,6 +377,14 @@ impl Gen<'_, '_> {
     pub(super) fn vmasked(&mut self, mask: Value, a: Value, otherwise: f64) -> Value {
         if otherwise.to_bits() == 0 {
             let ty = self.vector_type();
+            if let Some(complement) = self.complement(mask) {
+                // `a & !m` is one `andn`, where the `!m` took two instructions (Cranelift
+                // builds its all-ones) and its use an `and`.
+                let (ity, flags) = (self.mask_type(), MemFlagsData::new());
+                let a = self.b.ins().bitcast(ity, flags, a);
+                let kept = self.b.ins().band_not(a, complement);
+                return self.b.ins().bitcast(ty, flags, kept);
+            }
             let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
             return self.b.ins().band(mask, a);
         }
@@ -383,9 +392,28 @@ impl Gen<'_, '_> {
         self.vselect(mask, a, otherwise)
     }
 
+    /// `m` when `mask` is `!m`.
+    fn complement(&self, mask: Value) -> Option<Value> {
+        let dfg = &self.b.func.dfg;
+        match dfg.value_def(mask) {
+            ValueDef::Result(inst, _) => match dfg.insts[inst] {
+                InstructionData::Unary {
+                    opcode: Opcode::Bnot,
+                    arg,
+                } => Some(arg),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// `mask ? a : b` lane by lane, `mask` an integer vector of all-ones or zero lanes.
     pub(super) fn vselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
         let ty = self.b.func.dfg.value_type(a);
+        if let (Some(complement), true) = (self.complement(mask), self.lanes.blend) {
+            // `!m ? a : b` is `m ? b : a`: no `!m` to build.
+            return self.vselect(complement, b, a);
+        }
         if !self.lanes.blend {
             let mask = self.b.ins().bitcast(ty, MemFlagsData::new(), mask);
             return self.b.ins().bitselect(mask, a, b);
