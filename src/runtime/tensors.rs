@@ -496,36 +496,21 @@ fn metric_backward<F: Real>(
                 }
             }
         }
+        let scaled_rows = |grad: &mut Array2<F>, x: &Array2<F>, coefficients: &[F]| {
+            add_scaled_rows(grad, x, coefficients, two * scale, threads)
+        };
         if left == right {
             // Both sums are one sample's coefficient: one pass over its row, not two.
             if to_left {
                 add_into(&mut rows, &cols);
-                add_scaled_rows(
-                    &mut grads[left],
-                    &tensors[left],
-                    &rows,
-                    two * scale,
-                    threads,
-                );
+                scaled_rows(&mut grads[left], &tensors[left], &rows);
             }
         } else {
             if to_left {
-                add_scaled_rows(
-                    &mut grads[left],
-                    &tensors[left],
-                    &rows,
-                    two * scale,
-                    threads,
-                );
+                scaled_rows(&mut grads[left], &tensors[left], &rows);
             }
             if to_right {
-                add_scaled_rows(
-                    &mut grads[right],
-                    &tensors[right],
-                    &cols,
-                    two * scale,
-                    threads,
-                );
+                scaled_rows(&mut grads[right], &tensors[right], &cols);
             }
         }
     }
