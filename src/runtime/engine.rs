@@ -926,9 +926,11 @@ impl<'r, F: Real> Run<'r, F> {
         let work = move || {
             let row_buffers = RowBuffers::<F>::new(buffers, scratch, page_offset);
             let mut flags = 0;
-            // This worker's scans: each adjoint's rows of its chunks, in the order taken.
+            // This worker's scans: each adjoint's rows of its chunks, in the order taken, and
+            // where each chunk's rows start in each (a scan that found its adjoint dense
+            // stops short).
             let mut found: Vec<Compressed<F>> = scans.iter().map(|_| Compressed::empty()).collect();
-            let mut taken = Vec::new();
+            let mut taken: Vec<(usize, Vec<usize>)> = Vec::new();
             loop {
                 let start = next.fetch_add(1, Ordering::Relaxed) * ANCHORS_PER_CHUNK;
                 if start >= rows {
@@ -962,7 +964,8 @@ impl<'r, F: Real> Run<'r, F> {
                 // they are in this core's cache.
                 let anchors = start..(start + ANCHORS_PER_CHUNK).min(rows);
                 if !scans.is_empty() {
-                    taken.push((start / ANCHORS_PER_CHUNK, found[0].rows()));
+                    let firsts = found.iter().map(Compressed::rows).collect();
+                    taken.push((start / ANCHORS_PER_CHUNK, firsts));
                 }
                 for ((&(_, base, stride, cols), found), dense) in
                     scans.iter().zip(&mut found).zip(dense)
@@ -1001,17 +1004,19 @@ impl<'r, F: Real> Run<'r, F> {
         });
         let status = status.into_inner();
         let by_worker = std::mem::take(&mut *chunk_scans.lock().unwrap_or_else(|e| e.into_inner()));
-        // Chunk c's rows: worker w's, from its row `first` on.
+        // Chunk c's rows: worker w's, from the rows its t-th chunk starts at on.
         let mut chunk_at = vec![(0, 0); chunks];
         for (w, (_, taken)) in by_worker.iter().enumerate() {
-            for &(c, first) in taken {
-                chunk_at[c] = (w, first);
+            for (t, (c, _)) in taken.iter().enumerate() {
+                chunk_at[*c] = (w, t);
             }
         }
         for (k, (&(slot, _, _, cols), dense)) in scans.iter().zip(dense).enumerate() {
-            let pieces = chunk_at.iter().enumerate().map(|(c, &(w, first))| {
+            let pieces = chunk_at.iter().enumerate().map(|(c, &(w, t))| {
                 let len = ANCHORS_PER_CHUNK.min(rows - c * ANCHORS_PER_CHUNK);
-                (&by_worker[w].0[k], first..first + len)
+                let (found, taken) = &by_worker[w];
+                let first = taken[t].1[k];
+                (&found[k], first..first + len)
             });
             let dense = dense.load(Ordering::Relaxed);
             let joined = (!dense)

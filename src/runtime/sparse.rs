@@ -122,8 +122,8 @@ impl<F: Real> Compressed<F> {
     }
 
     /// The rows `range` of each piece, in turn, as the rows of one `rows x cols` matrix;
-    /// `None` when they are not `rows` rows or more than `MAX_DENSITY` of the entries are
-    /// nonzero.
+    /// `None` when a piece lacks rows of its range, they are not `rows` rows, or more than
+    /// `MAX_DENSITY` of the entries are nonzero.
     pub fn join<'p>(
         pieces: impl Iterator<Item = (&'p Self, Range<usize>)> + Clone,
         (rows, cols): (usize, usize),
@@ -134,6 +134,12 @@ impl<F: Real> Compressed<F> {
         let span = |(piece, range): &(&Self, Range<usize>)| {
             piece.starts[range.start]..piece.starts[range.end]
         };
+        if pieces
+            .clone()
+            .any(|(piece, range)| range.end > piece.rows())
+        {
+            return None;
+        }
         let nonzeros: usize = pieces.clone().map(|piece| span(&piece).len()).sum();
         let joined_rows: usize = pieces.clone().map(|(_, range)| range.len()).sum();
         if joined_rows != rows || nonzeros as f64 > (rows * cols) as f64 * MAX_DENSITY {
@@ -443,6 +449,34 @@ mod tests {
             let worst = (got.iter().zip(&want)).fold(0.0_f64, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst < 1e-12, "{threads} threads: off by {worst}");
         }
+    }
+
+    #[test]
+    fn pieces_join_in_the_order_given() {
+        let g = sparse_matrix(40, 30, 1);
+        let rows: Vec<&[f64]> = g
+            .rows()
+            .into_iter()
+            .map(|r| r.to_slice().unwrap())
+            .collect();
+        let dense = AtomicBool::new(false);
+        // One worker's list that took the later rows first, as chunks come.
+        let mut found = Compressed::empty();
+        found.append_rows(rows[20..].iter().copied(), &dense);
+        found.append_rows(rows[..20].iter().copied(), &dense);
+        let pieces = [(&found, 20..40), (&found, 0..20)];
+        let joined = Compressed::join(pieces.into_iter(), (40, 30)).expect("1 in 30 is sparse");
+        let whole = Compressed::of(g.view(), 1).expect("1 in 30 is sparse");
+        assert_eq!(joined.starts, whole.starts);
+        assert_eq!(
+            (joined.columns, joined.values),
+            (whole.columns, whole.values)
+        );
+        let short = [(&found, 0..41)];
+        assert!(
+            Compressed::join(short.into_iter(), (41, 30)).is_none(),
+            "a piece lacks a row"
+        );
     }
 
     #[test]
