@@ -3,8 +3,10 @@
 //! `dA += G B` and `dB += Gᵀ A` cost `O(nnz · d)` as sums of scaled rows, where the dense
 //! GEMMs (and the `G + Gᵀ` pass before them) cost `O(n · m · d)`.
 //!
-//! Each output row is a sum over its row (or column) of `G` in index order, whatever the
-//! number of threads, so results stay bitwise identical for any thread count.
+//! Each output row is a sum over its row (or column) of `G` in index order (for
+//! `(G + Gᵀ) X`, its row's entries, then the column's the row lacks), whatever the number
+//! of threads, so results stay bitwise identical for any thread count. The entries come
+//! from a scan of `G`, or from the row pass that wrote it, which scans its rows as it goes.
 
 use super::gemm::run_tasks;
 use super::real::Real;
