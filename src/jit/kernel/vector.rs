@@ -410,7 +410,7 @@ impl Gen<'_, '_> {
     /// `mask ? a : b` lane by lane, `mask` an integer vector of all-ones or zero lanes.
     pub(super) fn vselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
         let ty = self.b.func.dfg.value_type(a);
-        if let (Some(complement), true) = (self.complement(mask), self.lanes.blend) {
+        if let Some(complement) = self.complement(mask) {
             // `!m ? a : b` is `m ? b : a`: no `!m` to build.
             return self.vselect(complement, b, a);
         }
