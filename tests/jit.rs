@@ -22,6 +22,11 @@ fn relative_gap(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
     (a - b).iter().fold(0.0f64, |m, v| m.max(v.abs())) / scale
 }
 
+/// |value - reference| over |reference| (a zero reference only meets itself).
+fn relative_loss_gap(value: f64, reference: f64) -> f64 {
+    (value - reference).abs() / reference.abs().max(1e-300)
+}
+
 /// Whether the compiled loss fell back to the interpreter; only gaussian_metric may.
 fn check_evaluator(name: &str, evaluator: Evaluator, failures: &mut Vec<String>) {
     if evaluator != Evaluator::Jit && name != "gaussian_metric" {
@@ -79,8 +84,7 @@ fn golden_cases_in_both_float_types() {
                     } else {
                         1e-4
                     };
-                    let loss_gap =
-                        (value - reference.loss).abs() / reference.loss.abs().max(1e-300);
+                    let loss_gap = relative_loss_gap(value, reference.loss);
                     let grad_gap = relative_gap(reference.grad.as_ref().unwrap(), &grad);
                     if loss_gap > tolerance || grad_gap > tolerance {
                         failures.push(format!(
@@ -149,7 +153,7 @@ fn random_shapes_match_the_interpreter() {
             match (reference, loss.run(x.view(), &labels, &options, true)) {
                 (Ok(a), Ok(b)) => {
                     compared += 1;
-                    let loss_gap = (a.loss - b.loss).abs() / a.loss.abs().max(1e-300);
+                    let loss_gap = relative_loss_gap(b.loss, a.loss);
                     let grad_gap = relative_gap(a.grad.as_ref().unwrap(), b.grad.as_ref().unwrap());
                     if loss_gap > 1e-10 || grad_gap > 1e-10 {
                         failures.push(format!(
@@ -171,15 +175,12 @@ fn random_shapes_match_the_interpreter() {
                     {
                         match (&single, compiled.run(x32.view(), &labels, &options, true)) {
                             (Ok(s), Ok(b32)) => {
-                                let gap = |v: f64, reference: f64| {
-                                    (v - reference).abs() / reference.abs().max(1e-300)
-                                };
                                 let (a_grad, s_grad) =
                                     (a.grad.as_ref().unwrap(), s.grad.as_ref().unwrap());
-                                let loss_limit = 1e-4 + 2.0 * gap(s.loss, a.loss);
+                                let loss_limit = 1e-4 + 2.0 * relative_loss_gap(s.loss, a.loss);
                                 let grad_limit = 1e-4 + 2.0 * relative_gap(a_grad, s_grad);
                                 let grad = b32.grad.as_ref().unwrap().mapv(f64::from);
-                                let loss_gap = gap(b32.loss, s.loss);
+                                let loss_gap = relative_loss_gap(b32.loss, s.loss);
                                 let grad_gap = relative_gap(s_grad, &grad);
                                 if loss_gap > loss_limit || grad_gap > grad_limit {
                                     failures.push(format!(
@@ -338,7 +339,7 @@ fn extremes_over_nan_match_the_interpreter() {
             let reference = reference.expect("the interpreter evaluates it");
             let out = out.expect("runs");
             assert_eq!(out.evaluator, Evaluator::Jit);
-            let gap = (out.loss - reference.loss).abs() / reference.loss.abs().max(1e-300);
+            let gap = relative_loss_gap(out.loss, reference.loss);
             assert!(
                 gap < 1e-12,
                 "{classes:?}: compiled {} against {}",
@@ -475,7 +476,7 @@ fn sampling_losses_draw_the_same_samples() {
                 )
                 .unwrap();
             assert_eq!(out.evaluator, Evaluator::Jit, "{name}");
-            let gap = (out.loss - reference.loss).abs() / reference.loss.abs().max(1e-300);
+            let gap = relative_loss_gap(out.loss, reference.loss);
             assert!(
                 gap < 1e-12,
                 "{name} seed {seed}: {} vs {}",
