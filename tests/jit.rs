@@ -335,21 +335,51 @@ fn extremes_over_nan_match_the_interpreter() {
             x[(row, col)] = -4.0;
         }
         for threads in [1, 2] {
-            let (reference, out) = both_ways(&loss, &x, &labels, threads);
-            let reference = reference.expect("the interpreter evaluates it");
-            let out = out.expect("runs");
-            assert_eq!(out.evaluator, Evaluator::Jit);
-            let gap = relative_loss_gap(out.loss, reference.loss);
-            assert!(
-                gap < 1e-12,
-                "{classes:?}: compiled {} against {}",
-                out.loss,
-                reference.loss
-            );
+            same_loss_both_ways(&loss, (&x, &labels), threads, &format!("{classes:?}"));
             compared += 1;
         }
     }
     assert_eq!(compared, 6);
+}
+
+/// A log-sum-exp sums its exponentials in the loop that finds its maximum, on a shift the
+/// loop moves up when a member lies far above it; a sum with a moved shift is done again on
+/// the maximum. The samples lie around a circle in order, so that each anchor's row climbs
+/// from far below its maximum (at a scale of 100, by up to 200: the shift moves) or starts
+/// near it (it does not), in vectors and in the scalar tail (50 columns); at a scale of 5
+/// the shift never moves. Loss and gradient as the interpreter has them.
+#[test]
+fn a_log_sum_exp_on_a_moving_shift_matches_the_interpreter() {
+    let n = 50;
+    let angle = |i: usize| std::f64::consts::PI * (1.0 - i as f64 / (n - 1) as f64);
+    let x = Array2::from_shape_fn((n, 2), |(i, k)| match k {
+        0 => angle(i).cos(),
+        _ => angle(i).sin(),
+    });
+    let labels: Vec<i64> = (0..n as i64).map(|i| i % 7).collect();
+    for scale in [100.0, 5.0] {
+        let source = format!(
+            "loss moving_shift(scale = {scale}) {{
+                s = dot(x)
+                per anchor {{
+                    neg = s where !same
+                    term = lse(neg, scale * v)
+                }}
+                loss = sum(term)
+            }}"
+        );
+        let loss = Loss::compile(&source, &vec![]).expect("compiles");
+        for threads in [1, 2] {
+            let case = format!("scale {scale}");
+            let (reference, out) = same_loss_both_ways(&loss, (&x, &labels), threads, &case);
+            let grads = (out.grad.as_ref(), reference.grad.as_ref());
+            let (Some(grad), Some(expected)) = grads else {
+                panic!("scale {scale}: a gradient is missing");
+            };
+            let gap = relative_gap(grad, expected);
+            assert!(gap < 1e-10, "scale {scale}: the gradient is off by {gap:e}");
+        }
+    }
 }
 
 /// A rank the set does not have fails as in the interpreter, also where the row is ranked
@@ -399,6 +429,38 @@ fn both_ways(
         inputs: &[],
     };
     (reference, loss.run(x.view(), labels, &options, true))
+}
+
+/// [`both_ways`], both succeeding, the kernels' loss within 1e-12 of the interpreter's
+/// (`case` names the batch in a failure).
+fn same_loss_both_ways(
+    loss: &Loss,
+    (x, labels): (&Array2<f64>, &[i64]),
+    threads: usize,
+    case: &str,
+) -> (losscc::interp::Output, losscc::runtime::engine::Output<f64>) {
+    let (reference, out) = both_ways(loss, x, labels, threads);
+    let reference = reference.expect("the interpreter evaluates it");
+    let out = out.expect("runs");
+    assert_kernels_loss(&out, &reference, case);
+    (reference, out)
+}
+
+/// The kernels (not the interpreter) computed `out`, its loss within 1e-12 of the
+/// reference's.
+fn assert_kernels_loss(
+    out: &losscc::runtime::engine::Output<f64>,
+    reference: &losscc::interp::Output,
+    case: &str,
+) {
+    assert_eq!(out.evaluator, Evaluator::Jit, "{case}");
+    let gap = relative_loss_gap(out.loss, reference.loss);
+    assert!(
+        gap < 1e-12,
+        "{case}: compiled {} against {}",
+        out.loss,
+        reference.loss
+    );
 }
 
 /// Calls from several threads at once into one loss, each asking for two threads of the
@@ -475,14 +537,7 @@ fn sampling_losses_draw_the_same_samples() {
                     true,
                 )
                 .unwrap();
-            assert_eq!(out.evaluator, Evaluator::Jit, "{name}");
-            let gap = relative_loss_gap(out.loss, reference.loss);
-            assert!(
-                gap < 1e-12,
-                "{name} seed {seed}: {} vs {}",
-                out.loss,
-                reference.loss
-            );
+            assert_kernels_loss(&out, &reference, &format!("{name} seed {seed}"));
             assert!(
                 relative_gap(reference.grad.as_ref().unwrap(), out.grad.as_ref().unwrap()) < 1e-12,
                 "{name} seed {seed}"

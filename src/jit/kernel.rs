@@ -30,7 +30,7 @@ use std::mem::offset_of;
 mod fusion;
 mod vector;
 
-use vector::{Fold, LaneScatter, WeightTerm};
+use vector::{Fold, Guess, LaneScatter, WeightTerm};
 
 /// What the runtime must provide to a pass's kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -1298,7 +1298,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let v = g.member(body, at, &mut HashMap::new())?;
                     let shifted = g.b.ins().fsub(v, max);
                     let constants = g.constants();
-                    let e = g.math.exp_nonpositive(&mut g.b, shifted, constants);
+                    let e = g.math.exp_bounded(&mut g.b, shifted, constants);
                     let current = g.b.use_var(sum);
                     let next = g.b.ins().fadd(current, e);
                     g.b.def_var(sum, next);
@@ -1331,7 +1331,8 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     /// A standard deviation or a log-sum-exp on lanes: the mean or the maximum with the
-    /// set's other reductions, then a second loop.
+    /// set's other reductions, then a second loop; a log-sum-exp whose maximum no loop has
+    /// found yet is summed in the loop that finds it (see [`Self::fused_reduce`]).
     fn reduce_on_lanes(
         &mut self,
         op: ReduceOp,
@@ -1360,37 +1361,26 @@ impl<'a, 'f> Gen<'a, 'f> {
                 Ok(self.b.ins().sqrt(variance))
             }
             ReduceOp::Lse => {
-                // The other log-sum-exps over the set that the pass needs sum their
-                // exponentials in the same loop.
-                let siblings: Vec<(Handle<Expr>, Handle<Expr>)> = self
+                // Its maximum not found yet, it is summed in the loop that finds it.
+                let Some(&max) = self.lse_max.get(&(set, body)) else {
+                    return self.fused_reduce(ReduceOp::Lse, set, repr, Some(body));
+                };
+                // The other log-sum-exps over the set that the pass needs and whose maxima
+                // are known sum their exponentials in the same loop.
+                let siblings: Vec<(Handle<Expr>, Handle<Expr>, Value)> = self
                     .set_reductions(set)
                     .filter(|&(_, op, other)| {
                         op == ReduceOp::Lse && other != body && self.lanes_can_read(repr, other)
                     })
-                    .map(|(h, _, other)| (h, other))
+                    .filter_map(|(h, _, other)| Some((h, other, *self.lse_max.get(&(set, other))?)))
                     .collect();
                 let mut folds = Vec::with_capacity(1 + siblings.len());
-                for other in std::iter::once(body).chain(siblings.iter().map(|&(_, b)| b)) {
+                let lses =
+                    std::iter::once((body, max)).chain(siblings.iter().map(|&(_, b, m)| (b, m)));
+                for (other, max) in lses {
                     self.prepare(other)?;
-                    let max = match self.lse_max.get(&(set, other)) {
-                        Some(&max) => max,
-                        None => self.fused_reduce(ReduceOp::Max, set, repr, Some(other))?,
-                    };
                     self.pin(max);
-                    // A pair set has no per-column buffer.
-                    let kept = match repr {
-                        Repr::Range { space, .. }
-                        | Repr::List { space, .. }
-                        | Repr::Masked { space, .. }
-                            if self.softmax_wanted.contains(&(set, other)) =>
-                        {
-                            let cols = space
-                                .cols
-                                .ok_or_else(|| internal("a set without columns"))?;
-                            Some(self.new_buffer(RowBuffer::Floats(cols)))
-                        }
-                        _ => None,
-                    };
+                    let kept = self.softmax_buffer(set, repr, other)?;
                     let fold = Fold::ShiftedExp {
                         body: other,
                         max,
@@ -1413,25 +1403,118 @@ impl<'a, 'f> Gen<'a, 'f> {
                         return Err(internal("a log-sum-exp without its sum"));
                     };
                     if let Some(buffer) = kept {
-                        let one = self.fconst(1.0);
-                        let inverse = self.b.ins().fdiv(one, total);
-                        self.pin(inverse);
-                        let row = SoftmaxRow {
-                            buffer,
-                            inverse,
-                            every_column,
-                        };
-                        self.softmax_rows.insert((set, other), row);
+                        self.keep_softmax((set, other), buffer, total, every_column);
                     }
                     lses.push(self.lse_from(max, total));
                 }
-                for (&(h, _), &lse) in siblings.iter().zip(&lses[1..]) {
+                for (&(h, _, _), &lse) in siblings.iter().zip(&lses[1..]) {
                     self.row.insert(h, lse);
                 }
                 Ok(lses[0])
             }
             _ => Err(internal(format!("{op:?} is not reduced in two loops"))),
         }
+    }
+
+    /// The row buffer that keeps the terms `exp(body - shift)` of `lse(set, body)` for the
+    /// softmax weights that read them (none for a pair set, or when no weight does).
+    fn softmax_buffer(
+        &mut self,
+        set: Handle<Set>,
+        repr: &Repr,
+        body: Handle<Expr>,
+    ) -> Result<Option<Value>> {
+        match repr {
+            Repr::Range { space, .. } | Repr::List { space, .. } | Repr::Masked { space, .. }
+                if self.softmax_wanted.contains(&(set, body)) =>
+            {
+                let cols = space
+                    .cols
+                    .ok_or_else(|| internal("a set without columns"))?;
+                Ok(Some(self.new_buffer(RowBuffer::Floats(cols))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A fresh [`Guess`]: no shift yet, not moved.
+    fn new_guess(&mut self) -> Guess {
+        let vector = self.vector_type();
+        let guess = Guess {
+            shift: self.b.declare_var(self.float),
+            lanes: (self.b.declare_var(vector), self.b.declare_var(vector)),
+            moved: self.b.declare_var(I8),
+        };
+        let none = self.fconst(f64::NEG_INFINITY);
+        self.b.def_var(guess.shift, none);
+        let none = self.vconst(f64::NEG_INFINITY);
+        self.b.def_var(guess.lanes.0, none);
+        self.b.def_var(guess.lanes.1, none);
+        let still = self.b.ins().iconst(I8, 0);
+        self.b.def_var(guess.moved, still);
+        guess
+    }
+
+    /// The log-sum-exp over `set` of a [`Fold::GuessedExp`] from the loop that summed it:
+    /// `sum` is its sum and whether the loop visited every vector of the row (and so wrote
+    /// each column of its buffer). The sum stands when the shift never moved after its
+    /// first member's vector and the sum is at least one half (the largest term, at the
+    /// shift, is one); otherwise (an empty set, a NaN, a member far above the first ones)
+    /// cold loops over the members (`over`: the loop's row and the set's condition in it)
+    /// find the maximum and sum again on it, as two loops always did.
+    fn finish_guessed(
+        &mut self,
+        (set, fold): (Handle<Set>, Fold),
+        (total, every_vector): (Value, bool),
+        over: (&Repr, Option<Handle<Expr>>),
+    ) -> Result<Value> {
+        let Fold::GuessedExp { body, kept, guess } = fold else {
+            return Err(internal("a guessed log-sum-exp without its fold"));
+        };
+        let shift = self.b.use_var(guess.shift);
+        let moved = self.b.use_var(guess.moved);
+        let half = self.fconst(0.5);
+        let enough = self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, total, half);
+        let steady = self.b.ins().icmp_imm_u(IntCC::Equal, moved, 0);
+        let stands = self.b.ins().band(enough, steady);
+        let (final_shift, final_total) = (
+            self.b.declare_var(self.float),
+            self.b.declare_var(self.float),
+        );
+        self.b.def_var(final_shift, shift);
+        self.b.def_var(final_total, total);
+        let (again, done) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(stands, done, &[], again, &[]);
+        self.b.set_cold_block(again);
+        self.b.switch_to_block(again);
+        let (repr, condition) = over;
+        let max = self.vector_loop(repr, &[(Fold::Max(body), condition)], &[], true)?[0];
+        let fold = Fold::ShiftedExp { body, max, kept };
+        let every_column = every_vector && !self.skips_empty(&[(fold, condition)], &[]);
+        let totals = self.vector_loop(repr, &[(fold, condition)], &[], true)?;
+        self.b.def_var(final_shift, max);
+        self.b.def_var(final_total, totals[0]);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+        let (shift, total) = (self.b.use_var(final_shift), self.b.use_var(final_total));
+        if let Some(buffer) = kept {
+            self.keep_softmax((set, body), buffer, total, every_column);
+        }
+        Ok(self.lse_from(shift, total))
+    }
+
+    /// Records the softmax of `lse(set, body)` for the weights that read it: its terms in
+    /// `buffer` (each column written when `every_column`) times `1 / total`.
+    fn keep_softmax(&mut self, key: LseKey, buffer: Value, total: Value, every_column: bool) {
+        let one = self.fconst(1.0);
+        let inverse = self.b.ins().fdiv(one, total);
+        self.pin(inverse);
+        let row = SoftmaxRow {
+            buffer,
+            inverse,
+            every_column,
+        };
+        self.softmax_rows.insert(key, row);
     }
 
     /// `max + ln(total)` from a log-sum-exp's maximum and its sum of `exp(v - max)`; a

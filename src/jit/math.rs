@@ -45,7 +45,7 @@
 //! Over the whole input range, subnormal inputs and outputs included, and for
 //! all four types with and without `fma` (see the tests):
 //!
-//! * `exp`, `exp_nonpositive` (on its domain), `ln`, `log1p`: at most 1 ulp
+//! * `exp`, `exp_bounded` (on its domain), `ln`, `log1p`: at most 1 ulp
 //!   from Rust's `std` (`exp`, `ln`, `ln_1p`); checked exhaustively for `f32`
 //!   (ignored test `exhaustive_f32`), by sampling for `f64`.
 //! * `softplus`, `sigmoid`: at most 2 ulp from the correctly rounded result
@@ -71,6 +71,10 @@ use cranelift_codegen::isa::TargetIsa;
 use cranelift_frontend::FunctionBuilder;
 
 use super::constants::Constants;
+
+/// The largest argument [`MathBuilder::exp_bounded`] takes: its scaling by `2^(k + 64)`
+/// then stays normal in f32 (`k <= 58`).
+pub const EXP_BOUNDED_MAX: f64 = 40.0;
 
 /// Emits inline transcendental functions into Cranelift functions.
 ///
@@ -114,16 +118,17 @@ impl MathBuilder {
         self.emitter(b, x, constants).exp(x)
     }
 
-    /// `e^x` for `x <= 0` (or NaN): the shifted exponentials of a log-sum-exp. Other `x`
-    /// give unspecified results (a masked lane's).
-    pub fn exp_nonpositive(
+    /// `e^x` for `x <= EXP_BOUNDED_MAX` (or NaN): the shifted exponentials of a
+    /// log-sum-exp, whose shift is the maximum or not far below it. Other `x` give
+    /// unspecified results (a masked lane's).
+    pub fn exp_bounded(
         &self,
         b: &mut FunctionBuilder<'_>,
         x: Value,
         constants: Constants<'_>,
     ) -> Value {
         self.emitter(b, x, constants)
-            .exp_scaled(x, Scaling::NonPositive)
+            .exp_scaled(x, Scaling::Bounded)
     }
 
     /// Natural logarithm of `x`.
@@ -303,9 +308,10 @@ struct Emitter<'a, 'f, 't> {
 enum Scaling {
     /// Any `x`: `2^k` as two factors, each a normal number over the whole range.
     Any,
-    /// `x <= 0`, `k <= 0`: `2^(k + 64)` is normal down to the smallest subnormal result,
-    /// and `2^-64` a constant.
-    NonPositive,
+    /// `x <= EXP_BOUNDED_MAX`, `k <= 58`: `2^(k + 64)` is normal from the smallest
+    /// subnormal result up (to `2^122`, below f32's largest power `2^127`), and `2^-64` a
+    /// constant.
+    Bounded,
 }
 
 impl Emitter<'_, '_, '_> {
@@ -315,11 +321,11 @@ impl Emitter<'_, '_, '_> {
 
     fn exp_scaled(&mut self, x: Value, scaling: Scaling) -> Value {
         let f = self.fmt;
-        // A non-positive x needs no upper bound (an instruction and a constant fewer in the
+        // A bounded x needs no upper clamp (an instruction and a constant fewer in the
         // log-sum-exp loops).
         let x = match scaling {
             Scaling::Any => self.min_keep_nan(x, f.exp_hi),
-            Scaling::NonPositive => x,
+            Scaling::Bounded => x,
         };
         let x = self.max_keep_nan(x, f.exp_lo);
         // k = round(x / ln2), as a float (`kf`) and in the low bits of `kbig` (with FMA, of
@@ -362,7 +368,7 @@ impl Emitter<'_, '_, '_> {
         let magic_bits = self.iconst(self.const_bits(f.round_magic));
         let kbits = self.bitcast_int(kbig);
         let k = self.b.ins().isub(kbits, magic_bits);
-        if scaling == Scaling::NonPositive {
+        if scaling == Scaling::Bounded {
             let s = self.pow2(k, 64);
             let y = self.b.ins().fmul(y, s);
             let drop = self.fconst(2f64.powi(-64));
@@ -426,7 +432,7 @@ impl Emitter<'_, '_, '_> {
         // `fneg` each build their mask in the loop (Cranelift makes them from all-ones).
         let sign = self.fconst(-0.0);
         let na = self.b.ins().bor(x, sign);
-        self.exp_scaled(na, Scaling::NonPositive)
+        self.exp_scaled(na, Scaling::Bounded)
     }
 
     /// `ln(1 + x)` for `1 + x` positive and finite; other inputs give
@@ -721,7 +727,7 @@ mod tests {
     //! values, and (ignored) throughput of JIT-compiled loops applying each
     //! function to a buffer, for each type, with and without `fma`.
 
-    use super::MathBuilder;
+    use super::{EXP_BOUNDED_MAX, MathBuilder};
     use crate::jit::constants::{ConstantTable, Constants, LoopBase};
     use cranelift_codegen::ir::condcodes::IntCC;
     use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2};
@@ -737,8 +743,8 @@ mod tests {
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Op {
         Exp,
-        /// `exp_nonpositive(-|x|)`: its domain, whatever the input.
-        ExpNonPositive,
+        /// `exp_bounded(min(x, EXP_BOUNDED_MAX))`: its domain, whatever the input.
+        ExpBounded,
         Ln,
         Log1p,
         Softplus,
@@ -755,10 +761,17 @@ mod tests {
         ) -> Value {
             match self {
                 Op::Exp => math.exp(b, x, constants),
-                Op::ExpNonPositive => {
-                    let magnitude = b.ins().fabs(x);
-                    let x = b.ins().fneg(magnitude);
-                    math.exp_nonpositive(b, x, constants)
+                Op::ExpBounded => {
+                    let bound = match b.func.dfg.value_type(x).lane_type() {
+                        F32 => b.ins().f32const(EXP_BOUNDED_MAX as f32),
+                        _ => b.ins().f64const(EXP_BOUNDED_MAX),
+                    };
+                    let bound = match b.func.dfg.value_type(x) {
+                        ty if ty.is_vector() => b.ins().splat(ty, bound),
+                        _ => bound,
+                    };
+                    let x = b.ins().fmin(x, bound);
+                    math.exp_bounded(b, x, constants)
                 }
                 Op::Ln => math.ln(b, x, constants),
                 Op::Log1p => math.log1p(b, x, constants),
@@ -772,8 +785,8 @@ mod tests {
             match (self, single) {
                 (Op::Exp, true) => (-105.0, 90.0),
                 (Op::Exp, false) => (-750.0, 712.0),
-                (Op::ExpNonPositive, true) => (-105.0, 0.0),
-                (Op::ExpNonPositive, false) => (-750.0, 0.0),
+                (Op::ExpBounded, true) => (-105.0, EXP_BOUNDED_MAX),
+                (Op::ExpBounded, false) => (-750.0, EXP_BOUNDED_MAX),
                 (Op::Ln, _) => (0.0, 4.0),
                 (Op::Log1p, _) => (-1.0, 3.0),
                 (Op::Softplus | Op::Sigmoid, true) => (-110.0, 30.0),
@@ -823,7 +836,8 @@ mod tests {
         fn reference(op: Op, x: Self) -> Self {
             match op {
                 Op::Exp => x.exp(),
-                Op::ExpNonPositive => (-x.abs()).exp(),
+                Op::ExpBounded if x.is_nan() => x,
+                Op::ExpBounded => x.min(EXP_BOUNDED_MAX as Self).exp(),
                 Op::Ln => x.ln(),
                 Op::Log1p => x.ln_1p(),
                 Op::Softplus => dd::softplus(x.into()) as f32,
@@ -856,7 +870,8 @@ mod tests {
         fn reference(op: Op, x: Self) -> Self {
             match op {
                 Op::Exp => x.exp(),
-                Op::ExpNonPositive => (-x.abs()).exp(),
+                Op::ExpBounded if x.is_nan() => x,
+                Op::ExpBounded => x.min(EXP_BOUNDED_MAX as Self).exp(),
                 Op::Ln => x.ln(),
                 Op::Log1p => x.ln_1p(),
                 Op::Softplus => dd::softplus(x),
@@ -1075,8 +1090,8 @@ mod tests {
     }
 
     #[test]
-    fn exp_nonpositive_accuracy() {
-        accuracy(Op::ExpNonPositive);
+    fn exp_bounded_accuracy() {
+        accuracy(Op::ExpBounded);
     }
 
     #[test]
@@ -1124,10 +1139,9 @@ mod tests {
                 ],
             ),
             (
-                Op::ExpNonPositive,
+                Op::ExpBounded,
                 &[
                     (-inf, 0.0),
-                    (inf, 0.0),
                     (nan, nan),
                     (0.0, 1.0),
                     (-0.0, 1.0),
@@ -1224,11 +1238,7 @@ mod tests {
         type Reference<'r> = &'r (dyn Fn(f32) -> f32 + Sync);
         let cases: [(Op, Reference<'_>, u64); 5] = [
             (Op::Exp, &|x| f32::reference(Op::Exp, x), 1),
-            (
-                Op::ExpNonPositive,
-                &|x| f32::reference(Op::ExpNonPositive, x),
-                1,
-            ),
+            (Op::ExpBounded, &|x| f32::reference(Op::ExpBounded, x), 1),
             (Op::Ln, &|x| f32::reference(Op::Ln, x), 1),
             (Op::Log1p, &|x| f32::reference(Op::Log1p, x), 1),
             (Op::Softplus, &softplus, 2),

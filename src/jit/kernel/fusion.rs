@@ -17,8 +17,17 @@
 //!   adds over the whole row, without masks.
 //! - A reduction on lanes (a count, sum, mean, minimum or maximum) takes along every other
 //!   such reduction over its set that the pass needs and that depends on none of them, and
-//!   the maximum that each log-sum-exp over the set is shifted by; over a masked row, also
-//!   those over its parent row and over its subsets under one more condition.
+//!   each log-sum-exp over the set; over a masked row, also those over its parent row and
+//!   over its subsets under one more condition.
+//! - A log-sum-exp is summed in that loop, the one that would find the maximum to shift it
+//!   by: on a shift the loop chooses, the largest member of the first vector with members,
+//!   moved (a branch rarely taken) when a member lies more than 40 above it. The sum
+//!   stands unless the shift moved after terms were added, or it is below one half (the
+//!   largest term is at least one): an empty set, a NaN, a row that climbs far. Then cold
+//!   loops find the maximum and sum again, as the two loops always did. One loop and one
+//!   exponential per member where there were two loops; a log-sum-exp over a list of a few
+//!   members (a class list, compacted) still takes only its maximum along, for its own
+//!   loop.
 
 use super::vector::{Fold, Guarded, LaneScatter, WeightTerm};
 use super::{Gen, LseKey, Repr, Result, Status, internal};
@@ -357,12 +366,17 @@ impl Gen<'_, '_> {
         Ok(emitted)
     }
 
-    /// A count, sum, mean, minimum or maximum over `set` (`body` is `None` for a count),
-    /// computed on lanes in one loop with the other such reductions over the set, and over
-    /// its parent when the set is the parent's masked row under one more condition, that
-    /// the pass needs, that are not reserved for a scatter's loop and that depend on no
-    /// reduction of the loop. The others' values go to [`Self::row`]; a count also to its
-    /// set's cached size. Returns the value asked for (a count as an i64).
+    /// A count, sum, mean, minimum, maximum or log-sum-exp over `set` (`body` is `None` for
+    /// a count), computed on lanes in one loop with the other such reductions over the set,
+    /// and over its parent when the set is the parent's masked row under one more
+    /// condition, that the pass needs, that are not reserved for a scatter's loop and that
+    /// depend on no reduction of the loop. The others' values go to [`Self::row`]; a count
+    /// also to its set's cached size. Returns the value asked for (a count as an i64).
+    ///
+    /// A log-sum-exp sums its exponentials in the loop that finds its maximum, on a shift
+    /// the loop chooses (see [`Self::finish_guessed`]), when its set is a whole or masked
+    /// row the loop visits anyway; otherwise the loop finds its maximum for a second loop
+    /// over the set.
     pub(super) fn fused_reduce(
         &mut self,
         op: ReduceOp,
@@ -411,7 +425,21 @@ impl Gen<'_, '_> {
                 self.prepare(condition)?;
             }
         }
-        for &(_, over, op, body) in &members {
+        // The log-sum-exps whose sums join the loop, each with its guess and the position of
+        // its fold.
+        let mut guessed: Vec<(Handle<Set>, Handle<Expr>, Fold, usize)> = Vec::new();
+        for &(sibling, over, op, body) in &members {
+            if let (ReduceOp::Lse, Some(body)) = (op, body)
+                && (sibling.is_none() || self.sums_in_loop(over, &loop_repr))
+            {
+                self.prepare(body)?;
+                let kept = self.softmax_buffer(over, &loop_repr, body)?;
+                let guess = self.new_guess();
+                let fold = Fold::GuessedExp { body, kept, guess };
+                guessed.push((over, body, fold, folds.len()));
+                folds.push((fold, condition_of(over)));
+                continue;
+            }
             let Some(fold) = fold_of(op, body) else {
                 continue;
             };
@@ -423,6 +451,8 @@ impl Gen<'_, '_> {
                 folds.push(guarded);
             }
         }
+        let every_vector = matches!(loop_repr, Repr::Range { .. } | Repr::Masked { .. })
+            && !self.skips_empty(&folds, &[]);
         let results = self.vector_loop(&loop_repr, &folds, &[], true)?;
         let result_of = |fold: Fold, over: Handle<Set>| {
             folds
@@ -438,9 +468,21 @@ impl Gen<'_, '_> {
         }
         let mut asked = None;
         for (sibling, over, op, body) in members {
-            if let (Some(_), ReduceOp::Lse, Some(body)) = (sibling, op, body) {
-                let max = result_of(Fold::Max(body), over)?;
-                self.lse_max.insert((over, body), max);
+            if let (ReduceOp::Lse, Some(body)) = (op, body) {
+                let Some(&(_, _, fold, at)) =
+                    (guessed.iter()).find(|&&(s, b, _, _)| s == over && b == body)
+                else {
+                    let max = result_of(Fold::Max(body), over)?;
+                    self.lse_max.insert((over, body), max);
+                    continue;
+                };
+                let sum = (results[at], every_vector);
+                let over_loop = (&loop_repr, condition_of(over));
+                let lse = self.finish_guessed((over, fold), sum, over_loop)?;
+                match sibling {
+                    Some(h) => self.row.insert(h, lse),
+                    None => asked.replace(lse),
+                };
                 continue;
             }
             let value = match fold_of(op, body) {
@@ -473,6 +515,21 @@ impl Gen<'_, '_> {
             }
         }
         asked.ok_or_else(|| internal("a fused reduction without its value"))
+    }
+
+    /// Whether a loop over `loop_repr` sums the exponentials of a log-sum-exp over `set`
+    /// (one of the loop's sets): when the set is a whole or masked row of the loop's, which
+    /// its own loop would visit vector by vector too, not a list of a few members.
+    fn sums_in_loop(&self, set: Handle<Set>, loop_repr: &Repr) -> bool {
+        if !matches!(loop_repr, Repr::Range { .. } | Repr::Masked { .. }) {
+            return false;
+        }
+        match (self.sets.get(&set), &self.module.sets[set].kind) {
+            (Some(repr), _) => matches!(repr, Repr::Range { .. } | Repr::Masked { .. }),
+            (None, SetKind::Entries) => true,
+            (None, &SetKind::Filter { predicate, .. }) => self.reads_masked(set, predicate),
+            (None, _) => false,
+        }
     }
 
     /// The loop a reduction over `set` runs in, and the sets whose reductions can join it,

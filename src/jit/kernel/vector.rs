@@ -10,6 +10,7 @@ use super::{At, Gen, Repr, Result, SoftmaxRow, Status, internal};
 use crate::grad::{Scatter, ScatterTarget};
 use crate::ir::*;
 use crate::jit::constants::LoopBase;
+use crate::jit::math::EXP_BOUNDED_MAX;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I8, I8X16, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{
@@ -47,12 +48,35 @@ pub(super) enum Fold {
         max: Value,
         kept: Option<Value>,
     },
+    /// The sum of `exp(body - shift)`, `shift` chosen in the loop (see
+    /// [`Gen::guessed_exp`]): a log-sum-exp's sum in the loop that finds its maximum.
+    GuessedExp {
+        body: Handle<Expr>,
+        kept: Option<Value>,
+        guess: Guess,
+    },
 }
+
+/// The state of a [`Fold::GuessedExp`]: its shift (minus infinity before the first
+/// member), on lanes with the shift plus [`GUESS_REACH`], and whether it moved after terms
+/// were summed on it (an `I8`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Guess {
+    pub shift: Variable,
+    pub lanes: (Variable, Variable),
+    pub moved: Variable,
+}
+
+/// How far above its shift a [`Fold::GuessedExp`] lets a member be before it moves the
+/// shift: as far as the bounded exponential goes. `e^40` times the members of a row stays
+/// far below f32's largest value, and a shift at or below the maximum loses no term that
+/// counts (the maximum's term is at least 1).
+const GUESS_REACH: f64 = EXP_BOUNDED_MAX;
 
 impl Fold {
     fn identity(self) -> f64 {
         match self {
-            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } => 0.0,
+            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } | Fold::GuessedExp { .. } => 0.0,
             Fold::Min(_) => f64::INFINITY,
             Fold::Max(_) => f64::NEG_INFINITY,
         }
@@ -61,9 +85,11 @@ impl Fold {
     pub(super) fn body(self) -> Option<Handle<Expr>> {
         match self {
             Fold::Count => None,
-            Fold::Sum(h) | Fold::Min(h) | Fold::Max(h) | Fold::ShiftedExp { body: h, .. } => {
-                Some(h)
-            }
+            Fold::Sum(h)
+            | Fold::Min(h)
+            | Fold::Max(h)
+            | Fold::ShiftedExp { body: h, .. }
+            | Fold::GuessedExp { body: h, .. } => Some(h),
         }
     }
 }
@@ -148,7 +174,7 @@ impl Gen<'_, '_> {
         if self.float == F32 { 4 } else { 2 }
     }
 
-    fn vector_type(&self) -> ClifType {
+    pub(super) fn vector_type(&self) -> ClifType {
         if self.float == F32 { F32X4 } else { F64X2 }
     }
 
@@ -1242,18 +1268,26 @@ impl Gen<'_, '_> {
                         (Some(a), Some(b)) => Some(g.b.ins().band(a, b)),
                         (a, b) => a.or(b),
                     };
-                    if let Fold::ShiftedExp { max, kept, .. } = *fold {
-                        let max = g.splat(max);
-                        let shifted = g.b.ins().fsub(v, max);
-                        let constants = g.constants();
-                        v = g.math.exp_nonpositive(&mut g.b, shifted, constants);
-                        if let Some(buffer) = kept {
-                            // Masked before it is kept (and summed): see `SoftmaxRow`.
-                            if let Some(mask) = mask.take() {
-                                v = g.vmasked(mask, v, 0.0);
-                            }
-                            g.store_lanes(buffer, at, v);
+                    let kept = match *fold {
+                        Fold::ShiftedExp { max, kept, .. } => {
+                            let max = g.splat(max);
+                            let shifted = g.b.ins().fsub(v, max);
+                            let constants = g.constants();
+                            v = g.math.exp_bounded(&mut g.b, shifted, constants);
+                            kept
                         }
+                        Fold::GuessedExp { kept, guess, .. } => {
+                            v = g.guessed_exp(v, mask, guess);
+                            kept
+                        }
+                        _ => None,
+                    };
+                    if let Some(buffer) = kept {
+                        // Masked before it is kept (and summed): see `SoftmaxRow`.
+                        if let Some(mask) = mask.take() {
+                            v = g.vmasked(mask, v, 0.0);
+                        }
+                        g.store_lanes(buffer, at, v);
                     }
                     let current = g.b.use_var(lanes);
                     let next = match (*fold, nan_lanes) {
@@ -1421,15 +1455,23 @@ impl Gen<'_, '_> {
             Some(body) => self.member(body, at, cache)?,
             None => self.fconst(1.0),
         };
-        if let Fold::ShiftedExp { max, kept, .. } = fold {
-            let shifted = self.b.ins().fsub(v, max);
-            let constants = self.constants();
-            v = self.math.exp_nonpositive(&mut self.b, shifted, constants);
-            if let Some(buffer) = kept {
-                let offset = self.b.ins().imul_imm_u(at.j, self.fb);
-                let addr = self.b.ins().iadd(buffer, offset);
-                self.b.ins().store(Self::flags(), v, addr, 0);
+        let kept = match fold {
+            Fold::ShiftedExp { max, kept, .. } => {
+                let shifted = self.b.ins().fsub(v, max);
+                let constants = self.constants();
+                v = self.math.exp_bounded(&mut self.b, shifted, constants);
+                kept
             }
+            Fold::GuessedExp { kept, guess, .. } => {
+                v = self.guessed_exp(v, None, guess);
+                kept
+            }
+            _ => None,
+        };
+        if let Some(buffer) = kept {
+            let offset = self.b.ins().imul_imm_u(at.j, self.fb);
+            let addr = self.b.ins().iadd(buffer, offset);
+            self.b.ins().store(Self::flags(), v, addr, 0);
         }
         let current = self.b.use_var(tail);
         let next = self.fold_step(fold, current, v, None);
@@ -1441,7 +1483,7 @@ impl Gen<'_, '_> {
     /// keeps (all without one).
     fn fold_step(&mut self, fold: Fold, acc: Value, v: Value, mask: Option<Value>) -> Value {
         match fold {
-            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } => {
+            Fold::Count | Fold::Sum(_) | Fold::ShiftedExp { .. } | Fold::GuessedExp { .. } => {
                 let v = match mask {
                     Some(mask) => self.vmasked(mask, v, fold.identity()),
                     None => v,
@@ -1581,6 +1623,60 @@ impl Gen<'_, '_> {
         let ty = self.b.func.dfg.value_type(v);
         let better = self.b.ins().bitcast(ty, MemFlagsData::new(), better);
         self.b.ins().bitselect(better, v, acc)
+    }
+
+    /// `exp(z - shift)` for the members `z` of either width (the lanes `mask` keeps), the
+    /// shift of `guess` first moved to their largest when one lies more than
+    /// [`GUESS_REACH`] above it (or it is the first): a branch the loop rarely takes. The
+    /// shift is at most the set's maximum and every term at most `e^GUESS_REACH`; `moved`
+    /// records a move after the first, which leaves earlier terms on the old shift.
+    pub(super) fn guessed_exp(&mut self, z: Value, mask: Option<Value>, guess: Guess) -> Value {
+        let vector = self.b.func.dfg.value_type(z).is_vector();
+        let members = match mask {
+            Some(mask) => self.vmasked(mask, z, f64::NEG_INFINITY),
+            None => z,
+        };
+        let reach = self.fconst(GUESS_REACH);
+        let above = if vector {
+            let limit = self.b.use_var(guess.lanes.1);
+            let lanes = self.b.ins().fcmp(FloatCC::GreaterThan, members, limit);
+            self.b.ins().vany_true(lanes)
+        } else {
+            let shift = self.b.use_var(guess.shift);
+            let limit = self.b.ins().fadd(shift, reach);
+            self.b.ins().fcmp(FloatCC::GreaterThan, members, limit)
+        };
+        let (moving, after) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(above, moving, &[], after, &[]);
+        self.b.switch_to_block(moving);
+        let largest = if vector {
+            let lanes = (0..self.lanes()).map(|lane| self.b.ins().extractlane(members, lane as u8));
+            let lanes: Vec<Value> = lanes.collect();
+            (lanes[1..].iter()).fold(lanes[0], |top, &x| self.b.ins().fmax(top, x))
+        } else {
+            members
+        };
+        let shift = self.b.use_var(guess.shift);
+        let none = self.fconst(f64::NEG_INFINITY);
+        let summed = self.b.ins().fcmp(FloatCC::GreaterThan, shift, none);
+        let moved = self.b.use_var(guess.moved);
+        let moved = self.b.ins().bor(moved, summed);
+        self.b.def_var(guess.moved, moved);
+        self.b.def_var(guess.shift, largest);
+        let limit = self.b.ins().fadd(largest, reach);
+        let (largest, limit) = (self.splat(largest), self.splat(limit));
+        self.b.def_var(guess.lanes.0, largest);
+        self.b.def_var(guess.lanes.1, limit);
+        self.b.ins().jump(after, &[]);
+        self.b.switch_to_block(after);
+        let shift = if vector {
+            self.b.use_var(guess.lanes.0)
+        } else {
+            self.b.use_var(guess.shift)
+        };
+        let shifted = self.b.ins().fsub(z, shift);
+        let constants = self.constants();
+        self.math.exp_bounded(&mut self.b, shifted, constants)
     }
 
     /// `min` (or `max`) of two values of either width, keeping a NaN: the rule of the scalar
