@@ -30,7 +30,7 @@ use std::mem::offset_of;
 mod fusion;
 mod vector;
 
-use vector::{Fold, Guess, LaneScatter, WeightTerm};
+use vector::{Fold, GUESS_REACH, Guess, LaneScatter, WeightTerm};
 
 /// What the runtime must provide to a pass's kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +147,15 @@ type Result<T> = std::result::Result<T, CodegenError>;
 
 /// A log-sum-exp by its set and its per-member body.
 type LseKey = (Handle<Set>, Handle<Expr>);
+
+/// A log-sum-exp over `set` summed in a loop on a guessed shift: its fold, the condition
+/// its members meet in the loop, and the loop's sum.
+struct GuessedSum {
+    set: Handle<Set>,
+    fold: Fold,
+    condition: Option<Handle<Expr>>,
+    total: Value,
+}
 
 /// The terms of a log-sum-exp kept for the scatters of its softmax.
 #[derive(Clone, Copy)]
@@ -1361,9 +1370,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                 Ok(self.b.ins().sqrt(variance))
             }
             ReduceOp::Lse => {
-                // Its maximum not found yet, it is summed in the loop that finds it.
-                let Some(&max) = self.lse_max.get(&(set, body)) else {
-                    return self.fused_reduce(ReduceOp::Lse, set, repr, Some(body));
+                // Its maximum not found yet, it is summed in the loop that finds it, over a
+                // whole or masked row (a list's second loop visits only its few members).
+                let max = match self.lse_max.get(&(set, body)) {
+                    Some(&max) => max,
+                    None if matches!(repr, Repr::Range { .. } | Repr::Masked { .. }) => {
+                        return self.fused_reduce(ReduceOp::Lse, set, repr, Some(body));
+                    }
+                    None => self.fused_reduce(ReduceOp::Max, set, repr, Some(body))?,
                 };
                 // The other log-sum-exps over the set that the pass needs and whose maxima
                 // are known sum their exponentials in the same loop.
@@ -1437,70 +1451,116 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
-    /// A fresh [`Guess`]: no shift yet, not moved.
-    fn new_guess(&mut self) -> Guess {
+    /// A fresh [`Guess`] starting at `shift` (minus infinity: no shift yet), not moved.
+    fn new_guess(&mut self, shift: Value) -> Guess {
         let vector = self.vector_type();
         let guess = Guess {
             shift: self.b.declare_var(self.float),
             lanes: (self.b.declare_var(vector), self.b.declare_var(vector)),
             moved: self.b.declare_var(I8),
         };
-        let none = self.fconst(f64::NEG_INFINITY);
-        self.b.def_var(guess.shift, none);
-        let none = self.vconst(f64::NEG_INFINITY);
-        self.b.def_var(guess.lanes.0, none);
-        self.b.def_var(guess.lanes.1, none);
+        self.b.def_var(guess.shift, shift);
+        let reach = self.fconst(GUESS_REACH);
+        let limit = self.b.ins().fadd(shift, reach);
+        let (shift, limit) = (self.splat(shift), self.splat(limit));
+        self.b.def_var(guess.lanes.0, shift);
+        self.b.def_var(guess.lanes.1, limit);
         let still = self.b.ins().iconst(I8, 0);
         self.b.def_var(guess.moved, still);
         guess
     }
 
-    /// The log-sum-exp over `set` of a [`Fold::GuessedExp`] from the loop that summed it:
-    /// `sum` is its sum and whether the loop visited every vector of the row (and so wrote
-    /// each column of its buffer). The sum stands when the shift never moved after its
-    /// first member's vector and the sum is at least one half (the largest term, at the
-    /// shift, is one); otherwise (an empty set, a NaN, a member far above the first ones)
-    /// cold loops over the members (`over`: the loop's row and the set's condition in it)
-    /// find the maximum and sum again on it, as two loops always did.
+    /// The log-sum-exps of the [`Fold::GuessedExp`]s of one loop, `shift + ln(total)` from
+    /// their sums; the loop visited every vector of its row `repr` (and so wrote each
+    /// column of a buffer) when `every_vector`. A sum stands when its shift never moved
+    /// after its first member's vector and it is at least one half (the term at the shift
+    /// is one). (A shift below the maximum by `Δ` leaves `ln(total)` near `Δ`: the sum then
+    /// rounds to about an ulp of `Δ`, at most of 40, where the maximum's shift rounds to an
+    /// ulp of the maximum.)
+    ///
+    /// Unless all stand (a member far above the first ones, an empty set, a NaN or an
+    /// infinity), a cold loop over the row sums each again from its last shift, which no
+    /// member lies more than [`GUESS_REACH`] above, and finds its maximum: a maximum that
+    /// is not finite (no member, a NaN, an infinity) is the result, as it always was.
     fn finish_guessed(
         &mut self,
-        (set, fold): (Handle<Set>, Fold),
-        (total, every_vector): (Value, bool),
-        over: (&Repr, Option<Handle<Expr>>),
-    ) -> Result<Value> {
-        let Fold::GuessedExp { body, kept, guess } = fold else {
-            return Err(internal("a guessed log-sum-exp without its fold"));
-        };
-        let shift = self.b.use_var(guess.shift);
-        let moved = self.b.use_var(guess.moved);
-        let half = self.fconst(0.5);
-        let enough = self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, total, half);
-        let steady = self.b.ins().icmp_imm_u(IntCC::Equal, moved, 0);
-        let stands = self.b.ins().band(enough, steady);
-        let (final_shift, final_total) = (
-            self.b.declare_var(self.float),
-            self.b.declare_var(self.float),
-        );
-        self.b.def_var(final_shift, shift);
-        self.b.def_var(final_total, total);
+        sums: &[GuessedSum],
+        every_vector: bool,
+        repr: &Repr,
+    ) -> Result<Vec<Value>> {
+        if sums.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut all_stand = self.b.ins().iconst(I8, 1);
+        let mut finals = Vec::with_capacity(sums.len());
+        let mut cold_folds = Vec::with_capacity(2 * sums.len());
+        for sum in sums {
+            let Fold::GuessedExp { body, kept, guess } = sum.fold else {
+                return Err(internal("a guessed log-sum-exp without its fold"));
+            };
+            let shift = self.b.use_var(guess.shift);
+            let moved = self.b.use_var(guess.moved);
+            let half = self.fconst(0.5);
+            let enough = self
+                .b
+                .ins()
+                .fcmp(FloatCC::GreaterThanOrEqual, sum.total, half);
+            let steady = self.b.ins().icmp_imm_u(IntCC::Equal, moved, 0);
+            let stands = self.b.ins().band(enough, steady);
+            all_stand = self.b.ins().band(all_stand, stands);
+            let (lse, total) = (
+                self.b.declare_var(self.float),
+                self.b.declare_var(self.float),
+            );
+            let guessed = self.lse_from(shift, sum.total);
+            self.b.def_var(lse, guessed);
+            self.b.def_var(total, sum.total);
+            finals.push((lse, total));
+            // The cold loop's folds, set up before the branch: the sum again from the last
+            // shift, and the maximum.
+            let rerun = self.new_guess(shift);
+            let guess = rerun;
+            cold_folds.push((Fold::GuessedExp { body, kept, guess }, sum.condition));
+            cold_folds.push((Fold::Max(body), sum.condition));
+        }
         let (again, done) = (self.b.create_block(), self.b.create_block());
-        self.b.ins().brif(stands, done, &[], again, &[]);
+        self.b.ins().brif(all_stand, done, &[], again, &[]);
         self.b.set_cold_block(again);
         self.b.switch_to_block(again);
-        let (repr, condition) = over;
-        let max = self.vector_loop(repr, &[(Fold::Max(body), condition)], &[], true)?[0];
-        let fold = Fold::ShiftedExp { body, max, kept };
-        let every_column = every_vector && !self.skips_empty(&[(fold, condition)], &[]);
-        let totals = self.vector_loop(repr, &[(fold, condition)], &[], true)?;
-        self.b.def_var(final_shift, max);
-        self.b.def_var(final_total, totals[0]);
+        let results = self.vector_loop(repr, &cold_folds, &[], true)?;
+        let cold = cold_folds.chunks(2).zip(results.chunks(2));
+        for ((folds, results), &(lse, total)) in cold.zip(&finals) {
+            let Fold::GuessedExp { guess, .. } = folds[0].0 else {
+                return Err(internal("a guessed log-sum-exp without its fold"));
+            };
+            let (sum, max) = (results[0], results[1]);
+            let shift = self.b.use_var(guess.shift);
+            let summed = self.lse_from(shift, sum);
+            let inf = self.fconst(f64::INFINITY);
+            let magnitude = self.b.ins().fabs(max);
+            let finite = self.b.ins().fcmp(FloatCC::LessThan, magnitude, inf);
+            let again = self.b.ins().select(finite, summed, max);
+            self.b.def_var(lse, again);
+            self.b.def_var(total, sum);
+        }
         self.b.ins().jump(done, &[]);
         self.b.switch_to_block(done);
-        let (shift, total) = (self.b.use_var(final_shift), self.b.use_var(final_total));
-        if let Some(buffer) = kept {
-            self.keep_softmax((set, body), buffer, total, every_column);
+        // Both loops visit the same vectors of the row.
+        let every_column = every_vector && !self.skips_empty(&cold_folds, &[]);
+        let mut lses = Vec::with_capacity(sums.len());
+        for (sum, &(lse, total)) in sums.iter().zip(&finals) {
+            if let Fold::GuessedExp {
+                body,
+                kept: Some(buffer),
+                ..
+            } = sum.fold
+            {
+                let total = self.b.use_var(total);
+                self.keep_softmax((sum.set, body), buffer, total, every_column);
+            }
+            lses.push(self.b.use_var(lse));
         }
-        Ok(self.lse_from(shift, total))
+        Ok(lses)
     }
 
     /// Records the softmax of `lse(set, body)` for the weights that read it: its terms in

@@ -23,14 +23,15 @@
 //!   by: on a shift the loop chooses, the largest member of the first vector with members,
 //!   moved (a branch rarely taken) when a member lies more than 40 above it. The sum
 //!   stands unless the shift moved after terms were added, or it is below one half (the
-//!   largest term is at least one): an empty set, a NaN, a row that climbs far. Then cold
-//!   loops find the maximum and sum again, as the two loops always did. One loop and one
-//!   exponential per member where there were two loops; a log-sum-exp over a list of a few
-//!   members (a class list, compacted) still takes only its maximum along, for its own
-//!   loop.
+//!   largest term is at least one): an empty set, a NaN, a row that climbs far. Then a
+//!   cold loop sums again from the last shift and finds the maximum, whose value is the
+//!   result when it is not finite, as it always was. One loop and one exponential per
+//!   member where there were two loops, and no maximum on the lanes (its two accumulators
+//!   cost the loop more than the branch); a log-sum-exp over a list of a few members (a
+//!   class list, compacted) still takes only its maximum along, for its own loop.
 
 use super::vector::{Fold, Guarded, LaneScatter, WeightTerm};
-use super::{Gen, LseKey, Repr, Result, Status, internal};
+use super::{Gen, GuessedSum, LseKey, Repr, Result, Status, internal};
 use crate::grad::ScatterTarget;
 use crate::ir::*;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
@@ -427,16 +428,17 @@ impl Gen<'_, '_> {
         }
         // The log-sum-exps whose sums join the loop, each with its guess and the position of
         // its fold.
-        let mut guessed: Vec<(Handle<Set>, Handle<Expr>, Fold, usize)> = Vec::new();
+        let mut guessed: Vec<(Handle<Set>, Fold, usize)> = Vec::new();
         for &(sibling, over, op, body) in &members {
             if let (ReduceOp::Lse, Some(body)) = (op, body)
                 && (sibling.is_none() || self.sums_in_loop(over, &loop_repr))
             {
                 self.prepare(body)?;
                 let kept = self.softmax_buffer(over, &loop_repr, body)?;
-                let guess = self.new_guess();
+                let none = self.fconst(f64::NEG_INFINITY);
+                let guess = self.new_guess(none);
                 let fold = Fold::GuessedExp { body, kept, guess };
-                guessed.push((over, body, fold, folds.len()));
+                guessed.push((over, fold, folds.len()));
                 folds.push((fold, condition_of(over)));
                 continue;
             }
@@ -461,6 +463,15 @@ impl Gen<'_, '_> {
                 .map(|at| results[at])
                 .ok_or_else(|| internal("a reduction without its fold"))
         };
+        let sums: Vec<GuessedSum> = (guessed.iter())
+            .map(|&(set, fold, at)| GuessedSum {
+                set,
+                fold,
+                condition: condition_of(set),
+                total: results[at],
+            })
+            .collect();
+        let lses = self.finish_guessed(&sums, every_vector, &loop_repr)?;
         for &(over, _) in &sets {
             if let Ok(n) = result_of(Fold::Count, over) {
                 self.counts.entry(over).or_insert(n);
@@ -469,16 +480,15 @@ impl Gen<'_, '_> {
         let mut asked = None;
         for (sibling, over, op, body) in members {
             if let (ReduceOp::Lse, Some(body)) = (op, body) {
-                let Some(&(_, _, fold, at)) =
-                    (guessed.iter()).find(|&&(s, b, _, _)| s == over && b == body)
-                else {
+                let guessed_here = |&(s, fold, _): &(Handle<Set>, Fold, usize)| {
+                    s == over && fold.body() == Some(body)
+                };
+                let Some(at) = guessed.iter().position(guessed_here) else {
                     let max = result_of(Fold::Max(body), over)?;
                     self.lse_max.insert((over, body), max);
                     continue;
                 };
-                let sum = (results[at], every_vector);
-                let over_loop = (&loop_repr, condition_of(over));
-                let lse = self.finish_guessed((over, fold), sum, over_loop)?;
+                let lse = lses[at];
                 match sibling {
                     Some(h) => self.row.insert(h, lse),
                     None => asked.replace(lse),

@@ -71,7 +71,7 @@ pub(super) struct Guess {
 /// shift: as far as the bounded exponential goes. `e^40` times the members of a row stays
 /// far below f32's largest value, and a shift at or below the maximum loses no term that
 /// counts (the maximum's term is at least 1).
-const GUESS_REACH: f64 = EXP_BOUNDED_MAX;
+pub(super) const GUESS_REACH: f64 = EXP_BOUNDED_MAX;
 
 impl Fold {
     fn identity(self) -> f64 {
