@@ -1518,8 +1518,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             finals.push((lse, total));
             // The cold loop's folds, set up before the branch: the sum again from the last
             // shift, and the maximum.
-            let rerun = self.new_guess(shift);
-            let guess = rerun;
+            let guess = self.new_guess(shift);
             cold_folds.push((Fold::GuessedExp { body, kept, guess }, sum.condition));
             cold_folds.push((Fold::Max(body), sum.condition));
         }

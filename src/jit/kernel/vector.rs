@@ -1268,20 +1268,8 @@ impl Gen<'_, '_> {
                         (Some(a), Some(b)) => Some(g.b.ins().band(a, b)),
                         (a, b) => a.or(b),
                     };
-                    let kept = match *fold {
-                        Fold::ShiftedExp { max, kept, .. } => {
-                            let max = g.splat(max);
-                            let shifted = g.b.ins().fsub(v, max);
-                            let constants = g.constants();
-                            v = g.math.exp_bounded(&mut g.b, shifted, constants);
-                            kept
-                        }
-                        Fold::GuessedExp { kept, guess, .. } => {
-                            v = g.guessed_exp(v, mask, guess);
-                            kept
-                        }
-                        _ => None,
-                    };
+                    let kept;
+                    (v, kept) = g.fold_term(*fold, v, mask);
                     if let Some(buffer) = kept {
                         // Masked before it is kept (and summed): see `SoftmaxRow`.
                         if let Some(mask) = mask.take() {
@@ -1455,19 +1443,8 @@ impl Gen<'_, '_> {
             Some(body) => self.member(body, at, cache)?,
             None => self.fconst(1.0),
         };
-        let kept = match fold {
-            Fold::ShiftedExp { max, kept, .. } => {
-                let shifted = self.b.ins().fsub(v, max);
-                let constants = self.constants();
-                v = self.math.exp_bounded(&mut self.b, shifted, constants);
-                kept
-            }
-            Fold::GuessedExp { kept, guess, .. } => {
-                v = self.guessed_exp(v, None, guess);
-                kept
-            }
-            _ => None,
-        };
+        let kept;
+        (v, kept) = self.fold_term(fold, v, None);
         if let Some(buffer) = kept {
             let offset = self.b.ins().imul_imm_u(at.j, self.fb);
             let addr = self.b.ins().iadd(buffer, offset);
@@ -1623,6 +1600,25 @@ impl Gen<'_, '_> {
         let ty = self.b.func.dfg.value_type(v);
         let better = self.b.ins().bitcast(ty, MemFlagsData::new(), better);
         self.b.ins().bitselect(better, v, acc)
+    }
+
+    /// What `fold` adds up for the members `v` of either width (the lanes `mask` keeps): a
+    /// log-sum-exp's shifted exponential, with the row buffer that keeps it, or `v` itself.
+    fn fold_term(&mut self, fold: Fold, v: Value, mask: Option<Value>) -> (Value, Option<Value>) {
+        match fold {
+            Fold::ShiftedExp { max, kept, .. } => {
+                let max = if self.b.func.dfg.value_type(v).is_vector() {
+                    self.splat(max)
+                } else {
+                    max
+                };
+                let shifted = self.b.ins().fsub(v, max);
+                let constants = self.constants();
+                (self.math.exp_bounded(&mut self.b, shifted, constants), kept)
+            }
+            Fold::GuessedExp { kept, guess, .. } => (self.guessed_exp(v, mask, guess), kept),
+            _ => (v, None),
+        }
     }
 
     /// `exp(z - shift)` for the members `z` of either width (the lanes `mask` keeps), the
