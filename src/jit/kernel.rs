@@ -1493,9 +1493,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
         let mut all_stand = self.b.ins().iconst(I8, 1);
         let mut finals = Vec::with_capacity(sums.len());
-        let mut cold_folds = Vec::with_capacity(2 * sums.len());
         for sum in sums {
-            let Fold::GuessedExp { body, kept, guess } = sum.fold else {
+            let Fold::GuessedExp { guess, .. } = sum.fold else {
                 return Err(internal("a guessed log-sum-exp without its fold"));
             };
             let shift = self.b.use_var(guess.shift);
@@ -1516,16 +1515,22 @@ impl<'a, 'f> Gen<'a, 'f> {
             self.b.def_var(lse, guessed);
             self.b.def_var(total, sum.total);
             finals.push((lse, total));
-            // The cold loop's folds, set up before the branch: the sum again from the last
-            // shift, and the maximum.
-            let guess = self.new_guess(shift);
-            cold_folds.push((Fold::GuessedExp { body, kept, guess }, sum.condition));
-            cold_folds.push((Fold::Max(body), sum.condition));
         }
         let (again, done) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(all_stand, done, &[], again, &[]);
         self.b.set_cold_block(again);
         self.b.switch_to_block(again);
+        // Each sum again from its last shift, and its maximum.
+        let mut cold_folds = Vec::with_capacity(2 * sums.len());
+        for sum in sums {
+            let Fold::GuessedExp { body, kept, guess } = sum.fold else {
+                return Err(internal("a guessed log-sum-exp without its fold"));
+            };
+            let last = self.b.use_var(guess.shift);
+            let guess = self.new_guess(last);
+            cold_folds.push((Fold::GuessedExp { body, kept, guess }, sum.condition));
+            cold_folds.push((Fold::Max(body), sum.condition));
+        }
         let results = self.vector_loop(repr, &cold_folds, &[], true)?;
         let cold = cold_folds.chunks(2).zip(results.chunks(2));
         for ((folds, results), &(lse, total)) in cold.zip(&finals) {
