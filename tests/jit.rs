@@ -27,9 +27,9 @@ fn relative_loss_gap(value: f64, reference: f64) -> f64 {
     (value - reference).abs() / reference.abs().max(1e-300)
 }
 
-/// Whether the compiled loss fell back to the interpreter; only gaussian_metric may.
+/// Whether the compiled loss fell back to the interpreter, which no shipped spec does.
 fn check_evaluator(name: &str, evaluator: Evaluator, failures: &mut Vec<String>) {
-    if evaluator != Evaluator::Jit && name != "gaussian_metric" {
+    if evaluator != Evaluator::Jit {
         failures.push(format!(
             "{name}: evaluated by the interpreter, not the kernels"
         ));
@@ -380,6 +380,50 @@ fn a_log_sum_exp_on_a_moving_shift_matches_the_interpreter() {
             assert!(gap < 1e-10, "scale {scale}: the gradient is off by {gap:e}");
         }
     }
+}
+
+/// Batch-level selections of entries chosen by labels run in the kernels, filtered against
+/// their cut: the smallest and the largest, none kept, one, some, all; the distances' ties
+/// come in pairs (i, j), (j, i), which the cut splits by position. Loss and gradient as the
+/// interpreter has them. A selection of entries chosen by value stays with the interpreter.
+#[test]
+fn batch_selections_run_against_their_cut() {
+    let (x, labels) = batch_with_overlap(&[4, 3, 5, 4, 2, 6], 7, 43, 0.2, 0.4);
+    // The counts are computed (a constant count must be positive), as fractions of the sets.
+    for (a, b) in [
+        (0.0, 0.3),
+        (0.003, 0.0),
+        (0.05, 0.2),
+        (0.5, 0.7),
+        (2.0, 2.0),
+    ] {
+        let source = format!(
+            "loss cut_both(a = {a}, b = {b}) {{
+                d = euclid(x)
+                neg = d where !same
+                pos = d where same
+                near = smallest(neg, floor(a * count(neg)))
+                far = largest(pos, floor(b * count(pos)))
+                loss = sum(near, v * v) - 0.5 * sum(far)
+            }}"
+        );
+        let loss = Loss::compile(&source, &vec![]).expect("compiles");
+        for threads in [1, 3] {
+            let case = format!("fractions {a} and {b}, {threads} threads");
+            let (reference, out) = same_loss_both_ways(&loss, (&x, &labels), threads, &case);
+            let gap = relative_gap(out.grad.as_ref().unwrap(), reference.grad.as_ref().unwrap());
+            assert!(gap < 1e-10, "{case}: the gradient is off by {gap:e}");
+        }
+    }
+    let by_value = "loss by_value() {
+        d = euclid(x)
+        loss = mean(smallest(d where v > 0.9, 5))
+    }";
+    let loss = Loss::compile(by_value, &vec![]).expect("compiles");
+    let (reference, out) = both_ways(&loss, &x, &labels, 2);
+    let (reference, out) = (reference.unwrap(), out.unwrap());
+    assert_eq!(out.evaluator, Evaluator::Interpreter);
+    assert_eq!(out.loss, reference.loss);
 }
 
 /// A rank the set does not have fails as in the interpreter, also where the row is ranked

@@ -563,6 +563,12 @@ impl<'m> Interp<'m> {
                 let index = self.rank_index(k_value, sorted.len(), h, point)?;
                 Val::Num(sorted[index].0)
             }
+            ExprKind::Cut {
+                set,
+                count,
+                largest,
+                part,
+            } => Val::Num(self.cut(h, *set, *count, *largest, *part)?),
             ExprKind::ArgReduce {
                 op,
                 set,
@@ -812,6 +818,57 @@ impl<'m> Interp<'m> {
             }
         };
         Ok((self.members(set, at)?, at))
+    }
+
+    /// The last member an `Extreme { base: set, count, largest }` keeps at batch level, in
+    /// its order: by value, ties to the lower (row, column).
+    fn cut(
+        &mut self,
+        h: Handle<Expr>,
+        set: Handle<Set>,
+        count: Handle<Expr>,
+        largest: bool,
+        part: CutPart,
+    ) -> Result<f64> {
+        let members = self.members(set, Point::Batch)?;
+        let k = self.count(count, Point::Batch, set)?;
+        let value = self.module.sets[set].value;
+        let mut ranked = Vec::with_capacity(members.len());
+        for m in members.points(Point::Batch) {
+            let Point::Member { row, col, .. } = m else {
+                return Err(internal(h));
+            };
+            ranked.push((self.num(value, m)?, (row, col)));
+        }
+        let kept = k.min(ranked.len());
+        if kept == 0 {
+            let none = if largest {
+                f64::INFINITY
+            } else {
+                f64::NEG_INFINITY
+            };
+            return Ok(match part {
+                CutPart::Value => none,
+                CutPart::Row | CutPart::Col => -1.0,
+            });
+        }
+        // -0 and 0 are one value to the filter the cut serves (as NaN is none), where
+        // `Extreme`'s order puts -0 first.
+        let zero_as_one = |v: f64| if v == 0.0 { 0.0 } else { v };
+        let (_, (v, (row, col)), _) = ranked.select_nth_unstable_by(kept - 1, |a, b| {
+            let (a_value, b_value) = (zero_as_one(a.0), zero_as_one(b.0));
+            let by_value = if largest {
+                b_value.total_cmp(&a_value)
+            } else {
+                a_value.total_cmp(&b_value)
+            };
+            by_value.then(a.1.cmp(&b.1))
+        });
+        Ok(match part {
+            CutPart::Value => *v,
+            CutPart::Row => *row as f64,
+            CutPart::Col => *col as f64,
+        })
     }
 
     /// Members paired with their values, sorted ascending (ties: lower index first).

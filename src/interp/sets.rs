@@ -296,7 +296,12 @@ impl Interp<'_> {
     }
 
     /// A count argument: a non-negative integer.
-    fn count(&mut self, count: Handle<Expr>, at: Point, set: Handle<Set>) -> Result<usize> {
+    pub(super) fn count(
+        &mut self,
+        count: Handle<Expr>,
+        at: Point,
+        set: Handle<Set>,
+    ) -> Result<usize> {
         let value = self.num(count, at)?;
         if value < 0.0 || value != value.trunc() || !value.is_finite() {
             return Err(RunError::BadCount {

@@ -432,6 +432,25 @@ impl Builder {
         )
     }
 
+    pub fn cut(
+        &mut self,
+        set: Handle<Set>,
+        count: Handle<Expr>,
+        largest: bool,
+        part: CutPart,
+    ) -> Handle<Expr> {
+        self.intern(
+            ExprKind::Cut {
+                set,
+                count,
+                largest,
+                part,
+            },
+            Type::Num,
+            Level::Batch,
+        )
+    }
+
     pub fn hist(
         &mut self,
         set: Handle<Set>,

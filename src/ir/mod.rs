@@ -28,7 +28,7 @@ pub use lower::{BUILTINS, ParamValue, Params, entry_loss, lower};
 pub use print::{print_module, print_program, print_schedule};
 pub use schedule::{Effect, Phase, Schedule, anchor_inputs, schedule};
 pub use validate::{ValidationError, proof_of_emptiness, validate};
-pub(crate) use validate::{dependencies, expr_refs};
+pub(crate) use validate::{dependencies, expr_refs, set_refs};
 
 use crate::diagnostic::Span;
 
@@ -66,6 +66,70 @@ impl Module {
         let m = &self.matrices[matrix];
         Space::new(self.tensors[m.left].rows, self.tensors[m.right].rows)
     }
+
+    /// `set` as entries of a matrix of the samples against themselves, valued by the entry
+    /// and filtered on labels alone (`same`, `self`, `not`, `and`, `or`, `==`, `!=`,
+    /// constants): which pairs it keeps then needs no other value.
+    pub fn labelled_entries(&self, set: Handle<Set>) -> Option<LabelledEntries> {
+        let ExprKind::Entry(matrix) = self.exprs[self.sets[set].value].kind else {
+            return None;
+        };
+        if self.space_of(matrix) != Space::new(Domain::Samples, Domain::Samples) {
+            return None;
+        }
+        let mut predicates = Vec::new();
+        let mut current = set;
+        while let SetKind::Filter { base, predicate } = self.sets[current].kind {
+            predicates.push(predicate);
+            current = base;
+        }
+        if self.sets[current].kind != SetKind::Entries {
+            return None;
+        }
+        let mut keeps = [[true; 2]; 2];
+        for (same, row) in keeps.iter_mut().enumerate() {
+            for (is_self, keep) in row.iter_mut().enumerate() {
+                for &p in &predicates {
+                    *keep &= self.holds_on_labels(p, same == 1, is_self == 1)?;
+                }
+            }
+        }
+        Some(LabelledEntries { matrix, keeps })
+    }
+
+    /// A predicate's truth for a pair with and without a shared label and sample, when it
+    /// reads nothing else.
+    fn holds_on_labels(&self, predicate: Handle<Expr>, same: bool, is_self: bool) -> Option<bool> {
+        let holds = |p| self.holds_on_labels(p, same, is_self);
+        Some(match self.exprs[predicate].kind {
+            ExprKind::Bool(b) => b,
+            ExprKind::Same => same,
+            ExprKind::IsSelf => is_self,
+            ExprKind::Unary {
+                op: UnaryOp::Not,
+                arg,
+            } => !holds(arg)?,
+            ExprKind::Binary { op, lhs, rhs } => {
+                let (a, b) = (holds(lhs)?, holds(rhs)?);
+                match op {
+                    BinaryOp::And => a && b,
+                    BinaryOp::Or => a || b,
+                    BinaryOp::Eq => a == b,
+                    BinaryOp::Ne => a != b,
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// A set of a matrix's entries chosen by labels alone ([`Module::labelled_entries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelledEntries {
+    pub matrix: Handle<Matrix>,
+    /// Whether the set keeps a pair, by `[same label][same sample]`.
+    pub keeps: [[bool; 2]; 2],
 }
 
 /// Either arena's entry, in creation order.
@@ -495,6 +559,17 @@ pub enum ExprKind {
         hi: Real,
         scope: Scope,
     },
+    /// Of the `count` members of `set` with the smallest (or largest) values, ties to the
+    /// lower index (the members an `Extreme` set keeps), the last: its value, row or column
+    /// (batch level, over a matrix's entries). With it a batch-level `smallest` becomes a
+    /// filter a row pass can apply, `v < value or v == value and (i, j) <= (row, col)`.
+    /// No member kept gives (-inf, or +inf when `largest`; -1; -1).
+    Cut {
+        set: Handle<Set>,
+        count: Handle<Expr>,
+        largest: bool,
+        part: CutPart,
+    },
     /// Running sum of a vector.
     Cumsum(Handle<Expr>),
     /// Running sum from the end (the adjoint of `Cumsum`).
@@ -520,6 +595,14 @@ pub enum ExprKind {
         lo: Real,
         hi: Real,
     },
+}
+
+/// Which part of the last kept member a [`ExprKind::Cut`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CutPart {
+    Value,
+    Row,
+    Col,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -288,6 +288,20 @@ pub(crate) fn expr_text(kind: &ExprKind) -> String {
             scope: s,
         } => format!("{}({set}, {body}) in {}", op.name(), scope(*s)),
         ExprKind::Rank { set, k, scope: s } => format!("rank({set}, {k}) in {}", scope(*s)),
+        ExprKind::Cut {
+            set,
+            count,
+            largest,
+            part,
+        } => format!(
+            "cut({}({set}, {count})).{}",
+            if *largest { "largest" } else { "smallest" },
+            match part {
+                CutPart::Value => "value",
+                CutPart::Row => "row",
+                CutPart::Col => "col",
+            }
+        ),
         ExprKind::Hist {
             set,
             bins,

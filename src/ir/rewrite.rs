@@ -196,6 +196,17 @@ impl<'m> Rewrite<'m> {
                 k: self.expr(k, hook),
                 scope,
             },
+            Cut {
+                set,
+                count,
+                largest,
+                part,
+            } => Cut {
+                set: self.set(set, hook),
+                count: self.expr(count, hook),
+                largest,
+                part,
+            },
             Hist {
                 set,
                 bins,

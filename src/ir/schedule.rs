@@ -248,10 +248,9 @@ impl Times {
     }
 
     fn effect(&self, module: &Module, effect: &Effect) -> usize {
-        let deps = effect
-            .deps
-            .iter()
-            .map(|d| self.expr[d.index()])
+        // A set's conditions may read batch values (a filter against a batch mean).
+        let deps = (effect.deps.iter().map(|d| self.expr[d.index()]))
+            .chain(effect.sets.iter().map(|s| self.set[s.index()]))
             .max()
             .unwrap_or(0);
         match effect.block {
@@ -274,11 +273,9 @@ fn reachable(module: &Module, roots: &[Handle<Expr>], effects: &[Effect]) -> Vec
     let mut expr_seen = vec![false; module.exprs.len()];
     let mut set_seen = vec![false; module.sets.len()];
     let mut stack: Vec<Node> = roots.iter().map(|&h| Node::Expr(h)).collect();
-    stack.extend(
-        effects
-            .iter()
-            .flat_map(|e| e.deps.iter().map(|&h| Node::Expr(h))),
-    );
+    stack.extend(effects.iter().flat_map(|e| {
+        (e.deps.iter().map(|&h| Node::Expr(h))).chain(e.sets.iter().map(|&s| Node::Set(s)))
+    }));
     while let Some(node) = stack.pop() {
         match node {
             Node::Expr(h) => {

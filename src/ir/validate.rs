@@ -154,6 +154,7 @@ pub(crate) fn expr_refs(kind: &ExprKind) -> Vec<Node> {
         } => vec![e(*cond), e(*then), e(*otherwise)],
         Reduce { set, body, .. } => vec![s(*set), e(*body)],
         Rank { set, k, .. } => vec![s(*set), e(*k)],
+        Cut { set, count, .. } => vec![s(*set), e(*count)],
         Hist { set, .. } => vec![s(*set)],
         ArgReduce { op, set, body, .. } => {
             let mut refs = vec![s(*set), e(*body)];
@@ -247,6 +248,7 @@ fn check_expr(module: &Module, h: Handle<Expr>, e: &Expr) -> Result<(), Validati
         ExprKind::Reduce { scope, .. }
         | ExprKind::Rank { scope, .. }
         | ExprKind::ArgReduce { scope, .. } => Some(scope_level(*scope)),
+        ExprKind::Cut { .. } => Some(Level::Batch),
         ExprKind::Entry(m) => {
             if !module.matrices.contains(*m) {
                 return Err(invalid(h, "entry of a missing matrix"));

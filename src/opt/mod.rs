@@ -6,9 +6,12 @@
 //! a reduction becomes a per-row partial in a row pass of its own (one per kind of row)
 //! and a batch-level combination of the partials: a sum of sums, a minimum of minima, the
 //! log-sum-exp of log-sum-exps, a mean as a sum over a count, a histogram as the sum of
-//! per-row histograms. The same move turns batch-level scatters into per-row ones. What
-//! cannot be split by rows (the smallest members of a set across the whole batch, say)
-//! stays at batch level, and [`Plan::row_local`] is false.
+//! per-row histograms. The same move turns batch-level scatters into per-row ones. The
+//! smallest (or largest) entries of the whole batch among those chosen by labels become
+//! the entries on the near side of their cut, the last one kept, which the runtime finds
+//! between the passes (gaussian_metric's easiest fifth). What cannot be split by rows (the
+//! smallest of entries chosen by value, a sample across the batch) stays at batch level,
+//! and [`Plan::row_local`] is false.
 //!
 //! Three more rewrites serve the kernels: a batch-level factor shared by every scatter into
 //! a matrix becomes the scale of an adjoint slot (`factor_into_slots`), a per-anchor factor
@@ -35,6 +38,9 @@ pub struct Plan {
     pub slots: Vec<AdjointSlot>,
     /// Whether every pass over pair members runs per anchor row (no batch-level member sets).
     pub row_local: bool,
+    /// The batch-level means split into row passes, with their member counts: a mean over
+    /// no member that the result reads is an error, which the interpreter reports.
+    pub means: Vec<(Handle<Expr>, Handle<Expr>)>,
 }
 
 impl Plan {
@@ -55,7 +61,7 @@ pub fn forward_plan(module: &Module) -> Plan {
     let mut decompose = Decompose::default();
     let module = Rewrite::new(module).finish(&mut decompose);
     let slots = own_slots(&module);
-    finish(module, Vec::new(), slots, Vec::new())
+    finish(module, (Vec::new(), slots), Vec::new(), decompose)
 }
 
 /// The plan of the forward computation and its gradient.
@@ -68,15 +74,19 @@ pub fn gradient_plan(gradient: &Gradient) -> Plan {
         .map(|s| {
             let target = match s.target {
                 ScatterTarget::Members { set, scope } => {
-                    let new_set = rewrite.set(set, &mut decompose);
-                    let scope = match (scope, gradient.module.sets[set].shape) {
+                    let by_rows = match (scope, gradient.module.sets[set].shape) {
                         (Scope::Batch, SetShape::Members(space))
                             if splits_by_rows(&gradient.module, set) =>
                         {
-                            Scope::Row(decompose.block_for(&mut rewrite, space))
+                            decompose.batch_set(&mut rewrite, set).map(|new_set| {
+                                let block = decompose.block_for(&mut rewrite, space);
+                                (new_set, Scope::Row(block))
+                            })
                         }
-                        (scope, _) => scope,
+                        _ => None,
                     };
+                    let (new_set, scope) =
+                        by_rows.unwrap_or_else(|| (rewrite.set(set, &mut decompose), scope));
                     ScatterTarget::Members {
                         set: new_set,
                         scope,
@@ -102,14 +112,15 @@ pub fn gradient_plan(gradient: &Gradient) -> Plan {
     let slots = factor_into_slots(&mut rewrite.builder, &mut scatters);
     factor_out_rows(&mut rewrite.builder, &mut scatters);
     let module = rewrite.finish(&mut decompose);
-    finish(module, scatters, slots, gradient.tensor_steps.clone())
+    let tensor_steps = gradient.tensor_steps.clone();
+    finish(module, (scatters, slots), tensor_steps, decompose)
 }
 
 fn finish(
     module: Module,
-    scatters: Vec<Scatter>,
-    slots: Vec<AdjointSlot>,
+    (scatters, slots): (Vec<Scatter>, Vec<AdjointSlot>),
     tensor_steps: Vec<TensorStep>,
+    decompose: Decompose,
 ) -> Plan {
     let roots: Vec<Handle<Expr>> = std::iter::once(module.loss_expr())
         .chain(module.stats.iter().map(|s| s.1))
@@ -132,6 +143,7 @@ fn finish(
         schedule,
         slots,
         row_local,
+        means: decompose.means,
     }
 }
 
@@ -383,15 +395,27 @@ fn batch_member_work(module: &Module, e: &Expr) -> bool {
 }
 
 /// Whether the members of a batch-level set in one row depend on that row alone: entries
-/// filtered by conditions, not ranks, samples or fallbacks across the batch.
+/// filtered by conditions, not ranks, samples or fallbacks across the batch, except the
+/// smallest or largest entries chosen by labels, which a [`Decompose::batch_set`] filter
+/// against their cut keeps.
 fn splits_by_rows(module: &Module, set: Handle<Set>) -> bool {
     let s = &module.sets[set];
     matches!(s.shape, SetShape::Members(_))
         && match s.kind {
             SetKind::Entries => true,
             SetKind::Filter { base, .. } => splits_by_rows(module, base),
+            SetKind::Extreme { base, .. } => module.labelled_entries(base).is_some(),
             _ => false,
         }
+}
+
+/// Whether a set is entries filtered by conditions alone, all the way down.
+fn is_plain_filter(module: &Module, set: Handle<Set>) -> bool {
+    match module.sets[set].kind {
+        SetKind::Entries => true,
+        SetKind::Filter { base, .. } => is_plain_filter(module, base),
+        _ => false,
+    }
 }
 
 /// `f(x) < c` as `x < f⁻¹(c)` (and `<=`, `>`, `>=`, either side) for the increasing `exp`
@@ -457,6 +481,8 @@ fn compare_arguments(
 struct Decompose {
     /// The row pass created for each kind of row.
     blocks: HashMap<Domain, Handle<Block>>,
+    /// See [`Plan::means`].
+    means: Vec<(Handle<Expr>, Handle<Expr>)>,
 }
 
 impl Decompose {
@@ -468,6 +494,61 @@ impl Decompose {
                 skips: Vec::new(),
             })
         })
+    }
+
+    /// A batch-level set that [`splits_by_rows`] in the new module, with each `smallest`
+    /// (or `largest`) of entries chosen by labels replaced by the filter that keeps the
+    /// same members: `v < t or v == t and (i < r or i == r and j <= c)` for the cut
+    /// (t, r, c), the last member kept (`v > t` for `largest`), which the runtime finds
+    /// before the row pass. `None` if the filter's conditions do not combine (they do for
+    /// every set `splits_by_rows` accepts); the selection then stays at batch level.
+    fn batch_set(&mut self, rewrite: &mut Rewrite<'_>, old: Handle<Set>) -> Option<Handle<Set>> {
+        let s = rewrite.old.sets[old].clone();
+        let (base, predicate) = match s.kind {
+            SetKind::Filter { base, predicate } if !is_plain_filter(rewrite.old, old) => {
+                let base = self.batch_set(rewrite, base)?;
+                (base, rewrite.expr(predicate, self))
+            }
+            SetKind::Extreme {
+                base,
+                count,
+                largest,
+            } => {
+                let base = rewrite.set(base, self);
+                let count = rewrite.expr(count, self);
+                let value = rewrite.expr(s.value, self);
+                let kept = Self::kept_by_cut(&mut rewrite.builder, base, count, largest, value)?;
+                (base, kept)
+            }
+            _ => return Some(rewrite.set(old, self)),
+        };
+        let value = rewrite.expr(s.value, self);
+        let kind = SetKind::Filter { base, predicate };
+        Some(rewrite.builder.add_set(kind, value, s.shape, s.block))
+    }
+
+    /// Whether a member of `set` is among its `count` smallest (or largest) values.
+    fn kept_by_cut(
+        b: &mut Builder,
+        set: Handle<Set>,
+        count: Handle<Expr>,
+        largest: bool,
+        value: Handle<Expr>,
+    ) -> Option<Handle<Expr>> {
+        let mut cut = |part| b.cut(set, count, largest, part);
+        let (t, r, c) = (cut(CutPart::Value), cut(CutPart::Row), cut(CutPart::Col));
+        let (i, j) = (b.index(Axis::Row), b.index(Axis::Col));
+        let before = if largest { BinaryOp::Gt } else { BinaryOp::Lt };
+        let mut op = |op, x, y| b.binary(op, x, y).ok();
+        let beyond = op(before, value, t)?;
+        let at = op(BinaryOp::Eq, value, t)?;
+        let earlier_row = op(BinaryOp::Lt, i, r)?;
+        let on_row = op(BinaryOp::Eq, i, r)?;
+        let not_after = op(BinaryOp::Le, j, c)?;
+        let on_row_not_after = op(BinaryOp::And, on_row, not_after)?;
+        let not_later = op(BinaryOp::Or, earlier_row, on_row_not_after)?;
+        let tie_kept = op(BinaryOp::And, at, not_later)?;
+        op(BinaryOp::Or, beyond, tie_kept)
     }
 
     /// `combine` over anchors of the per-row `partial`.
@@ -505,7 +586,7 @@ impl Hook for Decompose {
             },
             _ => return None,
         };
-        let new_set = rewrite.set(set, self);
+        let new_set = self.batch_set(rewrite, set)?;
         let block = self.block_for(rewrite, space);
         let row = Scope::Row(block);
         match e.kind {
@@ -531,7 +612,9 @@ impl Hook for Decompose {
                         let count = b.reduce(ReduceOp::Count, new_set, one, row);
                         let total = Self::over_anchors(rewrite, ReduceOp::Sum, sum, block);
                         let members = Self::over_anchors(rewrite, ReduceOp::Sum, count, block);
-                        rewrite.builder.binary(BinaryOp::Div, total, members).ok()
+                        let mean = rewrite.builder.binary(BinaryOp::Div, total, members).ok()?;
+                        self.means.push((mean, members));
+                        Some(mean)
                     }
                     ReduceOp::Std => None,
                 }

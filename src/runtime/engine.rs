@@ -4,6 +4,7 @@
 
 use super::batch::Batch;
 use super::batch_eval::{self, BatchValues, RowStore, Stored};
+use super::cut;
 use super::error::RunError;
 use super::gemm;
 use super::groups::{GroupValues, evaluate_groupings};
@@ -19,6 +20,7 @@ use crate::jit::{CompiledPass, Kernels, Target};
 use crate::opt::Plan;
 use ndarray::{Array2, ArrayView2, Axis};
 use std::any::Any;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -504,6 +506,8 @@ struct Run<'r, F: Real> {
     scanned: Vec<Option<Scan<F>>>,
     values: BatchValues,
     rows: RowStore,
+    /// The cuts found, by (set, count, largest).
+    cuts: HashMap<(Handle<Set>, Handle<Expr>, bool), Option<cut::Cut>>,
     outputs: Buffers<F>,
     stages: Stages,
 }
@@ -568,6 +572,7 @@ impl<'r, F: Real> Run<'r, F> {
             scanned: (0..plan.slots.len()).map(|_| None).collect(),
             values: BatchValues::new(module),
             rows: RowStore::default(),
+            cuts: HashMap::new(),
             outputs: std::mem::take(&mut workspace.outputs),
             stages,
         })
@@ -580,8 +585,6 @@ impl<'r, F: Real> Run<'r, F> {
         }
     }
 
-    /// Runs the phases; `None` when a kernel reported a condition or a result is not finite,
-    /// for the interpreter to decide.
     /// Gives the large buffers back for the next call.
     fn release(&mut self, workspace: &mut Workspace<F>) {
         let embedding = self
@@ -598,6 +601,8 @@ impl<'r, F: Real> Run<'r, F> {
         workspace.outputs = std::mem::take(&mut self.outputs);
     }
 
+    /// Runs the phases; `None` when a kernel reported a condition, a result is not finite
+    /// or a cut is not found, for the interpreter to decide.
     fn execute(&mut self, with_gradient: bool) -> Result<Option<Output<F>>, RunError> {
         let module = &self.plan.module;
         let n = self.labels.len();
@@ -606,6 +611,13 @@ impl<'r, F: Real> Run<'r, F> {
                 Phase::Batch { exprs, .. } => {
                     let started = Instant::now();
                     for &h in exprs {
+                        if let ExprKind::Cut { .. } = module.exprs[h].kind {
+                            let Some(part) = self.cut_part(h) else {
+                                return Ok(None);
+                            };
+                            self.values.numbers[h.index()] = part;
+                            continue;
+                        }
                         batch_eval::evaluate(
                             module,
                             h,
@@ -615,6 +627,7 @@ impl<'r, F: Real> Run<'r, F> {
                             F::PRECISION,
                         )?;
                     }
+
                     self.stages.batch_ms += elapsed_ms(started);
                 }
                 Phase::Rows { .. } => {
@@ -634,6 +647,9 @@ impl<'r, F: Real> Run<'r, F> {
                     }
                 }
             }
+        }
+        if self.reads_an_empty_mean(with_gradient) {
+            return Ok(None);
         }
         let loss = self.values.numbers[module.loss_expr().index()];
         let stats: Vec<(String, f64)> = module
@@ -695,6 +711,112 @@ impl<'r, F: Real> Run<'r, F> {
             evaluator: Evaluator::Jit,
             stages: Some(self.stages),
         }))
+    }
+
+    /// Whether the result reads a batch-level mean over no member, which the interpreter
+    /// (evaluating only what the result reads: the branch a choice takes, the weights of
+    /// scatters that find members) reports as an error. The kernels computed it anyway, as
+    /// 0 / 0. Through per-member and per-anchor values every operand counts as read.
+    fn reads_an_empty_mean(&self, with_gradient: bool) -> bool {
+        let module = &self.plan.module;
+        let numbers = &self.values.numbers;
+        let empty: Vec<Handle<Expr>> = (self.plan.means.iter())
+            .filter(|&&(_, count)| numbers[count.index()] == 0.0)
+            .map(|&(mean, _)| mean)
+            .collect();
+        if empty.is_empty() {
+            return false;
+        }
+        let mut stack: Vec<Node> = std::iter::once(module.loss_expr())
+            .chain(module.stats.iter().map(|s| s.1))
+            .map(Node::Expr)
+            .collect();
+        if with_gradient {
+            let written = |slot: usize| {
+                (self.adjoints[slot].as_ref()).is_some_and(|a| a.iter().any(|&v| v != F::ZERO))
+            };
+            for scatter in self.plan.scatters.iter().filter(|s| written(s.slot)) {
+                let effect = crate::grad::effect(module, scatter);
+                stack.extend(effect.deps.iter().map(|&h| Node::Expr(h)));
+                stack.extend(effect.sets.iter().map(|&s| Node::Set(s)));
+                stack.extend(self.plan.slots[scatter.slot].scale.map(Node::Expr));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        while let Some(node) = stack.pop() {
+            if !seen.insert(node) {
+                continue;
+            }
+            match node {
+                Node::Expr(h) if empty.contains(&h) => return true,
+                Node::Expr(h) => match module.exprs[h].kind {
+                    ExprKind::Select {
+                        cond,
+                        then,
+                        otherwise,
+                    } if module.exprs[h].level == Level::Batch => {
+                        let taken = if numbers[cond.index()] != 0.0 {
+                            then
+                        } else {
+                            otherwise
+                        };
+                        stack.extend([Node::Expr(cond), Node::Expr(taken)]);
+                    }
+                    ref kind => stack.extend(expr_refs(kind)),
+                },
+                Node::Set(s) => {
+                    stack.push(Node::Expr(module.sets[s].value));
+                    stack.extend(set_refs(&module.sets[s].kind));
+                }
+            }
+        }
+        false
+    }
+
+    /// A part of a cut ([`ExprKind::Cut`]), the cut found once for its three parts; `None`
+    /// when it cannot be: a member's value is NaN, the count is not a whole number, or the
+    /// set is not one the plan cuts.
+    fn cut_part(&mut self, h: Handle<Expr>) -> Option<f64> {
+        let module = &self.plan.module;
+        let ExprKind::Cut {
+            set,
+            count,
+            largest,
+            part,
+        } = module.exprs[h].kind
+        else {
+            return None;
+        };
+        let found = match self.cuts.get(&(set, count, largest)) {
+            Some(&found) => found,
+            None => {
+                let kept = match module.exprs[count].kind {
+                    ExprKind::Const(Real(c)) => c,
+                    _ => self.values.numbers[count.index()],
+                };
+                let chosen = module.labelled_entries(set)?;
+                if !(kept >= 0.0 && kept == kept.trunc() && kept.is_finite()) {
+                    return None;
+                }
+                let candidates = cut::Candidates {
+                    matrix: self.matrices[chosen.matrix.index()].view(),
+                    labels: self.labels,
+                    chosen,
+                    largest,
+                };
+                let found = cut::find(&candidates, kept as usize, self.threads).ok()?;
+                self.cuts.insert((set, count, largest), found);
+                found
+            }
+        };
+        Some(match (found, part) {
+            (Some(cut), CutPart::Value) => cut.value,
+            (Some(cut), CutPart::Row) => cut.row as f64,
+            (Some(cut), CutPart::Col) => cut.col as f64,
+            (None, CutPart::Value) if largest => f64::INFINITY,
+            (None, CutPart::Value) => f64::NEG_INFINITY,
+            (None, CutPart::Row | CutPart::Col) => -1.0,
+        })
     }
 
     /// The adjoints `pass` is to scan for their nonzero entries, a chunk of anchors' rows
@@ -1063,11 +1185,22 @@ fn fold_slots<F: Real>(
     adjoints: &mut [Option<Array2<F>>],
     threads: usize,
 ) -> Vec<F> {
-    let scale_of = |slot: &AdjointSlot| {
-        slot.scale
-            .map_or(F::ONE, |h| F::from_f64(values.numbers[h.index()]))
+    // A factor taken out of the weights of scatters that found no member (a mean over an
+    // empty set, 0 / 0) scales nothing: the interpreter, which applies it member by
+    // member, never computes it, so an adjoint of zeros keeps it out.
+    let scale_of = |slot: &AdjointSlot, adjoint: Option<&Array2<F>>| {
+        let scale = (slot.scale).map_or(F::ONE, |h| F::from_f64(values.numbers[h.index()]));
+        let unused = || adjoint.is_none_or(|a| a.iter().all(|&v| v == F::ZERO));
+        if !scale.is_finite() && unused() {
+            F::ZERO
+        } else {
+            scale
+        }
     };
-    let mut scales: Vec<F> = slots[..matrices].iter().map(scale_of).collect();
+    let mut scales: Vec<F> = (slots[..matrices].iter())
+        .zip(&adjoints[..matrices])
+        .map(|(slot, adjoint)| scale_of(slot, adjoint.as_ref()))
+        .collect();
     let (own, extra) = adjoints.split_at_mut(matrices);
     for (slot, values) in slots[matrices..].iter().zip(extra) {
         let Some(values) = values.as_ref() else {
@@ -1075,7 +1208,7 @@ fn fold_slots<F: Real>(
         };
         let m = slot.matrix.index();
         let target = own[m].get_or_insert_with(|| tensors::padded_zeros(values.dim()));
-        let (own_scale, scale) = (scales[m], scale_of(slot));
+        let (own_scale, scale) = (scales[m], scale_of(slot, Some(values)));
         scaled_add_on_threads(target, own_scale, values, scale, threads);
         scales[m] = F::ONE;
     }

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod batch_eval;
+pub mod cut;
 pub mod engine;
 pub mod error;
 pub mod gemm;

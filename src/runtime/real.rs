@@ -30,6 +30,9 @@ pub trait Real:
     fn to_f64(self) -> f64;
     fn sqrt(self) -> Self;
     fn is_finite(self) -> bool;
+    /// The value's place in ascending order as an unsigned integer, `-0` and `0` as one;
+    /// a float32 value's in the high half. A NaN's is meaningless.
+    fn order_key(self) -> u64;
 }
 
 impl Real for f32 {
@@ -48,6 +51,13 @@ impl Real for f32 {
     fn is_finite(self) -> bool {
         f32::is_finite(self)
     }
+    fn order_key(self) -> u64 {
+        // Without branches, to stay on the lanes: a negative value's bits reversed, a
+        // positive value's with the sign bit set.
+        let bits = if self == 0.0 { 0 } else { self.to_bits() };
+        let flip = ((bits as i32 >> 31) as u32) | 1 << 31;
+        u64::from(bits ^ flip) << 32
+    }
 }
 
 impl Real for f64 {
@@ -65,6 +75,11 @@ impl Real for f64 {
     }
     fn is_finite(self) -> bool {
         f64::is_finite(self)
+    }
+    fn order_key(self) -> u64 {
+        let bits = if self == 0.0 { 0 } else { self.to_bits() };
+        let flip = ((bits as i64 >> 63) as u64) | 1 << 63;
+        bits ^ flip
     }
 }
 
