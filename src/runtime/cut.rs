@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Members of the bin a histogram found, above which a second histogram narrows it.
 const GATHER_LIMIT: u32 = 1 << 14;
+/// Keys tested at once for a bracket (a mask of one bit per key).
+const CHUNK: usize = 64;
+/// One row in this many is the sample that brackets the cut ([`Candidates::bracketed_by_sample`]).
+const SAMPLE_STRIDE: usize = 8;
 /// Bits of the order key each histogram reads.
 const RADIX_BITS: u32 = 16;
 
@@ -56,8 +60,14 @@ pub fn find<F: Real>(
     if candidates.labels.len() != rows || rows != cols {
         return Err(NotFound);
     }
+    if count == 0 {
+        return Ok(None);
+    }
+    if let Some(found) = candidates.bracketed_by_sample(count, threads)? {
+        return Ok(Some(found));
+    }
     let top = 64 - RADIX_BITS;
-    let leading = candidates.histogram(threads, top, None)?;
+    let leading = candidates.histogram((threads, 1), top, None)?;
     let total: u64 = leading.iter().map(|&c| u64::from(c)).sum();
     let kept = (count as u64).min(total);
     if kept == 0 {
@@ -66,7 +76,8 @@ pub fn find<F: Real>(
     let (mut prefix, mut rank) = bin_of(&leading, kept);
     let mut shift = top;
     if leading[prefix as usize] > GATHER_LIMIT {
-        let next = candidates.histogram(threads, top - RADIX_BITS, Some((top, prefix)))?;
+        let within = Some((top, prefix));
+        let next = candidates.histogram((threads, 1), top - RADIX_BITS, within)?;
         let (bin, within) = bin_of(&next, rank);
         prefix = (prefix << RADIX_BITS) | bin;
         rank = within;
@@ -78,13 +89,7 @@ pub fn find<F: Real>(
         // Both passes see the same members; were it otherwise, the interpreter decides.
         return Err(NotFound);
     }
-    let (_, &mut (_, row, col), _) = members.select_nth_unstable(position);
-    let (row, col) = (row as usize, col as usize);
-    Ok(Some(Cut {
-        value: candidates.matrix[(row, col)].to_f64(),
-        row,
-        col,
-    }))
+    Ok(Some(candidates.at(&mut members, position)))
 }
 
 /// The bin of a histogram that holds the `rank`-th member (from 1), and its rank there.
@@ -138,15 +143,66 @@ fn row_keys<F: Real>(
     nan
 }
 
+/// How many of a row's keys lie below `from`; the members from `from` to `to` pushed onto
+/// `found` as (key, row, column). Without a branch but the rare push, on the widest vector
+/// unit the CPU has.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn bracket_row(
+    keys: &[u64],
+    (from, to): (u64, u64),
+    i: usize,
+    found: &mut Vec<(u64, u32, u32)>,
+) -> u64 {
+    let mut below = 0;
+    for (chunk_index, chunk) in keys.chunks(CHUNK).enumerate() {
+        let mut inside = 0u64;
+        for (k, &key) in chunk.iter().enumerate() {
+            below += u64::from(key < from);
+            let hit = key >= from && key <= to && key != NOT_MEMBER;
+            inside |= u64::from(hit) << k;
+        }
+        while inside != 0 {
+            let k = inside.trailing_zeros() as usize;
+            inside &= inside - 1;
+            found.push((chunk[k], i as u32, (chunk_index * CHUNK + k) as u32));
+        }
+    }
+    below
+}
+
 impl<F: Real> Candidates<'_, F> {
-    /// Calls `visit(state, row, keys)` with each row's keys (see [`row_keys`]), blocks of
-    /// rows on the threads, and returns the blocks' states in row order.
+    /// Calls `visit(state, row, keys)` with the keys (see [`row_keys`]) of every `stride`-th
+    /// row, blocks of rows on the threads, and returns the blocks' states in row order.
     fn scan<T: Send + Default>(
         &self,
-        threads: usize,
+        (threads, stride): (usize, usize),
         visit: impl Fn(&mut T, usize, &[u64]) + Sync,
     ) -> Result<Vec<T>, NotFound> {
-        let (rows, cols) = self.matrix.dim();
+        let (keeps, largest) = (self.chosen.keeps, self.largest);
+        // Each block's state carries its buffer of keys.
+        let sampled = |(state, keys): &mut (T, Vec<u64>), i: usize, row: &[F]| {
+            if !i.is_multiple_of(stride) {
+                return false;
+            }
+            keys.resize(row.len(), NOT_MEMBER);
+            if row_keys((row, self.labels, i), keeps, largest, keys) {
+                return true;
+            }
+            visit(state, i, keys);
+            false
+        };
+        let blocks = self.rows(threads, sampled)?;
+        Ok(blocks.into_iter().map(|(state, _)| state).collect())
+    }
+
+    /// Calls `visit(state, i, row)` for each row `i`, blocks of rows on the threads, and
+    /// returns the blocks' states in row order; `visit` tells of a NaN member.
+    fn rows<T: Send + Default>(
+        &self,
+        threads: usize,
+        visit: impl Fn(&mut T, usize, &[F]) -> bool + Sync,
+    ) -> Result<Vec<T>, NotFound> {
+        let rows = self.matrix.nrows();
         let per_block = rows.div_ceil(threads.max(1)).max(1);
         let mut states: Vec<T> = (0..rows.div_ceil(per_block))
             .map(|_| T::default())
@@ -154,7 +210,6 @@ impl<F: Real> Candidates<'_, F> {
         let unordered = AtomicBool::new(false);
         let tasks: Vec<(usize, &mut T)> = states.iter_mut().enumerate().collect();
         run_tasks(tasks, threads, |(block, state)| {
-            let mut keys = vec![NOT_MEMBER; cols];
             let mut copy;
             let start = block * per_block;
             for i in start..(start + per_block).min(rows) {
@@ -166,16 +221,10 @@ impl<F: Real> Candidates<'_, F> {
                         &copy
                     }
                 };
-                if row_keys(
-                    (row, self.labels, i),
-                    self.chosen.keeps,
-                    self.largest,
-                    &mut keys,
-                ) {
+                if visit(state, i, row) {
                     unordered.store(true, Ordering::Relaxed);
                     return;
                 }
-                visit(state, i, &keys);
             }
         });
         if unordered.into_inner() {
@@ -184,16 +233,16 @@ impl<F: Real> Candidates<'_, F> {
         Ok(states)
     }
 
-    /// Counts of the members by the `RADIX_BITS` bits of their key above `shift`, among
-    /// those whose key above `within.0` is `within.1`.
+    /// Counts of the members of every `stride`-th row by the `RADIX_BITS` bits of their key
+    /// above `shift`, among those whose key above `within.0` is `within.1`.
     fn histogram(
         &self,
-        threads: usize,
+        (threads, stride): (usize, usize),
         shift: u32,
         within: Option<(u32, u64)>,
     ) -> Result<Vec<u32>, NotFound> {
         let mask = (1u64 << RADIX_BITS) - 1;
-        let blocks = self.scan(threads, |counts: &mut Vec<u32>, _, keys| {
+        let blocks = self.scan((threads, stride), |counts: &mut Vec<u32>, _, keys| {
             if counts.is_empty() {
                 counts.resize(1 << RADIX_BITS, 0);
             }
@@ -211,13 +260,69 @@ impl<F: Real> Candidates<'_, F> {
         Ok(total)
     }
 
+    /// The cut from one pass over the matrix, when a sample of its rows shows where to look:
+    /// the sample's histogram brackets the bins that should hold the `count`-th member; the
+    /// pass counts the members below the bracket and gathers those in it, and the cut is
+    /// among them unless the sample misled (or the bracket would gather too many, or the
+    /// matrix is too small to sample). `None` then, for the full radix selection.
+    fn bracketed_by_sample(&self, count: usize, threads: usize) -> Result<Option<Cut>, NotFound> {
+        let rows = self.matrix.nrows();
+        if rows < 8 * SAMPLE_STRIDE {
+            return Ok(None);
+        }
+        let top = 64 - RADIX_BITS;
+        let sample = self.histogram((threads, SAMPLE_STRIDE), top, None)?;
+        let sampled = u64::from(sample.iter().sum::<u32>());
+        let share = rows.div_ceil(SAMPLE_STRIDE) as f64 / rows as f64;
+        // The count's rank in the sample, give or take four standard deviations.
+        let expected = count as f64 * share;
+        let margin = 4.0 * expected.sqrt() + 8.0;
+        let (low, high) = ((expected - margin).max(1.0), (expected + margin).ceil());
+        if high > sampled as f64 {
+            return Ok(None);
+        }
+        let (low_bin, _) = bin_of(&sample, low as u64);
+        let (high_bin, _) = bin_of(&sample, high as u64);
+        let bracket: u32 = sample[low_bin as usize..=high_bin as usize].iter().sum();
+        if f64::from(bracket) / share > f64::from(4 * GATHER_LIMIT) {
+            return Ok(None);
+        }
+        let (from, to) = (low_bin << top, ((high_bin + 1) << top) - 1);
+        let blocks = self.scan(
+            (threads, 1),
+            |(below, found): &mut (u64, Vec<_>), i, keys| {
+                *below += bracket_row(keys, (from, to), i, found);
+            },
+        )?;
+        let below: u64 = blocks.iter().map(|(below, _)| below).sum();
+        let mut found: Vec<(u64, u32, u32)> = blocks.into_iter().flat_map(|(_, f)| f).collect();
+        let Some(position) = (count as u64).checked_sub(below + 1) else {
+            return Ok(None);
+        };
+        if position >= found.len() as u64 {
+            return Ok(None);
+        }
+        Ok(Some(self.at(&mut found, position as usize)))
+    }
+
+    /// The member at `position` in order among `members`.
+    fn at(&self, members: &mut [(u64, u32, u32)], position: usize) -> Cut {
+        let (_, &mut (_, row, col), _) = members.select_nth_unstable(position);
+        let (row, col) = (row as usize, col as usize);
+        Cut {
+            value: self.matrix[(row, col)].to_f64(),
+            row,
+            col,
+        }
+    }
+
     /// The members whose key above `shift` is `prefix`, as (key, row, column).
     fn gather(
         &self,
         threads: usize,
         (shift, prefix): (u32, u64),
     ) -> Result<Vec<(u64, u32, u32)>, NotFound> {
-        let blocks = self.scan(threads, |found: &mut Vec<(u64, u32, u32)>, i, keys| {
+        let blocks = self.scan((threads, 1), |found: &mut Vec<(u64, u32, u32)>, i, keys| {
             for (j, &key) in keys.iter().enumerate() {
                 if key != NOT_MEMBER && key >> shift == prefix {
                     found.push((key, i as u32, j as u32));
@@ -283,8 +388,15 @@ mod tests {
     fn cuts_match_a_full_sort_on_tied_values() {
         let labels: Vec<i64> = (0..150).map(|i| i / 4).collect();
         // One leading bin holds every value when the spread is tiny: the second histogram.
-        for (levels, spread) in [(7, 0.5), (4000, 1e-3), (100_000, 0.9)] {
-            let matrix = tied_matrix(150, levels, spread);
+        // The last has its small values in the rows the sample reads: the sample's bracket
+        // misleads, and the radix selection decides.
+        let misleading = Array2::from_shape_fn((150, 150), |(i, j)| {
+            let base = if i % SAMPLE_STRIDE == 0 { 0.0 } else { 10.0 };
+            base + ((i * 31 + j * 17) % 101) as f32
+        });
+        let matrices = [(7, 0.5), (4000, 1e-3), (100_000, 0.9)]
+            .map(|(levels, spread)| tied_matrix(150, levels, spread));
+        for matrix in matrices.iter().chain([&misleading]) {
             for keeps in [
                 [[true, false], [false, false]],
                 [[false, false], [true, false]],
@@ -302,7 +414,7 @@ mod tests {
                             assert_eq!(
                                 find(&c, count, threads),
                                 Ok(sorted_cut(&c, count)),
-                                "levels {levels}, keeps {keeps:?}, largest {largest}, count {count}"
+                                "keeps {keeps:?}, largest {largest}, count {count}"
                             );
                         }
                     }
