@@ -4,12 +4,17 @@
 //! (`opt::Decompose::batch_set`), which the row passes apply like any other condition; the
 //! runtime finds the cut between them.
 //!
-//! The search is a radix selection on the values' order-preserving bits: a histogram of
-//! their leading 16 bits finds the bin that holds the k-th member; when that bin is large,
-//! a histogram of the next 16 bits within it narrows it again; the members left are sorted
-//! out exactly. Two or three passes over the matrix, each split into blocks of rows on the
-//! threads: the histograms are sums of counts and the members are gathered in row order, so
-//! the cut does not depend on the thread count.
+//! The search takes the cheapest way that applies. A set of pairs of one label is visited
+//! class by class (the sum of the squared class sizes, not the matrix). Otherwise a sample
+//! of every eighth row brackets, in a histogram of the keys' leading 16 bits, the bins that
+//! should hold the k-th member, and one pass over the matrix counts the members below them
+//! and gathers those within. When the sample misleads, a radix selection on the values'
+//! order-preserving bits decides: a histogram of their leading 16 bits finds the bin that
+//! holds the k-th member; when that bin is large, a histogram of the next 16 bits within
+//! it narrows it again. The members left are sorted out exactly, by (key, row, column).
+//! The passes split the matrix into blocks of rows on the threads: the histograms are
+//! sums of counts and the members are gathered in row order, so the cut does not depend on
+//! the thread count.
 
 use super::gemm::run_tasks;
 use super::real::Real;
@@ -62,6 +67,9 @@ pub fn find<F: Real>(
     }
     if count == 0 {
         return Ok(None);
+    }
+    if let Some(found) = candidates.within_classes(count)? {
+        return Ok(found);
     }
     if let Some(found) = candidates.bracketed_by_sample(count, threads)? {
         return Ok(Some(found));
@@ -305,6 +313,48 @@ impl<F: Real> Candidates<'_, F> {
         Ok(Some(self.at(&mut found, position as usize)))
     }
 
+    /// The cut of a set of pairs of one label (gaussian_metric's positives) from its
+    /// members alone, visited class by class: the sum of the squared class sizes, not the
+    /// whole matrix. `None` when the set keeps pairs of two labels, or the classes are large
+    /// (an eighth of the matrix), for the passes over every entry.
+    fn within_classes(&self, count: usize) -> Result<Option<Option<Cut>>, NotFound> {
+        let keeps = self.chosen.keeps;
+        if keeps[0][0] {
+            return Ok(None);
+        }
+        let mut by_label: Vec<(i64, u32)> = (self.labels.iter())
+            .zip(0u32..)
+            .map(|(&label, i)| (label, i))
+            .collect();
+        by_label.sort_unstable();
+        let classes: Vec<&[(i64, u32)]> = by_label.chunk_by(|a, b| a.0 == b.0).collect();
+        let pairs: usize = classes.iter().map(|class| class.len() * class.len()).sum();
+        if pairs > self.matrix.len() / 8 {
+            return Ok(None);
+        }
+        let reverse = if self.largest { u64::MAX } else { 0 };
+        let mut members = Vec::with_capacity(pairs);
+        for class in classes {
+            for &(_, i) in class {
+                for &(_, j) in class {
+                    if !keeps[1][usize::from(i == j)] {
+                        continue;
+                    }
+                    let v = self.matrix[(i as usize, j as usize)];
+                    if v.to_f64().is_nan() {
+                        return Err(NotFound);
+                    }
+                    members.push((v.order_key() ^ reverse, i, j));
+                }
+            }
+        }
+        let kept = count.min(members.len());
+        if kept == 0 {
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(self.at(&mut members, kept - 1))))
+    }
+
     /// The member at `position` in order among `members`.
     fn at(&self, members: &mut [(u64, u32, u32)], position: usize) -> Cut {
         let (_, &mut (_, row, col), _) = members.select_nth_unstable(position);
@@ -386,7 +436,10 @@ mod tests {
 
     #[test]
     fn cuts_match_a_full_sort_on_tied_values() {
-        let labels: Vec<i64> = (0..150).map(|i| i / 4).collect();
+        // Classes of four (the pairs of one label are gathered class by class) and of 50
+        // (too many pairs for that).
+        let small: Vec<i64> = (0..150).map(|i| i / 4).collect();
+        let large: Vec<i64> = (0..150).map(|i| i % 3).collect();
         // One leading bin holds every value when the spread is tiny: the second histogram.
         // The last has its small values in the rows the sample reads: the sample's bracket
         // misleads, and the radix selection decides.
@@ -396,7 +449,11 @@ mod tests {
         });
         let matrices = [(7, 0.5), (4000, 1e-3), (100_000, 0.9)]
             .map(|(levels, spread)| tied_matrix(150, levels, spread));
-        for matrix in matrices.iter().chain([&misleading]) {
+        let layouts = matrices
+            .iter()
+            .chain([&misleading])
+            .flat_map(|m| [(m, &small), (m, &large)]);
+        for (matrix, labels) in layouts {
             for keeps in [
                 [[true, false], [false, false]],
                 [[false, false], [true, false]],
@@ -405,7 +462,7 @@ mod tests {
                 for largest in [false, true] {
                     let c = Candidates {
                         matrix: matrix.view(),
-                        labels: &labels,
+                        labels,
                         chosen: chosen(keeps),
                         largest,
                     };
