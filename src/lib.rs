@@ -16,7 +16,9 @@
 //!    in the same arenas; per-member weights end in scatters into the adjoints of the pair
 //!    matrices, and tensor steps carry those back to `x`.
 //! 4. [`opt`]: plans for the compiled backend, which moves batch-level work over pairs
-//!    into per-row passes, takes batch-level factors out of scatter weights into the
+//!    into per-row passes (a batch-level `smallest` of entries chosen by labels becomes a
+//!    filter against its cut, a batch value), takes batch-level factors out of scatter
+//!    weights into the
 //!    scales of adjoint slots (so scatters run in the forward's row pass) and per-anchor
 //!    ones read from the scattered set into row scales (so the set's count runs in the
 //!    scatters' loop), compares the arguments of increasing functions against inverted
@@ -29,9 +31,9 @@
 //!    shuffles), its reductions fused where they share a set, its scatters writing the
 //!    row of `dL/dM`.
 //! 7. [`runtime`]: validates batches, computes groupings and tensors, runs the GEMMs
-//!    (`X X^T`, `(G + G^T) X`), shares anchors out between threads and falls back to the
-//!    interpreter when a kernel reports a condition it does not decide (an empty mean,
-//!    say). [`Loss`] is the embedding API; `src/main.rs` the `losscc` command.
+//!    (`X X^T`, `(G + G^T) X`), finds the cuts between the row passes, shares anchors out
+//!    between threads and falls back to the interpreter when a kernel reports a condition
+//!    it does not decide (an empty mean that the result reads, say). [`Loss`] is the embedding API; `src/main.rs` the `losscc` command.
 //!
 //! The IR ([`ir::Module`]) is a set of typed arenas: groupings, tensors, matrices, blocks
 //! (per-anchor row loops), sets and expressions, each node named by a typed
