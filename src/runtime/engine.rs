@@ -627,7 +627,6 @@ impl<'r, F: Real> Run<'r, F> {
                             F::PRECISION,
                         )?;
                     }
-
                     self.stages.batch_ms += elapsed_ms(started);
                 }
                 Phase::Rows { .. } => {
