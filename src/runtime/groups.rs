@@ -91,7 +91,7 @@ pub fn evaluate_groupings<F: Real>(
                 site,
             } => {
                 let points = features(*tensor, &values);
-                let assignment = kmeans(points.view(), *clusters, mix(batch.seed, *site), threads)?;
+                let assignment = kmeans(points, *clusters, mix(batch.seed, *site), threads)?;
                 GroupValues::from_keys(&assignment, |_| None)
             }
             Grouping::SplitByLabel { groups } => {
