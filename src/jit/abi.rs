@@ -53,8 +53,8 @@ pub struct KernelArgs {
     pub domain_len: *const u64,
     /// Per grouping: the group of each sample, followed by padding for vector loads.
     pub groups: *const *const u32,
-    /// Per grouping: the size of each group (f64).
-    pub sizes: *const *const f64,
+    /// Per grouping: the size of each group, followed by padding for vector loads.
+    pub sizes: *const *const u32,
     /// The seed of the sampling streams.
     pub seed: u64,
 }

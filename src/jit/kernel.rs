@@ -2399,11 +2399,8 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             ExprKind::GroupSize { groups, axis } => {
                 let i = if axis == Axis::Row { self.anchor } else { at.j };
-                let sizes = self.group_tables[&groups].1;
-                let offset = self.b.ins().imul_imm_u(i, 8);
-                let addr = self.b.ins().iadd(sizes, offset);
-                let v = self.b.ins().load(F64, Self::flags(), addr, 0);
-                self.narrow(v)
+                let size = self.group_size(groups, i);
+                self.b.ins().fcvt_from_sint(self.float, size)
             }
             ExprKind::CrossSide { side, value } => {
                 let (p, q) = at
@@ -2488,8 +2485,19 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// The group (i64) of sample `i` in a grouping.
     fn group_of(&mut self, groups: Handle<Grouping>, i: Value) -> Value {
         let of_sample = self.group_tables[&groups].0;
+        self.u32_entry(of_sample, i)
+    }
+
+    /// The size (i64) of group `i` of a grouping.
+    fn group_size(&mut self, groups: Handle<Grouping>, i: Value) -> Value {
+        let sizes = self.group_tables[&groups].1;
+        self.u32_entry(sizes, i)
+    }
+
+    /// Entry `i` of a table of u32, widened to i64.
+    fn u32_entry(&mut self, table: Value, i: Value) -> Value {
         let offset = self.b.ins().imul_imm_u(i, 4);
-        let addr = self.b.ins().iadd(of_sample, offset);
+        let addr = self.b.ins().iadd(table, offset);
         self.b.ins().uload32(Self::flags(), addr, 0)
     }
 }

@@ -975,12 +975,17 @@ impl<'r, F: Real> Run<'r, F> {
             })
             .collect();
         let group_ptrs: Vec<*const u32> = of_sample.iter().map(|g| g.as_ptr()).collect();
-        let sizes: Vec<Vec<f64>> = self
+        let sizes: Vec<Vec<u32>> = self
             .groups
             .iter()
-            .map(|g| g.sizes.iter().map(|&s| s as f64).collect())
+            .map(|g| {
+                (g.sizes.iter())
+                    .map(|&s| u32::try_from(s).unwrap_or(u32::MAX))
+                    .chain(std::iter::repeat_n(0, PADDING))
+                    .collect()
+            })
             .collect();
-        let size_ptrs: Vec<*const f64> = sizes.iter().map(|s| s.as_ptr()).collect();
+        let size_ptrs: Vec<*const u32> = sizes.iter().map(|s| s.as_ptr()).collect();
         let was_skipped = self
             .rows
             .skipped

@@ -197,7 +197,16 @@ impl Gen<'_, '_> {
         }
         match &e.kind {
             ExprKind::Entry(_) => true,
-            ExprKind::Same | ExprKind::IsSelf | ExprKind::Index(_) => contiguous,
+            ExprKind::Same
+            | ExprKind::IsSelf
+            | ExprKind::Index(_)
+            | ExprKind::GroupSize {
+                axis: Axis::Col, ..
+            } => contiguous,
+            // The anchor's own group's size, on every lane.
+            ExprKind::GroupSize {
+                axis: Axis::Row, ..
+            } => true,
             // The left member is one per inner loop: its values are computed once, splatted.
             ExprKind::CrossSide {
                 side: Side::Left, ..
@@ -354,8 +363,14 @@ impl Gen<'_, '_> {
 
     /// The groups (as lane integers) of the samples `first..first + lanes`.
     fn group_id_vector(&mut self, groups: Handle<Grouping>, first: Value) -> Value {
+        let of_sample = self.group_tables[&groups].0;
+        self.u32_vector(of_sample, first)
+    }
+
+    /// Entries `first..first + lanes` of a padded table of u32, as lane integers.
+    fn u32_vector(&mut self, table: Value, first: Value) -> Value {
         let offset = self.b.ins().imul_imm_u(first, 4);
-        let addr = self.b.ins().iadd(self.group_tables[&groups].0, offset);
+        let addr = self.b.ins().iadd(table, offset);
         if self.float == F32 {
             self.b.ins().load(I32X4, Self::vector_flags(), addr, 0)
         } else {
@@ -523,6 +538,17 @@ impl Gen<'_, '_> {
                     self.splat_int(self.anchor)
                 } else {
                     self.column_vector(at.first)
+                };
+                let ty = self.vector_type();
+                self.b.ins().fcvt_from_sint(ty, ints)
+            }
+            ExprKind::GroupSize { groups, axis } => {
+                let ints = if axis == Axis::Row {
+                    let size = self.group_size(groups, self.anchor);
+                    self.splat_int(size)
+                } else {
+                    let sizes = self.group_tables[&groups].1;
+                    self.u32_vector(sizes, at.first)
                 };
                 let ty = self.vector_type();
                 self.b.ins().fcvt_from_sint(ty, ints)
