@@ -409,15 +409,6 @@ fn splits_by_rows(module: &Module, set: Handle<Set>) -> bool {
         }
 }
 
-/// Whether a set is entries filtered by conditions alone, all the way down.
-fn is_plain_filter(module: &Module, set: Handle<Set>) -> bool {
-    match module.sets[set].kind {
-        SetKind::Entries => true,
-        SetKind::Filter { base, .. } => is_plain_filter(module, base),
-        _ => false,
-    }
-}
-
 /// `f(x) < c` as `x < f⁻¹(c)` (and `<=`, `>`, `>=`, either side) for the increasing `exp`
 /// and `softplus` and a positive constant `c`: a mining condition like triplet's
 /// `softplus(p - q) > 0.7` then costs a comparison where a scatter loop, which needs the
@@ -505,7 +496,7 @@ impl Decompose {
     fn batch_set(&mut self, rewrite: &mut Rewrite<'_>, old: Handle<Set>) -> Option<Handle<Set>> {
         let s = rewrite.old.sets[old].clone();
         let (base, predicate) = match s.kind {
-            SetKind::Filter { base, predicate } if !is_plain_filter(rewrite.old, old) => {
+            SetKind::Filter { base, predicate } => {
                 let base = self.batch_set(rewrite, base)?;
                 (base, rewrite.expr(predicate, self))
             }
