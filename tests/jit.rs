@@ -301,6 +301,52 @@ fn thread_counts_give_identical_bits() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A loss keeps the buffers of one call (tensors, matrices, adjoints, gradients) for the
+/// next; a call finds nothing of the calls before it, whatever their shapes: each gives
+/// the bits a freshly compiled loss gives.
+#[test]
+fn calls_before_leave_no_trace() {
+    let batches: Vec<(Array2<f32>, Vec<i64>)> = [
+        (&[4; 30][..], 900),
+        (&[3; 20][..], 901),
+        (&[4; 30][..], 902),
+    ]
+    .into_iter()
+    .map(|(classes, seed)| {
+        let (x, labels) = batch_with_overlap(classes, 16, seed, 0.2, 0.4);
+        (x.mapv(|v| v as f32), labels)
+    })
+    .collect();
+    let options = Options {
+        threads: 2,
+        seed: 1,
+        inputs: &[],
+    };
+    let mut failures = Vec::new();
+    for name in loss_names() {
+        let module = lower(&name, &small_params(&name, 60, 16));
+        let compile = || {
+            Loss::new(
+                module.clone(),
+                losscc::grad::differentiate(&module).unwrap(),
+            )
+        };
+        let bits = |loss: &Loss, (x, labels): &(Array2<f32>, Vec<i64>)| {
+            loss.run(x.view(), labels, &options, true).map(|out| {
+                let grad: Vec<u32> = out.grad.unwrap().iter().map(|v| v.to_bits()).collect();
+                (out.loss.to_bits(), grad)
+            })
+        };
+        let kept = compile();
+        for (call, batch) in batches.iter().chain(&batches[..1]).enumerate() {
+            if bits(&kept, batch) != bits(&compile(), batch) {
+                failures.push(format!("{name}: call {call} differs from a fresh loss's"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// A minimum, maximum or rank over a row that meets a NaN is NaN, whichever lane (or the
 /// scalar tail) it falls in, and a mining that compares with it selects nothing: as in the
 /// interpreter. Here `log(v)` is NaN wherever a similarity is negative, which some anchors'

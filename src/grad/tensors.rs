@@ -12,9 +12,11 @@ pub enum TensorStep {
 }
 
 /// The steps, in order: every matrix, then the tensors from last to first, keeping only
-/// those through which gradient reaches `x`.
+/// those through which gradient reaches `x`: a derived tensor no gradient arrives at (the
+/// centres under a `stop`) has no step.
 pub fn steps(module: &Module) -> Vec<TensorStep> {
     let reaches = reaches_embedding(module);
+    let on_path = on_gradient_path(module);
     let mut steps: Vec<TensorStep> = module
         .matrices
         .iter()
@@ -22,11 +24,42 @@ pub fn steps(module: &Module) -> Vec<TensorStep> {
         .map(|(h, _)| TensorStep::Metric(h))
         .collect();
     for (h, t) in module.tensors.iter().rev() {
-        if reaches[h.index()] && t.op != TensorOp::Embedding {
+        if on_path[h.index()] && t.op != TensorOp::Embedding {
             steps.push(TensorStep::Tensor(h));
         }
     }
     steps
+}
+
+/// Whether gradient from the loss passes through each tensor on its way to the embedding:
+/// it arrives there (a matrix reads the tensor, or a tensor derived from it through an op
+/// that carries gradient receives some) and flows on to `x`.
+pub fn on_gradient_path(module: &Module) -> Vec<bool> {
+    let mut receives = vec![false; module.tensors.len()];
+    for (_, m) in module.matrices.iter() {
+        receives[m.left.index()] = true;
+        receives[m.right.index()] = true;
+    }
+    for (h, t) in module.tensors.iter().rev() {
+        if !receives[h.index()] {
+            continue;
+        }
+        match &t.op {
+            TensorOp::Columns { source, .. }
+            | TensorOp::Partition { source, .. }
+            | TensorOp::Normalize { source }
+            | TensorOp::Centres { source, .. }
+            | TensorOp::Scale { source, .. } => receives[source.index()] = true,
+            TensorOp::Embedding
+            | TensorOp::Stop { .. }
+            | TensorOp::Concat { .. }
+            | TensorOp::OneHot { .. } => {}
+        }
+    }
+    let reaches = reaches_embedding(module);
+    (receives.iter().zip(&reaches))
+        .map(|(&receives, &reaches)| receives && reaches)
+        .collect()
 }
 
 /// Whether gradient can flow from each tensor to the embedding.

@@ -30,13 +30,17 @@ pub fn compute_all(
             source: s,
             start,
             end,
-        } => column_range(&source(*s, cache)?, *start, *end, target)?,
+        } => column_range(&source(*s, cache)?, *start, *end, target)?.to_owned(),
         TensorOp::Partition {
             source: s,
             sizes,
             part,
             site,
-        } => column_part(&source(*s, cache)?, sizes, *part, (seed, *site), target)?,
+        } => {
+            let a = source(*s, cache)?;
+            let columns = column_part(a.ncols(), sizes, *part, (seed, *site), target)?;
+            a.select(ndarray::Axis(1), &columns)
+        }
         TensorOp::Normalize { source: s } => {
             let mut a = source(*s, cache)?;
             for (row, mut values) in a.rows_mut().into_iter().enumerate() {

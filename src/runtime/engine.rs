@@ -133,7 +133,9 @@ pub struct Loss {
 /// faulted in every call: see [`super::spare`]; histogram's per-anchor histograms cost it
 /// 0.8 ms a call so).
 struct Workspace<F> {
-    embedding: Option<Array2<F>>,
+    tensors: Vec<Array2<F>>,
+    /// The derived tensors' gradients.
+    gradients: Vec<Array2<F>>,
     matrices: Vec<Array2<F>>,
     adjoints: Vec<Array2<F>>,
     /// The row passes' output buffers, in the run's float type and in f64.
@@ -143,7 +145,8 @@ struct Workspace<F> {
 impl<F> Default for Workspace<F> {
     fn default() -> Self {
         Workspace {
-            embedding: None,
+            tensors: Vec::new(),
+            gradients: Vec::new(),
             matrices: Vec::new(),
             adjoints: Vec::new(),
             outputs: Buffers::default(),
@@ -340,8 +343,14 @@ impl Loss {
             &self.module
         };
         let groups = batch_groupings(module, batch, threads)?;
-        let tensors =
-            tensors::tensors(module, batch.x, &groups, batch.seed, None, (None, threads))?;
+        let tensors = tensors::tensors(
+            module,
+            batch.x,
+            &groups,
+            batch.seed,
+            None,
+            (Vec::new(), threads),
+        )?;
         let mut values = Array2::zeros((0, 0));
         let mut matrices = Vec::with_capacity(module.matrices.len());
         for (_, m) in module.matrices.iter() {
@@ -409,7 +418,8 @@ impl Loss {
         let Ok(groups) = batch_groupings(module, &batch, threads) else {
             return f64::NAN;
         };
-        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (None, threads)) else {
+        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (Vec::new(), threads))
+        else {
             return f64::NAN;
         };
         let reaches = crate::grad::tensors::reaches_embedding(module);
@@ -478,7 +488,7 @@ fn batch_groupings<F: Real>(
             groups,
             batch.seed,
             Some(tensor),
-            (None, threads),
+            (Vec::new(), threads),
         ) {
             Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
             Err(_) => Array2::zeros((0, 0)),
@@ -496,6 +506,8 @@ struct Run<'r, F: Real> {
     threads: usize,
     groups: Vec<GroupValues>,
     tensors: Vec<Array2<F>>,
+    /// The tensors' gradients of an earlier call, to be written again.
+    gradients: Vec<Array2<F>>,
     matrices: Vec<Array2<F>>,
     /// Per matrix: its adjoint, for the matrices the plan scatters into.
     adjoints: Vec<Option<Array2<F>>>,
@@ -524,7 +536,7 @@ impl<'r, F: Real> Run<'r, F> {
         let groups = batch_groupings(module, batch, threads)?;
         let mut stages = Stages::default();
         let started = Instant::now();
-        let spare = workspace.embedding.take();
+        let spare = std::mem::take(&mut workspace.tensors);
         let tensors =
             tensors::tensors(module, batch.x, &groups, batch.seed, None, (spare, threads))?;
         stages.tensors_ms = elapsed_ms(started);
@@ -566,6 +578,7 @@ impl<'r, F: Real> Run<'r, F> {
             threads,
             groups,
             tensors,
+            gradients: std::mem::take(&mut workspace.gradients),
             matrices,
             adjoints,
             unzeroed,
@@ -587,13 +600,8 @@ impl<'r, F: Real> Run<'r, F> {
 
     /// Gives the large buffers back for the next call.
     fn release(&mut self, workspace: &mut Workspace<F>) {
-        let embedding = self
-            .plan
-            .module
-            .tensors
-            .iter()
-            .position(|(_, t)| t.op == TensorOp::Embedding);
-        workspace.embedding = embedding.map(|e| std::mem::take(&mut self.tensors[e]));
+        workspace.tensors = std::mem::take(&mut self.tensors);
+        workspace.gradients = std::mem::take(&mut self.gradients);
         workspace.matrices = std::mem::take(&mut self.matrices);
         workspace.adjoints = self.adjoints.iter_mut().filter_map(Option::take).collect();
         let stored = self.rows.outputs.drain().map(|(_, stored)| stored.values);
@@ -689,6 +697,7 @@ impl<'r, F: Real> Run<'r, F> {
                 &mut self.adjoints[..matrices],
                 &mut self.scanned[..matrices],
                 &scales,
+                &mut self.gradients,
                 self.threads,
             );
             self.stages.backward_ms = elapsed_ms(started);

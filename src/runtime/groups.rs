@@ -5,7 +5,7 @@ use super::error::RunError;
 use super::kmeans::{KMeansError, kmeans};
 use super::real::Real;
 use crate::ir::{Grouping, Handle, Module, Tensor};
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 /// One grouping of the samples.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,12 +144,12 @@ pub fn partition_columns(
 }
 
 /// Columns `start..end` of `a`, the source of `tensor`.
-pub fn column_range<T: Clone>(
+pub fn column_range<T>(
     a: &Array2<T>,
     start: usize,
     end: usize,
     tensor: Handle<Tensor>,
-) -> Result<Array2<T>, RunError> {
+) -> Result<ArrayView2<'_, T>, RunError> {
     if end > a.ncols() {
         return Err(RunError::ColumnsOutOfRange {
             start,
@@ -158,26 +158,21 @@ pub fn column_range<T: Clone>(
             tensor,
         });
     }
-    Ok(a.slice(ndarray::s![.., start..end]).to_owned())
+    Ok(a.slice(ndarray::s![.., start..end]))
 }
 
-/// Part `part` of the columns of `a` (the source of `tensor`), permuted by the stream of
-/// `seed` and `site` and cut into parts of `sizes`.
-pub fn column_part<T: Clone>(
-    a: &Array2<T>,
+/// The columns, in order, of part `part` of the `cols` columns of `tensor`'s source,
+/// permuted by the stream of `seed` and `site` and cut into parts of `sizes`.
+pub fn column_part(
+    cols: usize,
     sizes: &[usize],
     part: usize,
     (seed, site): (u64, u32),
     tensor: Handle<Tensor>,
-) -> Result<Array2<T>, RunError> {
+) -> Result<Vec<usize>, RunError> {
     let sum: usize = sizes.iter().sum();
-    if sum != a.ncols() {
-        return Err(RunError::PartitionWidth {
-            sum,
-            cols: a.ncols(),
-            tensor,
-        });
+    if sum != cols {
+        return Err(RunError::PartitionWidth { sum, cols, tensor });
     }
-    let columns = partition_columns(a.ncols(), sizes, part, (seed, site));
-    Ok(a.select(ndarray::Axis(1), &columns))
+    Ok(partition_columns(cols, sizes, part, (seed, site)))
 }

@@ -14,44 +14,63 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis as NdAxis, ShapeBuilder};
 
 /// The tensors of the module in order, up to and including `last` (all when `None`): the
 /// k-means features come before the groupings computed from them, and so before any tensor
-/// that needs those groupings. The embedding is copied into `spare` when it has its shape
-/// (a buffer of an earlier call, whose pages are already mapped), on `threads`.
+/// that needs those groupings. Each is written into its buffer of an earlier call in
+/// `spare` when that has its shape: its pages are mapped already, where a fresh array's
+/// are faulted in one by one (a spec with four branches spent 0.8 ms so). Copies run on
+/// `threads`.
 pub fn tensors<F: Real>(
     module: &Module,
     x: ArrayView2<F>,
     groups: &[GroupValues],
     seed: u64,
     last: Option<Handle<Tensor>>,
-    (spare, threads): (Option<Array2<F>>, usize),
+    (spare, threads): (Vec<Array2<F>>, usize),
 ) -> Result<Vec<Array2<F>>, RunError> {
-    let mut spare = spare.filter(|s| s.dim() == x.dim() && s.is_standard_layout());
+    let mut spare: Vec<Option<Array2<F>>> = spare.into_iter().map(Some).collect();
     let mut values: Vec<Array2<F>> = Vec::with_capacity(module.tensors.len());
     for (h, tensor) in module.tensors.iter() {
         if last.is_some_and(|last| h > last) {
             break;
         }
         let source = |s: &Handle<Tensor>| &values[s.index()];
+        let mut buffer = |dim: (usize, usize)| {
+            (spare.get_mut(h.index()).and_then(Option::take))
+                .filter(|b| b.dim() == dim && b.is_standard_layout())
+        };
+        let mut copy = |view: ArrayView2<'_, F>| match buffer(view.dim()) {
+            Some(mut b) => {
+                copy_on_threads(&mut b, view, threads);
+                b
+            }
+            None => view.to_owned(),
+        };
         let value = match &tensor.op {
-            TensorOp::Embedding => match spare.take() {
-                Some(mut buffer) => {
-                    copy_on_threads(&mut buffer, x, threads);
-                    buffer
-                }
-                None => x.to_owned(),
-            },
+            TensorOp::Embedding => copy(x),
             TensorOp::Columns {
                 source: s,
                 start,
                 end,
-            } => column_range(source(s), *start, *end, h)?,
+            } => copy(column_range(source(s), *start, *end, h)?),
             TensorOp::Partition {
                 source: s,
                 sizes,
                 part,
                 site,
-            } => column_part(source(s), sizes, *part, (seed, *site), h)?,
+            } => {
+                let a = source(s);
+                let columns = column_part(a.ncols(), sizes, *part, (seed, *site), h)?;
+                match buffer((a.nrows(), columns.len())) {
+                    Some(mut b) => {
+                        for (mut column, &c) in b.columns_mut().into_iter().zip(&columns) {
+                            column.assign(&a.column(c));
+                        }
+                        b
+                    }
+                    None => a.select(NdAxis(1), &columns),
+                }
+            }
             TensorOp::Normalize { source: s } => {
-                let mut a = source(s).clone();
+                let mut a = copy(source(s).view());
                 for (row, mut values) in a.rows_mut().into_iter().enumerate() {
                     let norm = values.dot(&values).sqrt();
                     if norm == F::ZERO {
@@ -67,7 +86,8 @@ pub fn tensors<F: Real>(
             } => {
                 let a = source(s);
                 let grouping = &groups[g.index()];
-                let mut sums = Array2::<F>::zeros((grouping.count(), a.ncols()));
+                let dim = (grouping.count(), a.ncols());
+                let mut sums = zeroed(buffer(dim), dim);
                 for (sample, row) in a.rows().into_iter().enumerate() {
                     sums.row_mut(grouping.of_sample[sample])
                         .zip_mut_with(&row, |acc, &v| *acc = *acc + v);
@@ -78,7 +98,7 @@ pub fn tensors<F: Real>(
                 }
                 sums
             }
-            TensorOp::Stop { source: s } => source(s).clone(),
+            TensorOp::Stop { source: s } => copy(source(s).view()),
             TensorOp::Concat { left, right } => {
                 ndarray::concatenate(NdAxis(1), &[source(left).view(), source(right).view()])
                     .map_err(|e| RunError::Internal {
@@ -87,7 +107,8 @@ pub fn tensors<F: Real>(
             }
             TensorOp::OneHot { groups: g } => {
                 let grouping = &groups[g.index()];
-                let mut a = Array2::<F>::zeros((grouping.of_sample.len(), grouping.count()));
+                let dim = (grouping.of_sample.len(), grouping.count());
+                let mut a = zeroed(buffer(dim), dim);
                 for (sample, &group) in grouping.of_sample.iter().enumerate() {
                     a[(sample, group)] = F::ONE;
                 }
@@ -95,12 +116,25 @@ pub fn tensors<F: Real>(
             }
             TensorOp::Scale { source: s, factor } => {
                 let factor = F::from_f64(*factor);
-                source(s).mapv(|v| v * factor)
+                let mut a = copy(source(s).view());
+                a.mapv_inplace(|v| v * factor);
+                a
             }
         };
         values.push(value);
     }
     Ok(values)
+}
+
+/// `buffer` (of shape `dim`) set to zeros, or a new array of them.
+fn zeroed<F: Real>(buffer: Option<Array2<F>>, dim: (usize, usize)) -> Array2<F> {
+    match buffer {
+        Some(mut b) => {
+            b.fill(F::ZERO);
+            b
+        }
+        None => Array2::zeros(dim),
+    }
 }
 
 /// Rows of a distance matrix (or of its adjoint) per task of an elementwise pass.
@@ -305,12 +339,15 @@ pub struct Forward<'a, F> {
 }
 
 /// `dL/dx` from the matrices' adjoints (each times its scale), through the tensor steps.
+/// The tensors' gradients are written into `spare`'s buffers of an earlier call where they
+/// have the shape; the derived tensors' are left there for the next.
 pub fn backward<F: Real>(
     forward: &Forward<'_, F>,
     steps: &[TensorStep],
     adjoints: &mut [Option<Array2<F>>],
     scanned: &mut [Option<sparse::Scan<F>>],
     scales: &[F],
+    spare: &mut Vec<Array2<F>>,
     threads: usize,
 ) -> Array2<F> {
     let Forward {
@@ -320,8 +357,19 @@ pub fn backward<F: Real>(
         groups,
         seed,
     } = *forward;
-    let mut grads: Vec<Array2<F>> = (tensors.iter())
-        .map(|t| written_zeros(t.dim(), threads))
+    // Only the tensors gradient passes through are written (and the embedding, whose
+    // gradient is the result even when none reaches it).
+    let on_path = crate::grad::tensors::on_gradient_path(module);
+    let mut earlier = std::mem::take(spare).into_iter();
+    let mut grads: Vec<Array2<F>> = (module.tensors.iter().zip(tensors))
+        .map(|((h, t), value)| {
+            let buffer = earlier.next();
+            if on_path[h.index()] || t.op == TensorOp::Embedding {
+                written_zeros(buffer, value.dim(), threads)
+            } else {
+                Array2::zeros((0, 0))
+            }
+        })
         .collect();
     let reaches = crate::grad::tensors::reaches_embedding(module);
     for step in steps {
@@ -341,16 +389,19 @@ pub fn backward<F: Real>(
                 );
             }
             TensorStep::Tensor(t) => {
+                // Out of the list while its source's gradient is written, and back for
+                // the next call.
                 let g = std::mem::replace(&mut grads[t.index()], Array2::zeros((0, 0)));
                 tensor_backward(
                     &module.tensors[t].op,
                     t,
-                    g,
+                    &g,
                     tensors,
                     &mut grads,
                     groups,
                     seed,
                 );
+                grads[t.index()] = g;
             }
         }
     }
@@ -359,15 +410,28 @@ pub fn backward<F: Real>(
         .iter()
         .find(|(_, t)| t.op == TensorOp::Embedding)
         .map_or(0, |(h, _)| h.index());
-    grads.swap_remove(embedding)
+    let grad = std::mem::take(&mut grads[embedding]);
+    *spare = grads;
+    grad
 }
 
 /// A matrix of zeros written out, blocks on the threads (alone, a 1024 x 256 gradient's
-/// zeros took 0.03 ms of one core). `Array2::zeros` takes fresh pages
-/// the kernel maps to its zero page; the GEMM's first write to each then costs a
-/// copy-on-write fault and a TLB shootdown across the threads, 0.3-0.5 ms for a 1024 x 256
-/// gradient.
-fn written_zeros<F: Real>(dim: (usize, usize), threads: usize) -> Array2<F> {
+/// zeros took 0.03 ms of one core), into `buffer` when it has the shape. `Array2::zeros`
+/// takes fresh pages the kernel maps to its zero page; the GEMM's first write to each then
+/// costs a copy-on-write fault and a TLB shootdown across the threads, 0.3-0.5 ms for a
+/// 1024 x 256 gradient.
+fn written_zeros<F: Real>(
+    buffer: Option<Array2<F>>,
+    dim: (usize, usize),
+    threads: usize,
+) -> Array2<F> {
+    if let Some(mut buffer) = buffer.filter(|b| b.dim() == dim && b.is_standard_layout())
+        && let Some(values) = buffer.as_slice_mut()
+    {
+        let blocks: Vec<_> = values.chunks_mut(FLOATS_PER_TASK).collect();
+        gemm::run_tasks(blocks, threads, |block| block.fill(F::ZERO));
+        return buffer;
+    }
     let len = dim.0 * dim.1;
     let mut values: Vec<F> = Vec::with_capacity(len);
     let blocks: Vec<_> = values.spare_capacity_mut()[..len]
@@ -747,7 +811,7 @@ fn distance_adjoint_row<F: Real>(
 fn tensor_backward<F: Real>(
     op: &TensorOp,
     t: Handle<Tensor>,
-    g: Array2<F>,
+    g: &Array2<F>,
     tensors: &[Array2<F>],
     grads: &mut [Array2<F>],
     groups: &[GroupValues],
@@ -756,7 +820,7 @@ fn tensor_backward<F: Real>(
     match op {
         TensorOp::Columns { source, start, end } => {
             let mut target = grads[source.index()].slice_mut(ndarray::s![.., *start..*end]);
-            target.zip_mut_with(&g, |acc, &v| *acc = *acc + v);
+            target.zip_mut_with(g, |acc, &v| *acc = *acc + v);
         }
         TensorOp::Partition {
             source,
@@ -800,7 +864,7 @@ fn tensor_backward<F: Real>(
         }
         TensorOp::Scale { source, factor } => {
             let factor = F::from_f64(*factor);
-            grads[source.index()].zip_mut_with(&g, |acc, &v| *acc = *acc + factor * v);
+            grads[source.index()].zip_mut_with(g, |acc, &v| *acc = *acc + factor * v);
         }
         TensorOp::Embedding
         | TensorOp::Stop { .. }
