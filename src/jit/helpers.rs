@@ -12,6 +12,14 @@ pub trait Lane: Copy + PartialOrd + std::ops::Neg<Output = Self> + 'static {
     /// An integer whose order is the value's total order (`total_cmp`): negative values
     /// (NaN with the sign bit too) have all their bits flipped, the others the sign bit set.
     fn order_bits(self) -> u64;
+    /// The value's [`Lane::order_bits`] and a position in one integer, whose order is that
+    /// of the pairs (value in the total order, position): one comparison where a pair
+    /// takes two and a branch.
+    type Keyed: Ord + Copy + 'static;
+    fn keyed(self, position: u32) -> Self::Keyed;
+    fn position(keyed: Self::Keyed) -> u32;
+    /// Runs `f` on this thread's scratch lists (positions, keyed values) for a selection.
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<Self::Keyed>) -> R) -> R;
     /// The positions of the values whose key (the value, or its negation when `largest`)
     /// is at most `bound`, in order, into `out`.
     fn candidates(values: &[Self], bound: Self, largest: bool, out: &mut Vec<u32>) {
@@ -20,8 +28,18 @@ pub trait Lane: Copy + PartialOrd + std::ops::Neg<Output = Self> + 'static {
 }
 
 impl Lane for f32 {
+    type Keyed = u64;
     fn to_f64(self) -> f64 {
         f64::from(self)
+    }
+    fn keyed(self, position: u32) -> u64 {
+        self.order_bits() << 32 | u64::from(position)
+    }
+    fn position(keyed: u64) -> u32 {
+        keyed as u32
+    }
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u64>) -> R) -> R {
+        SCRATCH_F32.with_borrow_mut(|(chosen, keyed)| f(chosen, keyed))
     }
     fn order_bits(self) -> u64 {
         let bits = self.to_bits();
@@ -55,7 +73,8 @@ unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool, out: &mut
     // Each store writes sixteen lanes from the current length on, which never exceeds the
     // positions looked at so far: the last store ends within `values.len() + LANES`.
     out.clear();
-    out.resize(values.len() + LANES, 0);
+    out.reserve(values.len() + LANES);
+    let start = out.as_mut_ptr();
     let mut len = 0;
     // `-v <= bound` is `v >= -bound` (negation is exact; NaN meets neither).
     let limit = _mm512_set1_ps(if largest { -bound } else { bound });
@@ -64,7 +83,8 @@ unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool, out: &mut
     let chunks = values.chunks_exact(LANES);
     let tail = chunks.remainder();
     for chunk in chunks {
-        // SAFETY: `chunk` holds sixteen f32; `out` has room for sixteen from `len` on.
+        // SAFETY: `chunk` holds sixteen f32; `out`'s capacity has room for sixteen from
+        // `len` on.
         unsafe {
             let v = _mm512_loadu_ps(chunk.as_ptr());
             let kept = if largest {
@@ -73,22 +93,35 @@ unsafe fn candidates_avx512(values: &[f32], bound: f32, largest: bool, out: &mut
                 _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, limit)
             };
             let packed = _mm512_maskz_compress_epi32(kept, positions);
-            _mm512_storeu_si512(out.as_mut_ptr().add(len).cast(), packed);
+            _mm512_storeu_si512(start.add(len).cast(), packed);
             len += kept.count_ones() as usize;
         }
         positions = _mm512_add_epi32(positions, step);
     }
-    let start = (values.len() - tail.len()) as u32;
-    for (p, &v) in (start..).zip(tail) {
-        out[len] = p;
+    let first = (values.len() - tail.len()) as u32;
+    for (p, &v) in (first..).zip(tail) {
+        // SAFETY: as above, one entry.
+        unsafe { start.add(len).write(p) };
         len += usize::from(if largest { -v <= bound } else { v <= bound });
     }
-    out.truncate(len);
+    // SAFETY: the stores wrote every entry before `len` (the positions kept), within the
+    // capacity reserved.
+    unsafe { out.set_len(len) };
 }
 
 impl Lane for f64 {
+    type Keyed = u128;
     fn to_f64(self) -> f64 {
         self
+    }
+    fn keyed(self, position: u32) -> u128 {
+        u128::from(self.order_bits()) << 32 | u128::from(position)
+    }
+    fn position(keyed: u128) -> u32 {
+        keyed as u32
+    }
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u128>) -> R) -> R {
+        SCRATCH_F64.with_borrow_mut(|(chosen, keyed)| f(chosen, keyed))
     }
     fn order_bits(self) -> u64 {
         let bits = self.to_bits();
@@ -107,44 +140,53 @@ fn count(value: f64) -> Option<usize> {
 
 /// The first `k` positions of 0..len in the order by (value, position) ascending, or by
 /// value descending and position ascending when `largest`: the k-th last, the others
-/// before it in no particular order. Only the candidates within [`candidate_bound`] are
-/// looked at, and they are partitioned, not sorted: a row's rank 100 of 1023 looks at a
-/// few hundred values.
+/// before it in no particular order.
 fn first_in_order<F: Lane>(values: &[F], k: usize, largest: bool) -> Vec<u32> {
+    let bound = candidate_bound(values, k, largest);
+    select_first(values, k, largest, bound, |first| {
+        first.iter().map(|&keyed| F::position(keyed)).collect()
+    })
+}
+
+/// `then` of the first `k` (at most all) of the values in the order of [`first_in_order`],
+/// keyed ([`Lane::keyed`]), the k-th last. Only the candidates within `bound` are looked
+/// at, and they are partitioned, not sorted: a row's rank 100 of 1023 looks at a few
+/// hundred values.
+fn select_first<F: Lane, R>(
+    values: &[F],
+    k: usize,
+    largest: bool,
+    bound: Bound<F>,
+    then: impl FnOnce(&[F::Keyed]) -> R,
+) -> R {
     // Negation is exact, so `largest` is the same order on -v.
     let key = |v: F| if largest { -v } else { v };
     let k = k.min(values.len());
     if k == 0 {
-        return Vec::new();
+        return then(&[]);
     }
-    ORDER_SCRATCH.with_borrow_mut(|OrderScratch { chosen, keyed }| {
-        match candidate_bound(values, k, key) {
-            Some(bound) => F::candidates(values, bound, largest, chosen),
-            None => {
-                chosen.clear();
-                chosen.extend(0..values.len() as u32);
+    F::with_scratch(|chosen, keyed| {
+        keyed.clear();
+        match bound {
+            Bound::Within(bound) => {
+                F::candidates(values, bound, largest, chosen);
+                keyed.extend((chosen.iter()).map(|&p| key(values[p as usize]).keyed(p)));
+            }
+            Bound::None | Bound::NaN => {
+                keyed.extend((0u32..).zip(values).map(|(p, &v)| key(v).keyed(p)));
             }
         }
-        // (value in the total order, position) as integers: the order is the pairs' own.
-        keyed.clear();
-        keyed.extend((chosen.iter()).map(|&p| (key(values[p as usize]).order_bits(), p)));
         keyed.select_nth_unstable(k - 1);
-        keyed[..k].iter().map(|&(_, p)| p).collect()
+        then(&keyed[..k])
     })
 }
 
-/// The candidates of [`first_in_order`]: their positions, and their keys with them.
-struct OrderScratch {
-    chosen: Vec<u32>,
-    keyed: Vec<(u64, u32)>,
-}
-
 thread_local! {
-    /// Kept between calls: the kernels call [`first_in_order`] for every anchor, and fresh
-    /// buffers each time met the other threads' allocations at the allocator's lock (which
-    /// put threads to sleep).
-    static ORDER_SCRATCH: RefCell<OrderScratch> =
-        const { RefCell::new(OrderScratch { chosen: Vec::new(), keyed: Vec::new() }) };
+    /// Kept between calls: the kernels select for every anchor, and fresh buffers each
+    /// time met the other threads' allocations at the allocator's lock (which put threads
+    /// to sleep).
+    static SCRATCH_F32: RefCell<(Vec<u32>, Vec<u64>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH_F64: RefCell<(Vec<u32>, Vec<u128>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The positions of the values whose key is at most `bound`, in order: each position is
@@ -162,16 +204,26 @@ fn candidates<F: Lane>(values: &[F], bound: F, key: impl Fn(F) -> F, within: &mu
     within.truncate(len);
 }
 
+/// What [`candidate_bound`] found.
+enum Bound<F> {
+    /// A key the first `k` keys do not exceed.
+    Within(F),
+    /// None short of every value: `k` is not small against the count.
+    None,
+    /// A value is NaN (at either end of the total order, past any bound).
+    NaN,
+}
+
 /// A key that the first `k` keys do not exceed, when `k` is small against the count: the
 /// k-th smallest of the minima of at least 2k disjoint subsets, since those minima are k
 /// values at or below it. The subsets are the residues modulo a multiple of 8, so that
-/// their minima are taken on vector lanes. None when every value must be sorted, or one is
-/// NaN (NaN sits at either end of the total order, past any bound).
+/// their minima are taken on vector lanes.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn candidate_bound<F: Lane>(values: &[F], k: usize, key: impl Fn(F) -> F) -> Option<F> {
-    if k * 8 >= values.len() {
-        return None;
+fn candidate_bound<F: Lane>(values: &[F], k: usize, largest: bool) -> Bound<F> {
+    if k == 0 || k * 8 >= values.len() {
+        return Bound::None;
     }
+    let key = |v: F| if largest { -v } else { v };
     // At most len/4 + 7 < len subsets, so none is empty.
     let subsets = (2 * k).next_multiple_of(8);
     let mut minima: Vec<F> = values[..subsets].iter().map(|&v| key(v)).collect();
@@ -187,10 +239,11 @@ fn candidate_bound<F: Lane>(values: &[F], k: usize, key: impl Fn(F) -> F) -> Opt
         }
     }
     if nan {
-        return None;
+        return Bound::NaN;
     }
-    let (_, bound, _) = minima.select_nth_unstable_by_key(k - 1, |v| v.order_bits());
-    Some(*bound)
+    let mut keyed: Vec<F::Keyed> = (0u32..).zip(&minima).map(|(p, &v)| v.keyed(p)).collect();
+    let (_, &mut kth, _) = keyed.select_nth_unstable(k - 1);
+    Bound::Within(minima[F::position(kth) as usize])
 }
 
 /// A helper's arguments as slices: the members' values and indices, and the output list.
@@ -250,15 +303,19 @@ unsafe fn extreme<F: Lane>(
 unsafe fn rank<F: Lane>(values: *const F, len: u64, k: f64) -> i64 {
     // SAFETY: the caller guarantees `len` elements.
     let values = unsafe { std::slice::from_raw_parts(values, len as usize) };
-    if any_nan(values) {
+    let Some(k) = count(k).filter(|&k| k < values.len()) else {
+        return -1;
+    };
+    // The bound's pass looks at every value for NaN; without a bound, a pass of its own.
+    let bound = candidate_bound(values, k + 1, false);
+    if matches!(bound, Bound::NaN) || matches!(bound, Bound::None) && any_nan(values) {
         return -1;
     }
-    match count(k) {
-        Some(k) if k < values.len() => first_in_order(values, k + 1, false)
+    select_first(values, k + 1, false, bound, |first| {
+        first
             .last()
-            .map_or(-1, |&p| i64::from(p)),
-        _ => -1,
-    }
+            .map_or(-1, |&keyed| i64::from(F::position(keyed)))
+    })
 }
 
 /// Whether a value is NaN (every value looked at, so that the loop runs on vector lanes).
@@ -423,7 +480,7 @@ pub fn symbols() -> Vec<(&'static str, *const u8)> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_in_order;
+    use super::{first_in_order, rank};
     use crate::runtime::sample::stream;
     use rand_pcg::rand_core::Rng;
 
@@ -475,6 +532,15 @@ mod tests {
                     assert_eq!(chosen, want, "{what}: the first k");
                     checked += 1;
                 }
+                // The rank: the k-th in ascending order, or -1 past the end or over a NaN,
+                // whether or not a bound was found for it.
+                // SAFETY: `values` holds `len` floats.
+                let ranked = unsafe { rank(values.as_ptr(), len as u64, k as f64) };
+                let want = match by_full_sort(&values, k + 1, false).get(k) {
+                    Some(&p) if !values.iter().any(|v| v.is_nan()) => i64::from(p),
+                    _ => -1,
+                };
+                assert_eq!(ranked, want, "case {case}: len {len}, rank {k}");
             }
         }
         assert_eq!(checked, 400 * 14);
