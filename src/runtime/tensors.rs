@@ -354,8 +354,7 @@ pub fn backward<F: Real>(
         module,
         tensors,
         matrices,
-        groups,
-        seed,
+        ..
     } = *forward;
     // Only the tensors gradient passes through are written (and the embedding, whose
     // gradient is the result even when none reaches it).
@@ -392,15 +391,7 @@ pub fn backward<F: Real>(
                 // Out of the list while its source's gradient is written, and back for
                 // the next call.
                 let g = std::mem::replace(&mut grads[t.index()], Array2::zeros((0, 0)));
-                tensor_backward(
-                    &module.tensors[t].op,
-                    t,
-                    &g,
-                    tensors,
-                    &mut grads,
-                    groups,
-                    seed,
-                );
+                tensor_backward(forward, t, &g, &mut grads, threads);
                 grads[t.index()] = g;
             }
         }
@@ -809,15 +800,20 @@ fn distance_adjoint_row<F: Real>(
 
 /// From a derived tensor's adjoint to its source's.
 fn tensor_backward<F: Real>(
-    op: &TensorOp,
+    forward: &Forward<'_, F>,
     t: Handle<Tensor>,
     g: &Array2<F>,
-    tensors: &[Array2<F>],
     grads: &mut [Array2<F>],
-    groups: &[GroupValues],
-    seed: u64,
+    threads: usize,
 ) {
-    match op {
+    let Forward {
+        module,
+        tensors,
+        groups,
+        seed,
+        ..
+    } = *forward;
+    match &module.tensors[t].op {
         TensorOp::Columns { source, start, end } => {
             let mut target = grads[source.index()].slice_mut(ndarray::s![.., *start..*end]);
             target.zip_mut_with(g, |acc, &v| *acc = *acc + v);
@@ -838,16 +834,27 @@ fn tensor_backward<F: Real>(
             }
         }
         TensorOp::Normalize { source } => {
+            // dx_i += (g_i - (g_i . y_i) y_i) / |x_i|, blocks of rows on the threads.
             let (y, x) = (&tensors[t.index()], &tensors[source.index()]);
-            let target = &mut grads[source.index()];
-            for i in 0..g.nrows() {
-                let norm = x.row(i).dot(&x.row(i)).sqrt();
-                let along = g.row(i).dot(&y.row(i));
-                let mut row = target.row_mut(i);
-                for k in 0..g.ncols() {
-                    row[k] = row[k] + (g[(i, k)] - along * y[(i, k)]) / norm;
-                }
-            }
+            let rows = (FLOATS_PER_TASK / g.ncols().max(1)).max(1);
+            let blocks: Vec<_> = (grads[source.index()].axis_chunks_iter_mut(NdAxis(0), rows))
+                .zip(g.axis_chunks_iter(NdAxis(0), rows))
+                .zip(y.axis_chunks_iter(NdAxis(0), rows))
+                .zip(x.axis_chunks_iter(NdAxis(0), rows))
+                .collect();
+            gemm::run_tasks(blocks, threads, |(((mut target, g), y), x)| {
+                let rows = ndarray::Zip::from(target.rows_mut()).and(g.rows());
+                rows.and(y.rows())
+                    .and(x.rows())
+                    .for_each(|mut target, g, y, x| {
+                        let norm = x.dot(&x).sqrt();
+                        let along = g.dot(&y);
+                        ndarray::Zip::from(&mut target)
+                            .and(&g)
+                            .and(&y)
+                            .for_each(|t, &g, &y| *t = *t + (g - along * y) / norm);
+                    });
+            });
         }
         TensorOp::Centres {
             source,
