@@ -295,8 +295,9 @@ impl<'m> Interp<'m> {
             }
         }
         // The reference evaluator runs on one thread (k-means gives the same on any).
-        let groups = evaluate_groupings(module, batch, 1, |tensor, groups| {
-            tensors::compute_all(
+        let points = &mut Array2::zeros((0, 0));
+        let groups = evaluate_groupings(module, batch, (points, 1), |tensor, groups, points| {
+            *points = tensors::compute_all(
                 module,
                 &x,
                 groups,

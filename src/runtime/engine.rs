@@ -136,6 +136,8 @@ struct Workspace<F> {
     tensors: Vec<Array2<F>>,
     /// The derived tensors' gradients.
     gradients: Vec<Array2<F>>,
+    /// The k-means features, widened.
+    features: Array2<f64>,
     matrices: Vec<Array2<F>>,
     adjoints: Vec<Array2<F>>,
     /// The row passes' output buffers, in the run's float type and in f64.
@@ -147,6 +149,7 @@ impl<F> Default for Workspace<F> {
         Workspace {
             tensors: Vec::new(),
             gradients: Vec::new(),
+            features: Array2::zeros((0, 0)),
             matrices: Vec::new(),
             adjoints: Vec::new(),
             outputs: Buffers::default(),
@@ -342,7 +345,8 @@ impl Loss {
         } else {
             &self.module
         };
-        let groups = batch_groupings(module, batch, threads)?;
+        let scratch = (&mut Vec::new(), &mut Array2::zeros((0, 0)));
+        let groups = batch_groupings(module, batch, threads, scratch)?;
         let tensors = tensors::tensors(
             module,
             batch.x,
@@ -415,7 +419,8 @@ impl Loss {
             seed: 0,
         };
         let module = &self.backward.module;
-        let Ok(groups) = batch_groupings(module, &batch, threads) else {
+        let scratch = (&mut Vec::new(), &mut Array2::zeros((0, 0)));
+        let Ok(groups) = batch_groupings(module, &batch, threads, scratch) else {
             return f64::NAN;
         };
         let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (Vec::new(), threads))
@@ -472,29 +477,37 @@ impl Loss {
     }
 }
 
-/// The groupings of a batch, k-means on the tensors it clusters.
+/// The groupings of a batch, k-means on the tensors it clusters. The features are
+/// computed in `spare`'s tensor buffers of an earlier call, which they are left in for the
+/// tensors of this one, and widened into `points`: fresh arrays, faulted in page by page,
+/// took a few milliseconds of cluster_nca's call.
 fn batch_groupings<F: Real>(
     module: &Module,
     batch: &Batch<'_, F>,
     threads: usize,
+    (spare, points): (&mut Vec<Array2<F>>, &mut Array2<f64>),
 ) -> Result<Vec<GroupValues>, RunError> {
-    evaluate_groupings(
-        module,
-        batch,
-        threads,
-        |tensor, groups| match tensors::tensors(
-            module,
-            batch.x,
-            groups,
-            batch.seed,
-            Some(tensor),
-            (Vec::new(), threads),
-        ) {
-            Ok(values) => values[tensor.index()].mapv(|v| v.to_f64()),
-            Err(_) => Array2::zeros((0, 0)),
-        },
-    )
-    .map_err(RunError::from)
+    let features = |tensor: Handle<Tensor>, groups: &[GroupValues], points: &mut Array2<f64>| {
+        // The tensors up to the features', in their buffers; the later ones' kept aside.
+        let later = spare.split_off((tensor.index() + 1).min(spare.len()));
+        let buffers = (std::mem::take(spare), threads);
+        match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor), buffers) {
+            Ok(mut values) => {
+                let value = &values[tensor.index()];
+                if points.dim() != value.dim() {
+                    *points = Array2::zeros(value.dim());
+                }
+                ndarray::Zip::from(points)
+                    .and(value)
+                    .for_each(|p, &v| *p = v.to_f64());
+                values.extend(later);
+                *spare = values;
+            }
+            // The tensors' error is reported when they are computed for the run.
+            Err(_) => *points = Array2::zeros((0, 0)),
+        }
+    };
+    evaluate_groupings(module, batch, (points, threads), features).map_err(RunError::from)
 }
 
 /// The state of one evaluation.
@@ -533,7 +546,8 @@ impl<'r, F: Real> Run<'r, F> {
         workspace: &mut Workspace<F>,
     ) -> Result<Self, RunError> {
         let module = &plan.module;
-        let groups = batch_groupings(module, batch, threads)?;
+        let scratch = (&mut workspace.tensors, &mut workspace.features);
+        let groups = batch_groupings(module, batch, threads, scratch)?;
         let mut stages = Stages::default();
         let started = Instant::now();
         let spare = std::mem::take(&mut workspace.tensors);

@@ -2,7 +2,7 @@
 
 use super::batch::Batch;
 use super::error::RunError;
-use super::kmeans::{KMeansError, kmeans};
+use super::kmeans::{KMeansError, kmeans_on};
 use super::real::Real;
 use crate::ir::{Grouping, Handle, Module, Tensor};
 use ndarray::{Array2, ArrayView2};
@@ -69,13 +69,14 @@ pub enum GroupError {
     KMeans(#[from] KMeansError),
 }
 
-/// Evaluates every grouping of the module. `features` gives the values of a tensor (the
-/// k-means features), computed by the caller's backend; k-means runs on `threads`.
+/// Evaluates every grouping of the module. `features` writes the values of a tensor (the
+/// k-means features), computed by the caller's backend, into `points` (reshaping it if
+/// need be), where k-means scales them in place; k-means runs on `threads`.
 pub fn evaluate_groupings<F: Real>(
     module: &Module,
     batch: &Batch<'_, F>,
-    threads: usize,
-    mut features: impl FnMut(Handle<Tensor>, &[GroupValues]) -> Array2<f64>,
+    (points, threads): (&mut Array2<f64>, usize),
+    mut features: impl FnMut(Handle<Tensor>, &[GroupValues], &mut Array2<f64>),
 ) -> Result<Vec<GroupValues>, GroupError> {
     let mut values: Vec<GroupValues> = Vec::with_capacity(module.groupings.len());
     for (_, grouping) in module.groupings.iter() {
@@ -90,8 +91,8 @@ pub fn evaluate_groupings<F: Real>(
                 clusters,
                 site,
             } => {
-                let points = features(*tensor, &values);
-                let assignment = kmeans(points, *clusters, mix(batch.seed, *site), threads)?;
+                features(*tensor, &values, points);
+                let assignment = kmeans_on(points, *clusters, mix(batch.seed, *site), threads)?;
                 GroupValues::from_keys(&assignment, |_| None)
             }
             Grouping::SplitByLabel { groups } => {

@@ -112,7 +112,19 @@ pub enum KMeansError {
 /// number of rows, and [`KMeansError::NonFinite`] for a NaN or infinite
 /// coordinate.
 pub fn kmeans(
-    points: Array2<f64>,
+    mut points: Array2<f64>,
+    k: usize,
+    seed: u64,
+    threads: usize,
+) -> Result<Vec<usize>, KMeansError> {
+    kmeans_on(&mut points, k, seed, threads)
+}
+
+/// [`kmeans`] on a buffer of the caller's, which it leaves holding the points scaled by
+/// the normalisation's power of two (in standard layout): a caller that clusters every
+/// call keeps the buffer's pages mapped from one call to the next.
+pub fn kmeans_on(
+    points: &mut Array2<f64>,
     k: usize,
     seed: u64,
     threads: usize,
@@ -127,20 +139,21 @@ pub fn kmeans(
     if k > n {
         return Err(KMeansError::TooManyClusters { k, points: n });
     }
-    let data = normalised(points)?;
+    normalise(points)?;
+    let data = &*points;
     let mut rng = generator(seed);
-    let mut centres = seed_centres(&data, k, &mut rng, threads);
+    let mut centres = seed_centres(data, k, &mut rng, threads);
     let norms: Vec<f64> = data.outer_iter().map(|x| x.dot(&x)).collect();
 
     let mut labels = Vec::with_capacity(n);
-    assign(&data, &norms, &centres, &mut labels, threads);
-    reseed_empty(&data, &mut labels, &mut centres);
+    assign(data, &norms, &centres, &mut labels, threads);
+    reseed_empty(data, &mut labels, &mut centres);
 
     let mut next = Vec::with_capacity(n);
     for _ in 0..MAX_ITERATIONS {
-        update_centres(&data, &labels, &mut centres);
-        assign(&data, &norms, &centres, &mut next, threads);
-        reseed_empty(&data, &mut next, &mut centres);
+        update_centres(data, &labels, &mut centres);
+        assign(data, &norms, &centres, &mut next, threads);
+        reseed_empty(data, &mut next, &mut centres);
         if next == labels {
             break;
         }
@@ -174,7 +187,7 @@ fn uniform_unit(rng: &mut Pcg64Mcg) -> f64 {
     (rng.next_u64() >> 11) as f64 * (f64::EPSILON / 2.0)
 }
 
-/// `points` in standard layout, scaled in place by the power of two that brings the
+/// `data` put in standard layout and scaled in place by the power of two that brings the
 /// largest magnitude into `[0.5, 1)`, clamped so the factor is a normal number (then the
 /// largest magnitude is below 4). Scaling by a power of two is exact, so every distance
 /// comparison is unchanged, but squared distances (and their sums) can no longer overflow.
@@ -185,12 +198,10 @@ fn uniform_unit(rng: &mut Pcg64Mcg) -> f64 {
 /// coordinate. A copy and a search per element took 5 ms of cluster_nca's call at
 /// 1024 x 512, mostly in the fresh pages of the copy.
 #[allow(clippy::eq_op)] // `x - x` is the finiteness test
-fn normalised(points: Array2<f64>) -> Result<Array2<f64>, KMeansError> {
-    let mut data = if points.is_standard_layout() {
-        points
-    } else {
-        points.as_standard_layout().into_owned()
-    };
+fn normalise(data: &mut Array2<f64>) -> Result<(), KMeansError> {
+    if !data.is_standard_layout() {
+        *data = data.as_standard_layout().into_owned();
+    }
     let (max_abs, finite) = (data.iter()).fold((0.0_f64, true), |(m, finite), &x| {
         (
             if x.abs() > m { x.abs() } else { m },
@@ -213,7 +224,7 @@ fn normalised(points: Array2<f64>) -> Result<Array2<f64>, KMeansError> {
         f64::from_bits(((exponent + 1023) as u64) << 52)
     };
     data.mapv_inplace(|v| v * factor);
-    Ok(data)
+    Ok(())
 }
 
 /// Squared Euclidean distance: coordinate `j` into partial sum `j mod 4`, then
@@ -463,7 +474,8 @@ mod tests {
     #[test]
     fn screened_assignment_is_the_exact_one() {
         let random = |n, d, k, seed| {
-            let data = normalised(random_points(n, d, seed)).expect("finite points");
+            let mut data = random_points(n, d, seed);
+            normalise(&mut data).expect("finite points");
             let centres = seed_centres(&data, k, &mut generator(seed + 1), 1);
             (data, centres)
         };
