@@ -497,9 +497,12 @@ fn batch_groupings<F: Real>(
                 if points.dim() != value.dim() {
                     *points = Array2::zeros(value.dim());
                 }
-                ndarray::Zip::from(points)
-                    .and(value)
-                    .for_each(|p, &v| *p = v.to_f64());
+                let blocks: Vec<_> = (points.axis_chunks_iter_mut(Axis(0), ROWS_PER_TASK))
+                    .zip(value.axis_chunks_iter(Axis(0), ROWS_PER_TASK))
+                    .collect();
+                gemm::run_tasks(blocks, threads, |(mut points, value)| {
+                    points.zip_mut_with(&value, |p, &v| *p = v.to_f64())
+                });
                 values.extend(later);
                 *spare = values;
             }

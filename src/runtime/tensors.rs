@@ -100,10 +100,18 @@ pub fn tensors<F: Real>(
             }
             TensorOp::Stop { source: s } => copy(source(s).view()),
             TensorOp::Concat { left, right } => {
-                ndarray::concatenate(NdAxis(1), &[source(left).view(), source(right).view()])
-                    .map_err(|e| RunError::Internal {
-                        what: format!("concat: {e}"),
-                    })?
+                let (a, b) = (source(left), source(right));
+                if a.nrows() != b.nrows() {
+                    return Err(RunError::Internal {
+                        what: format!("concat: {} rows against {}", a.nrows(), b.nrows()),
+                    });
+                }
+                let dim = (a.nrows(), a.ncols() + b.ncols());
+                let mut joined = buffer(dim).unwrap_or_else(|| Array2::zeros(dim));
+                let (mut first, mut second) = joined.view_mut().split_at(NdAxis(1), a.ncols());
+                first.assign(a);
+                second.assign(b);
+                joined
             }
             TensorOp::OneHot { groups: g } => {
                 let grouping = &groups[g.index()];
