@@ -506,7 +506,7 @@ fn batch_groupings<F: Real>(
                 values.extend(later);
                 *spare = values;
             }
-            // The tensors' error is reported when they are computed for the run.
+            // No points, which k-means reports, as it does in the interpreter.
             Err(_) => *points = Array2::zeros((0, 0)),
         }
     };
