@@ -11,7 +11,7 @@ use super::groups::{GroupValues, evaluate_groupings};
 use super::real::{self, Real};
 use super::spare;
 use super::sparse::{Compressed, Scan};
-use super::tensors;
+use super::tensors::{self, Earlier};
 use crate::grad::{AdjointSlot, Gradient};
 use crate::interp::{self, Precision};
 use crate::ir::*;
@@ -345,7 +345,8 @@ impl Loss {
         } else {
             &self.module
         };
-        let scratch = (&mut Vec::new(), &mut Array2::zeros((0, 0)));
+        let mut earlier = Earlier::default();
+        let scratch = (&mut earlier, &mut Array2::zeros((0, 0)));
         let groups = batch_groupings(module, batch, threads, scratch)?;
         let tensors = tensors::tensors(
             module,
@@ -353,7 +354,7 @@ impl Loss {
             &groups,
             batch.seed,
             None,
-            (Vec::new(), threads),
+            (earlier, threads),
         )?;
         let mut values = Array2::zeros((0, 0));
         let mut matrices = Vec::with_capacity(module.matrices.len());
@@ -419,12 +420,12 @@ impl Loss {
             seed: 0,
         };
         let module = &self.backward.module;
-        let scratch = (&mut Vec::new(), &mut Array2::zeros((0, 0)));
+        let mut earlier = Earlier::default();
+        let scratch = (&mut earlier, &mut Array2::zeros((0, 0)));
         let Ok(groups) = batch_groupings(module, &batch, threads, scratch) else {
             return f64::NAN;
         };
-        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (Vec::new(), threads))
-        else {
+        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (earlier, threads)) else {
             return f64::NAN;
         };
         let reaches = crate::grad::tensors::reaches_embedding(module);
@@ -478,20 +479,33 @@ impl Loss {
 }
 
 /// The groupings of a batch, k-means on the tensors it clusters. The features are
-/// computed in `spare`'s tensor buffers of an earlier call, which they are left in for the
-/// tensors of this one, and widened into `points`: fresh arrays, faulted in page by page,
-/// took a few milliseconds of cluster_nca's call.
+/// computed in `spare`'s tensor buffers of an earlier call, which they are left in as
+/// this call's values (its `computed` counts them) for the tensors of this call, and
+/// widened into `points`: fresh arrays, faulted in page by page, took a few milliseconds
+/// of cluster_nca's call.
 fn batch_groupings<F: Real>(
     module: &Module,
     batch: &Batch<'_, F>,
     threads: usize,
-    (spare, points): (&mut Vec<Array2<F>>, &mut Array2<f64>),
+    (spare, points): (&mut Earlier<F>, &mut Array2<f64>),
 ) -> Result<Vec<GroupValues>, RunError> {
+    spare.computed = 0;
     let features = |tensor: Handle<Tensor>, groups: &[GroupValues], points: &mut Array2<f64>| {
         // The tensors up to the features', in their buffers; the later ones' kept aside.
-        let later = spare.split_off((tensor.index() + 1).min(spare.len()));
-        let buffers = (std::mem::take(spare), threads);
-        match tensors::tensors(module, batch.x, groups, batch.seed, Some(tensor), buffers) {
+        let buffers = &mut spare.buffers;
+        let later = buffers.split_off((tensor.index() + 1).min(buffers.len()));
+        let earlier = Earlier {
+            buffers: std::mem::take(buffers),
+            computed: spare.computed,
+        };
+        match tensors::tensors(
+            module,
+            batch.x,
+            groups,
+            batch.seed,
+            Some(tensor),
+            (earlier, threads),
+        ) {
             Ok(mut values) => {
                 let value = &values[tensor.index()];
                 if points.dim() != value.dim() {
@@ -503,8 +517,9 @@ fn batch_groupings<F: Real>(
                 gemm::run_tasks(blocks, threads, |(mut points, value)| {
                     points.zip_mut_with(&value, |p, &v| *p = v.to_f64())
                 });
+                spare.computed = spare.computed.max(values.len());
                 values.extend(later);
-                *spare = values;
+                spare.buffers = values;
             }
             // No points, which k-means reports, as it does in the interpreter.
             Err(_) => *points = Array2::zeros((0, 0)),
@@ -549,13 +564,22 @@ impl<'r, F: Real> Run<'r, F> {
         workspace: &mut Workspace<F>,
     ) -> Result<Self, RunError> {
         let module = &plan.module;
-        let scratch = (&mut workspace.tensors, &mut workspace.features);
+        let mut earlier = Earlier {
+            buffers: std::mem::take(&mut workspace.tensors),
+            computed: 0,
+        };
+        let scratch = (&mut earlier, &mut workspace.features);
         let groups = batch_groupings(module, batch, threads, scratch)?;
         let mut stages = Stages::default();
         let started = Instant::now();
-        let spare = std::mem::take(&mut workspace.tensors);
-        let tensors =
-            tensors::tensors(module, batch.x, &groups, batch.seed, None, (spare, threads))?;
+        let tensors = tensors::tensors(
+            module,
+            batch.x,
+            &groups,
+            batch.seed,
+            None,
+            (earlier, threads),
+        )?;
         stages.tensors_ms = elapsed_ms(started);
         let started = Instant::now();
         let mut matrices = std::mem::take(&mut workspace.matrices);

@@ -12,10 +12,19 @@ use crate::ir::*;
 use multiversion::multiversion;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis as NdAxis, ShapeBuilder};
 
+/// The buffers [`tensors`] may write into, by tensor: an earlier call's, of which the
+/// first `computed` hold this call's values already (the k-means features and the tensors
+/// they come from, which the groupings needed first).
+#[derive(Default)]
+pub struct Earlier<F> {
+    pub buffers: Vec<Array2<F>>,
+    pub computed: usize,
+}
+
 /// The tensors of the module in order, up to and including `last` (all when `None`): the
 /// k-means features come before the groupings computed from them, and so before any tensor
 /// that needs those groupings. Each is written into its buffer of an earlier call in
-/// `spare` when that has its shape: its pages are mapped already, where a fresh array's
+/// `earlier` when that has its shape: its pages are mapped already, where a fresh array's
 /// are faulted in one by one (a spec with four branches spent 0.8 ms so). Copies run on
 /// `threads`.
 pub fn tensors<F: Real>(
@@ -24,13 +33,19 @@ pub fn tensors<F: Real>(
     groups: &[GroupValues],
     seed: u64,
     last: Option<Handle<Tensor>>,
-    (spare, threads): (Vec<Array2<F>>, usize),
+    (earlier, threads): (Earlier<F>, usize),
 ) -> Result<Vec<Array2<F>>, RunError> {
-    let mut spare: Vec<Option<Array2<F>>> = spare.into_iter().map(Some).collect();
+    let mut spare: Vec<Option<Array2<F>>> = earlier.buffers.into_iter().map(Some).collect();
     let mut values: Vec<Array2<F>> = Vec::with_capacity(module.tensors.len());
     for (h, tensor) in module.tensors.iter() {
         if last.is_some_and(|last| h > last) {
             break;
+        }
+        if h.index() < earlier.computed
+            && let Some(value) = spare.get_mut(h.index()).and_then(Option::take)
+        {
+            values.push(value);
+            continue;
         }
         let source = |s: &Handle<Tensor>| &values[s.index()];
         let mut buffer = |dim: (usize, usize)| {
