@@ -345,17 +345,7 @@ impl Loss {
         } else {
             &self.module
         };
-        let mut earlier = Earlier::default();
-        let scratch = (&mut earlier, &mut Array2::zeros((0, 0)));
-        let groups = batch_groupings(module, batch, threads, scratch)?;
-        let tensors = tensors::tensors(
-            module,
-            batch.x,
-            &groups,
-            batch.seed,
-            None,
-            (earlier, threads),
-        )?;
+        let tensors = batch_tensors(module, batch, threads)?;
         let mut values = Array2::zeros((0, 0));
         let mut matrices = Vec::with_capacity(module.matrices.len());
         for (_, m) in module.matrices.iter() {
@@ -420,12 +410,7 @@ impl Loss {
             seed: 0,
         };
         let module = &self.backward.module;
-        let mut earlier = Earlier::default();
-        let scratch = (&mut earlier, &mut Array2::zeros((0, 0)));
-        let Ok(groups) = batch_groupings(module, &batch, threads, scratch) else {
-            return f64::NAN;
-        };
-        let Ok(tensors) = tensors::tensors(module, x, &groups, 0, None, (earlier, threads)) else {
+        let Ok(tensors) = batch_tensors(module, &batch, threads) else {
             return f64::NAN;
         };
         let reaches = crate::grad::tensors::reaches_embedding(module);
@@ -476,6 +461,19 @@ impl Loss {
             stages: None,
         })
     }
+}
+
+/// The tensors of a batch (after its groupings), in fresh buffers.
+fn batch_tensors<F: Real>(
+    module: &Module,
+    batch: &Batch<'_, F>,
+    threads: usize,
+) -> Result<Vec<Array2<F>>, RunError> {
+    let mut earlier = Earlier::default();
+    let scratch = (&mut earlier, &mut Array2::zeros((0, 0)));
+    let groups = batch_groupings(module, batch, threads, scratch)?;
+    let buffers = (earlier, threads);
+    tensors::tensors(module, batch.x, &groups, batch.seed, None, buffers)
 }
 
 /// The groupings of a batch, k-means on the tensors it clusters. The features are
@@ -572,14 +570,8 @@ impl<'r, F: Real> Run<'r, F> {
         let groups = batch_groupings(module, batch, threads, scratch)?;
         let mut stages = Stages::default();
         let started = Instant::now();
-        let tensors = tensors::tensors(
-            module,
-            batch.x,
-            &groups,
-            batch.seed,
-            None,
-            (earlier, threads),
-        )?;
+        let buffers = (earlier, threads);
+        let tensors = tensors::tensors(module, batch.x, &groups, batch.seed, None, buffers)?;
         stages.tensors_ms = elapsed_ms(started);
         let started = Instant::now();
         let mut matrices = std::mem::take(&mut workspace.matrices);
