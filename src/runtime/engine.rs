@@ -713,7 +713,7 @@ impl<'r, F: Real> Run<'r, F> {
             // values to the backward.
             for (adjoint, unzeroed) in self.adjoints.iter_mut().zip(&mut self.unzeroed) {
                 if let (Some(adjoint), true) = (adjoint, std::mem::take(unzeroed)) {
-                    zero_on_threads(adjoint, self.threads);
+                    tensors::zero_on_threads(adjoint, self.threads);
                 }
             }
             let matrices = module.matrices.len();
@@ -969,7 +969,7 @@ impl<'r, F: Real> Run<'r, F> {
                     stride.unsigned_abs(),
                     adjoint.ncols(),
                 )),
-                _ => zero_on_threads(adjoint, self.threads),
+                _ => tensors::zero_on_threads(adjoint, self.threads),
             }
         }
         let scans = self.scans(pass, rows);
@@ -1276,13 +1276,6 @@ fn scaled_add_on_threads<F: Real>(
     gemm::run_tasks(tasks, threads, |(mut a, b)| {
         a.zip_mut_with(&b, |x, &y| *x = a_scale * *x + b_scale * y)
     });
-}
-
-/// Sets every entry to zero, blocks of rows on the threads: one thread's memset of a
-/// 1024 x 1024 adjoint takes a few tenths of a millisecond.
-fn zero_on_threads<F: Real>(a: &mut Array2<F>, threads: usize) {
-    let tasks = a.axis_chunks_iter_mut(Axis(0), ROWS_PER_TASK).collect();
-    gemm::run_tasks(tasks, threads, |mut block| block.fill(F::ZERO));
 }
 
 /// Rows per task of the elementwise passes over an adjoint.
