@@ -11,6 +11,7 @@ use crate::grad::TensorStep;
 use crate::ir::*;
 use multiversion::multiversion;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis as NdAxis, ShapeBuilder};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The buffers [`tensors`] may write into, by tensor: an earlier call's, of which the
 /// first `computed` hold this call's values already (the k-means features and the tensors
@@ -86,14 +87,10 @@ pub fn tensors<F: Real>(
             }
             TensorOp::Normalize { source: s } => {
                 let mut a = copy(source(s).view());
-                for (row, mut values) in a.rows_mut().into_iter().enumerate() {
-                    let norm = values.dot(&values).sqrt();
-                    if norm == F::ZERO {
-                        return Err(RunError::ZeroRow { row, tensor: h });
-                    }
-                    values.mapv_inplace(|v| v / norm);
+                match normalize_rows(&mut a, threads) {
+                    None => a,
+                    Some(row) => return Err(RunError::ZeroRow { row, tensor: h }),
                 }
-                a
             }
             TensorOp::Centres {
                 source: s,
@@ -147,6 +144,35 @@ pub fn tensors<F: Real>(
         values.push(value);
     }
     Ok(values)
+}
+
+/// Rows of a normalisation's passes per task: eight tasks where the elementwise passes
+/// take one block of [`FLOATS_PER_TASK`] (a row's work is two dot products, not a copy),
+/// so that a branch of 1024 x 64 is shared between threads too.
+fn normalized_rows_per_task(cols: usize) -> usize {
+    (FLOATS_PER_TASK / 8 / cols.max(1)).max(1)
+}
+
+/// Each row of `a` divided by its length, blocks of rows on the threads; the first row of
+/// length zero, if any (its block's later rows are still divided).
+fn normalize_rows<F: Real>(a: &mut Array2<F>, threads: usize) -> Option<usize> {
+    let rows = normalized_rows_per_task(a.ncols());
+    let first_zero = AtomicUsize::new(usize::MAX);
+    let blocks: Vec<_> = a
+        .axis_chunks_iter_mut(NdAxis(0), rows)
+        .enumerate()
+        .collect();
+    gemm::run_tasks(blocks, threads, |(block, mut values)| {
+        for (r, mut row) in values.rows_mut().into_iter().enumerate() {
+            let norm = row.dot(&row).sqrt();
+            if norm == F::ZERO {
+                first_zero.fetch_min(block * rows + r, Ordering::Relaxed);
+            } else {
+                row.mapv_inplace(|v| v / norm);
+            }
+        }
+    });
+    Some(first_zero.into_inner()).filter(|&row| row != usize::MAX)
 }
 
 /// `buffer` (of shape `dim`) set to zeros, or a new array of them.
@@ -864,7 +890,7 @@ fn tensor_backward<F: Real>(
         TensorOp::Normalize { source } => {
             // dx_i += (g_i - (g_i . y_i) y_i) / |x_i|, blocks of rows on the threads.
             let (y, x) = (&tensors[t.index()], &tensors[source.index()]);
-            let rows = (FLOATS_PER_TASK / g.ncols().max(1)).max(1);
+            let rows = normalized_rows_per_task(g.ncols());
             let blocks: Vec<_> = (grads[source.index()].axis_chunks_iter_mut(NdAxis(0), rows))
                 .zip(g.axis_chunks_iter(NdAxis(0), rows))
                 .zip(y.axis_chunks_iter(NdAxis(0), rows))
@@ -911,6 +937,32 @@ fn tensor_backward<F: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows divided by their lengths on the threads, and the first row of length zero
+    /// named whichever block it falls in (blocks of 128 rows at 64 columns).
+    #[test]
+    fn normalisation_names_the_first_zero_row() {
+        let mut state = 7_u64;
+        let a = Array2::from_shape_simple_fn((300, 64), || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+        });
+        for threads in [1, 3] {
+            let mut unit = a.clone();
+            assert_eq!(normalize_rows(&mut unit, threads), None);
+            for (row, original) in unit.rows().into_iter().zip(a.rows()) {
+                let norm = original.dot(&original).sqrt();
+                assert!(row.iter().zip(original).all(|(&u, &v)| u == v / norm));
+            }
+            let mut zeroed = a.clone();
+            for row in [290, 140] {
+                zeroed.row_mut(row).fill(0.0);
+            }
+            assert_eq!(normalize_rows(&mut zeroed, threads), Some(140));
+        }
+    }
 
     /// The pass over mirrored pairs against its definition: entry (i, j) becomes
     /// `-2 dq(g_ij + g_ji, d_ij)` and sample i's coefficient is the sum of
