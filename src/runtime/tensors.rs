@@ -10,7 +10,7 @@ use super::transpose;
 use crate::grad::TensorStep;
 use crate::ir::*;
 use multiversion::multiversion;
-use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis as NdAxis, ShapeBuilder};
+use ndarray::{Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis as NdAxis, ShapeBuilder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The buffers [`tensors`] may write into, by tensor: an earlier call's, of which the
@@ -158,21 +158,33 @@ fn normalized_rows_per_task(cols: usize) -> usize {
 fn normalize_rows<F: Real>(a: &mut Array2<F>, threads: usize) -> Option<usize> {
     let rows = normalized_rows_per_task(a.ncols());
     let first_zero = AtomicUsize::new(usize::MAX);
+    rows_on_threads(a, rows, threads, |i, mut row| {
+        let norm = row.dot(&row).sqrt();
+        if norm == F::ZERO {
+            first_zero.fetch_min(i, Ordering::Relaxed);
+        } else {
+            row.mapv_inplace(|v| v / norm);
+        }
+    });
+    Some(first_zero.into_inner()).filter(|&row| row != usize::MAX)
+}
+
+/// `f(i, row i)` for every row of `a`, in blocks of `rows` rows on the threads.
+fn rows_on_threads<F: Real>(
+    a: &mut Array2<F>,
+    rows: usize,
+    threads: usize,
+    f: impl Fn(usize, ArrayViewMut1<'_, F>) + Sync,
+) {
     let blocks: Vec<_> = a
         .axis_chunks_iter_mut(NdAxis(0), rows)
         .enumerate()
         .collect();
     gemm::run_tasks(blocks, threads, |(block, mut values)| {
-        for (r, mut row) in values.rows_mut().into_iter().enumerate() {
-            let norm = row.dot(&row).sqrt();
-            if norm == F::ZERO {
-                first_zero.fetch_min(block * rows + r, Ordering::Relaxed);
-            } else {
-                row.mapv_inplace(|v| v / norm);
-            }
+        for (r, row) in values.rows_mut().into_iter().enumerate() {
+            f(block * rows + r, row);
         }
     });
-    Some(first_zero.into_inner()).filter(|&row| row != usize::MAX)
 }
 
 /// `buffer` (of shape `dim`) set to zeros, or a new array of them.
@@ -253,17 +265,11 @@ pub fn pair_matrix<F: Real>(
     }
     let nb = &row_norms(b);
     gemm::abt(a.view(), b.view(), values.view_mut(), threads);
-    let rows: Vec<_> = values
-        .axis_chunks_iter_mut(NdAxis(0), DISTANCE_ROWS)
-        .enumerate()
-        .collect();
-    gemm::run_tasks(rows, threads, |(chunk, mut rows)| {
-        for (r, mut row) in rows.rows_mut().into_iter().enumerate() {
-            let Some(row) = row.as_slice_mut() else {
-                unreachable!("rows of a pair matrix are contiguous")
-            };
-            distance_row(row, na[chunk * DISTANCE_ROWS + r], nb, eps.zip(floor));
-        }
+    rows_on_threads(values, DISTANCE_ROWS, threads, |i, mut row| {
+        let Some(row) = row.as_slice_mut() else {
+            unreachable!("rows of a pair matrix are contiguous")
+        };
+        distance_row(row, na[i], nb, eps.zip(floor));
     });
 }
 
